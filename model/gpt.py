@@ -1,0 +1,214 @@
+"""GPT-2 with nanoGPT's parameter names, and a static KV cache for serving.
+
+`GPT.forward(idx)` is nanoGPT's: full recomputation, logits for every position.
+`GPT.step(idx, pos, cache)` is the serving path (gpt-fast style): it appends the
+key/values of `idx` to `cache` at per-row positions `pos` and attends over the
+cache, so one call serves both prefill (T > 1) and batched decode (T == 1) of
+sequences of different lengths. This module holds no compile, graph or device code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True
+    dropout: float = 0.0  # kept for nanoGPT compatibility; inference ignores it
+    # nanoGPT's MLP uses exact GELU ("none"); GPT-2, Hugging Face and build-nanogpt use "tanh".
+    gelu_approximate: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Key/value buffers for `n_rows` sequences of up to `block_size` tokens, every layer.
+
+    Shape per buffer: (n_layer, n_rows, n_head, block_size, head_dim). Allocated once;
+    a row belongs to one sequence at a time, and the owner of the cache (the engine)
+    decides which rows a call touches. Nothing is ever reallocated, so decode shapes
+    stay static (what CUDA graphs need).
+    """
+
+    def __init__(self, config: GPTConfig, n_rows: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, n_rows, config.n_head, config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def n_rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nelement() * self.k.element_size() * 2
+
+    @staticmethod
+    def bytes_for(config: GPTConfig, n_rows: int, dtype: torch.dtype) -> int:
+        per_row = config.n_layer * config.n_head * config.block_size * config.head_dim
+        return 2 * n_rows * per_row * torch.empty((), dtype=dtype).element_size()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1's API)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def _qkv(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def step(self, x, t, mask, k_cache, v_cache):
+        """x (B, T, C) new tokens at absolute positions t (B, T); k/v_cache (B, nh, L, hs)
+        are this batch's cache rows; mask (B, 1, T, L) says which cached keys each query sees."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
+        rows = torch.arange(B, device=x.device).unsqueeze(1)  # (B, 1)
+        k_cache[rows, :, t] = k.transpose(1, 2)  # write (B, T, nh, hs) in place
+        v_cache[rows, :, t] = v.transpose(1, 2)
+        L = mask.shape[-1]  # attend only over the first L cached positions
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def step(self, x, t, mask, k_cache, v_cache):
+        x = x + self.attn.step(self.ln_1(x), t, mask, k_cache, v_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (GPT-2, nanoGPT): the output projection is the token embedding.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of residual projections (only matters for training from scratch).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied embedding once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> (logits (B, T, V), loss or None), as nanoGPT's GPT."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def step(self, idx, pos, cache: KVCache, row0: int = 0, kv_len: int | None = None, last_only: bool = False):
+        """Incremental forward over cache rows row0 .. row0+B-1.
+
+        idx (B, T): new tokens; pos (B,) long: position of idx[:, 0] in each sequence
+        (so row b's tokens land at pos[b] .. pos[b]+T-1, all < block_size).
+        kv_len: how many cache positions attention reads (static for CUDA graphs);
+        default max(pos) + T, which needs a host sync. Returns logits (B, T, V),
+        or (B, 1, V) for the last position only when last_only.
+        """
+        B, T = idx.shape
+        t = pos.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T) absolute positions
+        if kv_len is None:
+            kv_len = int(pos.max()) + T
+        keys = torch.arange(kv_len, device=idx.device)
+        mask = (keys.view(1, 1, kv_len) <= t.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, L)
+        x = self.transformer.wte(idx) + self.transformer.wpe(t)  # (B, T, C)
+        rows = slice(row0, row0 + B)
+        for i, block in enumerate(self.transformer.h):
+            x = block.step(x, t, mask, cache.k[i, rows], cache.v[i, rows])
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.transformer.ln_f(x))
