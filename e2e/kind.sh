@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# End-to-end check on a real cluster: kind (default) or k3d, CPU only, the demo model.
+# CI cannot run this (no container runtime); run it on a workstation with docker, kind or k3d, and kubectl.
+#
+#   e2e/kind.sh            # create a cluster, build and load images, install, serve, roll, roll back, clean up
+#   KEEP=1 e2e/kind.sh     # keep the cluster afterwards
+#   CLUSTER_TOOL=k3d e2e/kind.sh
+#
+# Steps: build both images -> load them into the cluster -> kubectl apply -k manifests/ -> copy the demo
+# checkpoint into a PVC -> apply a CPU NanoGPTModel -> wait for phase Ready -> POST /generate through the
+# Service -> change spec.checkpoint to a missing file -> wait for the automatic rollback -> delete.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CLUSTER="${CLUSTER:-nanogpt-e2e}"
+CLUSTER_TOOL="${CLUSTER_TOOL:-kind}"
+NS="${NS:-nanogpt-e2e}"
+TAG="${TAG:-e2e}"
+DEMO_DIR="${DEMO_DIR:-$ROOT/model/demo}"
+TIMEOUT="${TIMEOUT:-600}"
+
+log() { printf '\n== %s\n' "$*"; }
+die() { printf 'e2e: %s\n' "$*" >&2; exit 1; }
+
+for bin in docker kubectl "$CLUSTER_TOOL"; do
+  command -v "$bin" >/dev/null || die "$bin is required"
+done
+[ -d "$DEMO_DIR" ] || die "no demo model at $DEMO_DIR (make demo-model)"
+
+cleanup() {
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "keeping cluster $CLUSTER"
+  elif [ "$CLUSTER_TOOL" = kind ]; then
+    kind delete cluster --name "$CLUSTER"
+  else
+    k3d cluster delete "$CLUSTER"
+  fi
+}
+trap cleanup EXIT
+
+wait_phase() {  # wait_phase NAME PHASE: poll status.phase with a deadline
+  local deadline=$((SECONDS + TIMEOUT))
+  until [ "$(kubectl -n "$NS" get ngm "$1" -o jsonpath='{.status.phase}' 2>/dev/null)" = "$2" ]; do
+    [ $SECONDS -lt $deadline ] || { kubectl -n "$NS" get ngm "$1" -o yaml; die "$1 never reached $2"; }
+    sleep 5
+  done
+}
+
+log "cluster"
+if [ "$CLUSTER_TOOL" = kind ]; then
+  kind create cluster --name "$CLUSTER" --wait 120s
+else
+  k3d cluster create "$CLUSTER" --wait
+fi
+
+log "images"
+docker build -f "$ROOT/Dockerfile.operator" -t "nanogpt-operator:$TAG" "$ROOT"
+# The server image's CUDA base is large but runs on CPU (DEVICE=cpu) just as well.
+docker build -f "$ROOT/Dockerfile.server" -t "nanogpt-server:$TAG" "$ROOT"
+if [ "$CLUSTER_TOOL" = kind ]; then
+  kind load docker-image --name "$CLUSTER" "nanogpt-operator:$TAG" "nanogpt-server:$TAG"
+else
+  k3d image import -c "$CLUSTER" "nanogpt-operator:$TAG" "nanogpt-server:$TAG"
+fi
+
+log "install"
+kubectl apply -k "$ROOT/crds"
+kubectl wait --for condition=established --timeout=60s crd/nanogptmodels.nanogpt.dev crd/clusterkopfpeerings.kopf.dev
+kubectl apply -k "$ROOT/manifests"
+kubectl -n nanogpt-system set image deployment/nanogpt-operator operator="nanogpt-operator:$TAG"
+kubectl -n nanogpt-system rollout status deployment/nanogpt-operator --timeout=300s
+
+log "checkpoint volume"
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
+kubectl -n "$NS" apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: model-pvc}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: loader}
+spec:
+  containers:
+    - {name: loader, image: busybox:1.36, command: [sleep, "3600"], volumeMounts: [{name: m, mountPath: /models}]}
+  volumes: [{name: m, persistentVolumeClaim: {claimName: model-pvc}}]
+YAML
+kubectl -n "$NS" wait --for=condition=Ready pod/loader --timeout=300s
+kubectl -n "$NS" exec loader -- mkdir -p /models/demo
+kubectl -n "$NS" cp "$DEMO_DIR/." "$NS/loader:/models/demo"
+kubectl -n "$NS" exec loader -- chmod -R a+rX /models
+kubectl -n "$NS" delete pod loader --wait
+
+log "model"
+kubectl -n "$NS" apply -f - <<YAML
+apiVersion: nanogpt.dev/v1alpha1
+kind: NanoGPTModel
+metadata: {name: demo}
+spec:
+  checkpoint: {claimName: model-pvc, path: demo}
+  image: nanogpt-server:$TAG
+  imagePullPolicy: Never
+  replicas: 1
+  gpus: 0
+  resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+  rollout: {progressDeadlineSeconds: 120}
+YAML
+wait_phase demo Ready
+kubectl -n "$NS" get ngm demo -o wide
+
+log "generate through the Service"
+kubectl -n "$NS" run curl --rm -i --restart=Never --image=curlimages/curl:8.8.0 -- \
+  -sf http://demo/generate -H 'Content-Type: application/json' -d '{"prompt": "The", "max_length": 20}'
+
+log "failed rollout rolls back"
+kubectl -n "$NS" patch ngm demo --type merge -p '{"spec": {"checkpoint": {"path": "demo/missing.pt"}}}'
+wait_phase demo Degraded
+kubectl -n "$NS" get ngm demo -o jsonpath='{.status.rollback.message}{"\n"}'
+[ "$(kubectl -n "$NS" get ngm demo -o jsonpath='{.status.servedCheckpoint}')" = demo ] || die "no rollback"
+
+log "delete"
+kubectl -n "$NS" delete ngm demo --wait --timeout=120s
+# Owner references: the garbage collector removes the children.
+kubectl -n "$NS" wait --for=delete deployment/demo service/demo --timeout=120s
+log "e2e passed"
