@@ -33,3 +33,8 @@ def test_import_names():
     assert Path(model.__file__).resolve().parent == REPO / "model"
     assert Path(server.__file__).resolve().parent == REPO / "server"
 
+
+def test_seed_python_api():
+    from model import generate_text, load_model_from_checkpoint
+
+    assert callable(load_model_from_checkpoint) and callable(generate_text)

@@ -1,0 +1,104 @@
+"""The model core (model/gpt.py): nanoGPT names, weight tying, KV-cache decode == full recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache
+
+CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
+
+
+def random_gpt(config: GPTConfig = CFG, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the training init, so bugs change the argmax
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+def test_nanogpt_parameter_names():
+    names = set(GPT(CFG).state_dict())
+    per_block = {"ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias"}
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                "transformer.ln_f.bias", "lm_head.weight"}
+    expected |= {f"transformer.h.{i}.{n}" for i in range(CFG.n_layer) for n in per_block}
+    assert names == expected
+
+
+def test_no_bias_has_no_bias_parameters():
+    cfg = GPTConfig(**{**CFG.__dict__, "bias": False})
+    assert not [n for n in GPT(cfg).state_dict() if n.endswith(".bias")]
+
+
+def test_weight_tying():
+    model = GPT(CFG)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False))
+    assert model.num_params() == untied - CFG.vocab_size * CFG.n_embd
+
+
+def test_forward_shapes():
+    logits, loss = random_gpt()(torch.zeros(2, 7, dtype=torch.long))
+    assert logits.shape == (2, 7, CFG.vocab_size) and loss is None
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        random_gpt()(torch.zeros(1, CFG.block_size + 1, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_recompute():
+    model = random_gpt()
+    seq = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    full = model(seq)[0]
+    cache = KVCache(CFG, 1)
+    prefill = model.step(seq[:, :12], torch.tensor([0]), cache)
+    torch.testing.assert_close(prefill, full[:, :12], atol=1e-5, rtol=0)
+    for t in range(12, 20):
+        step = model.step(seq[:, t:t + 1], torch.tensor([t]), cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static_kv_len", [False, True])
+def test_batched_decode_of_mixed_lengths_equals_full_recompute(static_kv_len):
+    """Rows of different lengths are prefilled one by one, then decoded together in one call."""
+    model = random_gpt(seed=1)
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 13, 1, 9]
+    seqs = [torch.randint(0, CFG.vocab_size, (n + 6,), generator=g) for n in lengths]
+    cache = KVCache(CFG, len(seqs))
+    for row, (n, s) in enumerate(zip(lengths, seqs)):
+        last = model.step(s[None, :n], torch.tensor([0]), cache, row0=row, last_only=True)
+        torch.testing.assert_close(last[0, -1], model(s[None, :n])[0][0, -1], atol=1e-5, rtol=0)
+    pos = torch.tensor(lengths)
+    for step in range(6):
+        idx = torch.stack([s[n + step] for n, s in zip(lengths, seqs)])[:, None]  # (B, 1)
+        kv_len = CFG.block_size if static_kv_len else None
+        logits = model.step(idx, pos + step, cache, kv_len=kv_len)  # (B, 1, V)
+        for b, (n, s) in enumerate(zip(lengths, seqs)):
+            want = model(s[None, : n + step + 1])[0][0, -1]
+            torch.testing.assert_close(logits[b, 0], want, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_rows_do_not_leak_into_each_other():
+    """Rewriting one cache row (a new request in a freed slot) leaves the others' logits unchanged."""
+    model = random_gpt(seed=3)
+    a, b, c = (torch.randint(0, CFG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(3))
+    cache = KVCache(CFG, 2)
+    model.step(a, torch.tensor([0]), cache, row0=0)
+    model.step(b, torch.tensor([0]), cache, row0=1)
+    model.step(c[:, :3], torch.tensor([0]), cache, row0=1)  # row 1 reused for a shorter sequence
+    nxt = torch.tensor([[1], [2]])
+    logits = model.step(nxt, torch.tensor([8, 3]), cache)
+    torch.testing.assert_close(logits[0, 0], model(torch.cat([a, nxt[:1]], 1))[0][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, 0], model(torch.cat([c[:, :3], nxt[1:]], 1))[0][0, -1], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_bytes():
+    cache = KVCache(CFG, 3, dtype=torch.bfloat16)
+    assert cache.nbytes == KVCache.bytes_for(CFG, 3, torch.bfloat16) == 2 * 3 * 2 * 4 * 32 * 8 * 2
