@@ -1,0 +1,82 @@
+"""CUDA checks (run by bench/gpu_check.sh on a GPU machine; skipped elsewhere)."""
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from engine_helpers import tiny_model
+from model.engine import Engine, EngineConfig
+from model.sampling import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def gpu_model(dtype=torch.float32):
+    cpu = tiny_model(block_size=64, vocab_size=40)
+    model = copy.deepcopy(cpu).to("cuda", dtype)
+    model.tokenizer = cpu.tokenizer
+    return cpu, model
+
+
+def step_logits(model, ids):
+    device = next(model.parameters()).device
+    from model.gpt import KVCache
+    cache = KVCache(model.config, 1, device, next(model.parameters()).dtype)
+    with torch.inference_mode():
+        idx = torch.tensor([ids], device=device)
+        return model.step(idx, torch.zeros(1, dtype=torch.long, device=device), cache).float().cpu()
+
+
+async def run_requests(model, requests, **config):
+    engine = Engine(model, EngineConfig(max_batch=4, **config))
+    await engine.start()
+    try:
+        handles = [engine.submit(p, sp) for p, sp in requests]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 120)
+    finally:
+        await engine.stop(drain=False)
+    return [r.token_ids for r in results]
+
+
+def requests_for(tok):
+    prompts = ["the cat sat", "a", "hello there, how are you", "zebra", "x y z"]
+    params = [SamplingParams(max_new_tokens=40, temperature=0.0),
+              SamplingParams(max_new_tokens=30, temperature=1.0, top_k=0, seed=3),
+              SamplingParams(max_new_tokens=50, temperature=0.8, top_k=10, seed=4),
+              SamplingParams(max_new_tokens=20, temperature=0.0),
+              SamplingParams(max_new_tokens=45, temperature=0.7, top_p=0.8, seed=5)]
+    return [(tok.encode(p), sp) for p, sp in zip(prompts, params)]
+
+
+def test_cuda_float32_logits_match_cpu():
+    cpu, gpu = gpu_model()
+    ids = cpu.tokenizer.encode("the quick brown fox")
+    torch.testing.assert_close(step_logits(gpu, ids), step_logits(cpu, ids), atol=1e-3, rtol=1e-3)
+
+
+def test_bfloat16_within_tolerance():
+    cpu, gpu = gpu_model(torch.bfloat16)
+    ids = cpu.tokenizer.encode("the quick brown fox")
+    ref, got = step_logits(cpu, ids), step_logits(gpu, ids)
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+async def test_cuda_engine_equals_cpu_engine_and_graphs_equal_eager():
+    cpu, gpu = gpu_model()
+    requests = requests_for(cpu.tokenizer)
+    on_cpu = await run_requests(cpu, requests)
+    graphs = await run_requests(gpu, requests, cuda_graphs=True)
+    eager = await run_requests(gpu, requests, cuda_graphs=False)
+    assert graphs == eager == on_cpu
+
+
+async def test_bfloat16_engine_with_graphs_runs_batched_like_solo():
+    cpu, gpu = gpu_model(torch.bfloat16)
+    requests = requests_for(cpu.tokenizer)
+    batched = await run_requests(gpu, requests)
+    solo = [(await run_requests(gpu, [r]))[0] for r in requests]
+    assert [len(t) for t in batched] == [sp.max_new_tokens for _, sp in requests]
+    assert batched == solo
