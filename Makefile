@@ -10,7 +10,7 @@ PORT   ?= 5000
 IMAGE_REGISTRY ?=
 TAG    ?= latest
 
-.PHONY: run test bench bench-full demo-model gpu-check images deploy undeploy operator manifests-check lint clean
+.PHONY: run test bench demo-model gpu-check images deploy undeploy operator manifests-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,10 @@ run: $(VENV)/.server
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
+# BENCH_ARGS=--quick for a smoke run; --llama-cpp to add llama-cpp-python where installed.
+BENCH_ARGS ?=
 bench: $(VENV)/.dev
-	$(BIN)/python -m bench.run
-
-bench-full: $(VENV)/.dev
-	$(BIN)/python -m bench.run --llama-cpp
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 gpu-check:
 	bash bench/gpu_check.sh

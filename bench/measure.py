@@ -1,0 +1,237 @@
+"""Measurements: ceilings of this machine, transformers' generate, our engine in-process and over HTTP.
+
+Every timing is a median or best of a few runs after a warm-up, and synchronises CUDA
+before reading the clock. Token counts are exact: the benchmark's models never emit
+end-of-text (see models.hf_and_ours) and in-process runs set stop_at_eot=False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.engine import Engine, EngineConfig
+from model.sampling import SamplingParams
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best(fn, repeats: int, device="cpu") -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# --- ceilings ---------------------------------------------------------------------
+
+def matmul_flops(dtype: torch.dtype, device="cpu") -> float:
+    """FLOP/s of a GEMM in `dtype` shaped like a batched MLP layer (F.linear, nn.Linear's
+    layout): what a compute-bound batch can reach. Small on CPU, where some half-precision
+    GEMMs take a slow path (one repeat then, so the benchmark still fits in minutes)."""
+    m, k, n = (256, 768, 3072) if torch.device(device).type == "cpu" else (4096, 4096, 4096)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    F.linear(x, w)
+    _sync(device)
+    first = time.perf_counter() - t0
+    return 2 * m * k * n / (first if first > 0.5 else _best(lambda: F.linear(x, w), 3, device))
+
+
+def copy_bandwidth(device="cpu", n_bytes: int = 256 * 2**20) -> float:
+    """Bytes/s moved by a large tensor copy (read + write)."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / _best(lambda: dst.copy_(src), 3, device)
+
+
+def batch1_ceiling(model, repeats: int = 5) -> float:
+    """Tokens/s of one F.linear matrix-vector pass over all of the model's weight matrices,
+    in the layout and dtype the model has now: torch's own batch-1 decode ceiling."""
+    p = next(model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, 1, m.in_features, dtype=p.dtype, device=p.device) for m in linears]
+
+    def one_pass():
+        with torch.inference_mode():
+            for x, m in zip(xs, linears):
+                F.linear(x, m.weight)
+    return 1.0 / _best(one_pass, repeats, p.device)
+
+
+def weight_bytes(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+# --- transformers -------------------------------------------------------------------
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, repeats: int = 1) -> float:
+    """Seconds for transformers' static-batch greedy generate(use_cache=True) of `new_tokens`."""
+    device = next(hf.parameters()).device
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        use_cache=True, pad_token_id=50256)
+    run(2)  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run(new_tokens)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_decode_tok_s(hf, prompt: list[int], new_tokens: int, repeats: int = 1) -> float:
+    """Batch-1 decode tokens/s: (n - 1) tokens over the time beyond a 1-token generate."""
+    t_n = hf_generate(hf, [prompt], new_tokens, repeats)
+    t_1 = hf_generate(hf, [prompt], 1, max(repeats, 2))
+    return (new_tokens - 1) / max(t_n - t_1, 1e-9)
+
+
+# --- our engine ------------------------------------------------------------------------
+
+@dataclass
+class ClientRun:
+    clients: int
+    requests: int
+    tokens: int
+    wall_s: float
+    latencies: list
+    ttfts: list
+    via: str  # "http" or "in-process"
+
+    def summary(self) -> dict:
+        q = statistics.quantiles
+        lat = sorted(self.latencies)
+        return {
+            "clients": self.clients, "requests": self.requests, "tokens": self.tokens, "via": self.via,
+            "tok_s": self.tokens / self.wall_s, "wall_s": self.wall_s,
+            "p50_latency_s": statistics.median(lat),
+            "p99_latency_s": q(lat, n=100)[98] if len(lat) > 1 else lat[0],
+            "p50_ttft_s": statistics.median(self.ttfts),
+        }
+
+
+async def started_engine(model, max_batch: int = 32) -> Engine:
+    engine = Engine(model, EngineConfig(max_batch=max_batch, max_queue=1024))
+    await engine.start()
+    return engine
+
+
+async def engine_decode_tok_s(engine: Engine, prompt: list[int], new_tokens: int, repeats: int = 2) -> float:
+    """Batch-1 decode tokens/s inside the engine: tokens after the first over the time after it."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
+    await engine.submit(prompt, SamplingParams(max_new_tokens=2, temperature=0.0)).result()  # warm-up
+    rates = []
+    for _ in range(repeats):
+        r = await engine.submit(prompt, params).result()
+        rates.append((r.completion_tokens - 1) / (r.total_s - r.ttft_s))
+    return max(rates)
+
+
+async def engine_greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    r = await engine.submit(prompt, SamplingParams(max_new_tokens=n, temperature=0.0, stop_at_eot=False)).result()
+    return r.token_ids
+
+
+async def in_process_clients(engine: Engine, prompts: list[list[int]], new_tokens: int, per_client: int) -> ClientRun:
+    """`len(prompts)` concurrent clients, each sending `per_client` requests back to back."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
+    lat, ttft, tokens = [], [], 0
+
+    async def client(prompt):
+        nonlocal tokens
+        for _ in range(per_client):
+            r = await engine.submit(prompt, params).result()
+            lat.append(r.total_s)
+            ttft.append(r.ttft_s)
+            tokens += r.completion_tokens
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(p) for p in prompts))
+    return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft, "in-process")
+
+
+def server_available() -> str | None:
+    """None when server.app can serve an engine, else why not."""
+    try:
+        from server.app import create_app  # noqa: F401
+        from server.config import load_config  # noqa: F401
+        return None
+    except Exception as err:
+        return f"server not importable ({type(err).__name__}: {err})"
+
+
+async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_client: int) -> ClientRun:
+    """The same load through server.app over real HTTP on 127.0.0.1, streaming (SSE) so the
+    first token's arrival is seen. The server owns (and finally stops) the engine."""
+    import aiohttp
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.config import load_config
+
+    config = load_config([], environ={"HOST": "127.0.0.1", "PORT": "0", "CACHE_TTL": "0", "LOG_LEVEL": "WARNING",
+                                      "MAX_BATCH": str(engine.config.max_batch), "MAX_QUEUE": "1024"})
+    runner = web.AppRunner(create_app(config, engine=engine), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    lat, ttft, tokens = [], [], 0
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            deadline = time.monotonic() + 120
+            while (await session.get(url + "/readyz")).status != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready")
+                await asyncio.sleep(0.05)  # polling readiness (a condition with a deadline)
+
+            async def client(text):
+                nonlocal tokens
+                body = {"prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                for _ in range(per_client):
+                    t0 = time.perf_counter()
+                    first = None
+                    async with session.post(url + "/v1/completions", json=body) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+                        async for line in resp.content:
+                            if not line.startswith(b"data: {"):
+                                continue
+                            event = json.loads(line[6:])
+                            if first is None and event.get("choices") and event["choices"][0].get("text"):
+                                first = time.perf_counter() - t0
+                            if event.get("usage"):
+                                tokens += event["usage"]["completion_tokens"]
+                    lat.append(time.perf_counter() - t0)
+                    ttft.append(first if first is not None else lat[-1])
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(t) for t in texts))
+            wall = time.perf_counter() - t0
+    finally:
+        await runner.cleanup()
+    return ClientRun(len(texts), len(lat), tokens, wall, lat, ttft, "http")

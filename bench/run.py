@@ -1,0 +1,276 @@
+"""The benchmark: our engine against transformers (and optionally llama.cpp) on the same weights.
+
+    python -m bench.run [--quick] [--device cpu|cuda] [--shapes gpt2-124M,gpt2-355M] [--llama-cpp]
+
+One run measures, for each model shape: this machine's ceilings (GEMM FLOP/s, copy
+bandwidth, torch's batch-1 matrix-vector ceiling in the engine's layout); batch-1 decode
+tokens/s, ours in each dtype vs transformers' generate(use_cache=True); served throughput
+with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP when
+server/ is importable, else in-process (the table says which), vs transformers'
+static-batch generate and vs one request at a time; peak RSS and KV-cache bytes; and the
+demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import resource
+from pathlib import Path
+
+import torch
+
+from bench import measure
+from bench.models import SHAPES, demo_model, gpt2_tokenizer, hf_and_ours, in_dtype
+
+log = logging.getLogger("bench")
+RESULTS = Path(__file__).resolve().parent / "results"
+WORDS = (" the of and to in is that for it as was with be by on not he this are or his from at which but have"
+         " an had they you were their one all we can her has there been if more when will would who so no").split(" ")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGETS = {"b1_fp32_vs_hf": 1.4, "b1_best_half_vs_hf": 3.0, "c32_vs_hf_static": 0.9, "c32_vs_one_at_a_time": 5.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default="gpt2-124M", help=f"comma-separated, of {sorted(SHAPES)}")
+    p.add_argument("--dtypes", default=None, help="batch-1 dtypes (default: all three on cpu, bf16,fp16 on cuda)")
+    p.add_argument("--serve-dtype", default=None, help="dtype of the client runs (default float32 cpu, bfloat16 cuda)")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-http", action="store_true", help="measure clients in-process even if server/ imports")
+    p.add_argument("--no-demo", action="store_true")
+    p.add_argument("--llama-cpp", action="store_true", help="also measure llama-cpp-python when installed")
+    p.add_argument("--tokenizer-path", default=None, help="GPT-2 .tiktoken ranks file")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<time>.json)")
+    return p.parse_args(argv)
+
+
+def make_prompts(tokenizer, n: int, length: int) -> tuple[list[list[int]], list[str] | None]:
+    """n different prompts of exactly `length` tokens: words that are one GPT-2 token each
+    (so the server's tokenization of the text gives the same ids); random ids without a tokenizer."""
+    rng = random.Random(0)
+    try:
+        vocab = [w for w in WORDS if len(tokenizer.encode(" " + w)) == 1]
+        texts = ["".join(" " + rng.choice(vocab) for _ in range(length)) for _ in range(n)]
+        ids = [tokenizer.encode(t) for t in texts]
+        if all(len(i) == length for i in ids):
+            return ids, texts
+    except NotImplementedError:
+        pass
+    return [[rng.randrange(50000) for _ in range(length)] for _ in range(n)], None
+
+
+async def bench_shape(shape: str, args, tokenizer) -> dict:
+    device = torch.device(args.device)
+    new = 16 if args.quick else 64
+    repeats = 1 if args.quick else 2
+    clients = [int(c) for c in args.clients.split(",")]
+    dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cpu" else "bfloat16,float16")).split(",")
+    serve_dtype = args.serve_dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    prompts, texts = make_prompts(tokenizer, max(clients), 64)
+    out: dict = {"shape": shape, "new_tokens": new, "prompt_tokens": 64, "ceilings": {}, "batch1": {}, "clients": {}}
+
+    hf, ours = hf_and_ours(shape, tokenizer)
+    hf, ours = hf.to(device), ours.to(device)
+    n_params = ours.num_params()
+    out["n_params"] = n_params
+    hf_dtype = torch.float32 if device.type == "cpu" else DTYPES[serve_dtype]
+    hf = hf.to(hf_dtype)
+    log.info("%s: %.0fM parameters; transformers batch-1 (%s)", shape, n_params / 1e6, hf_dtype)
+    out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."),
+                                     "tok_s": measure.hf_decode_tok_s(hf, prompts[0], new, repeats)}
+    out["ceilings"]["copy_GB_s"] = measure.copy_bandwidth(device) / 1e9
+
+    reference_tokens = None
+    for name in dtypes:
+        model = ours if DTYPES[name] == torch.float32 else in_dtype(ours, DTYPES[name])
+        out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
+        engine = await measure.started_engine(model, max_batch=1)
+        try:
+            rate = await measure.engine_decode_tok_s(engine, prompts[0], new, repeats)
+            tokens = await measure.engine_greedy(engine, prompts[0], 32)
+        finally:
+            await engine.stop(drain=False)
+        ceiling = measure.batch1_ceiling(model)  # in the layout the engine chose for this copy
+        if reference_tokens is None and name == "float32":
+            reference_tokens = tokens
+        agree = None if reference_tokens is None else next(
+            (i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
+        out["batch1"][name] = {"tok_s": rate, "ceiling_tok_s": ceiling, "of_ceiling": rate / ceiling,
+                               "weight_GB_s": rate * measure.weight_bytes(model) / 1e9,
+                               "greedy_agrees_with_fp32_for": agree}
+        log.info("batch-1 %s: %.1f tok/s (ceiling %.1f)", name, rate, ceiling)
+        if model is not ours:
+            del model
+
+    # served throughput, in the serving dtype
+    model = ours if DTYPES[serve_dtype] == torch.float32 else in_dtype(ours, DTYPES[serve_dtype])
+    why_not_http = "--no-http" if args.no_http else (
+        "no GPT-2 tokenizer data" if texts is None else measure.server_available())
+    out["clients_via"] = "http" if why_not_http is None else f"in-process ({why_not_http})"
+    per_client = 1 if args.quick else 2
+    for c in clients:
+        gc.collect()  # the previous engine's KV cache goes before the next one is allocated
+        engine = await measure.started_engine(model, max_batch=c)
+        if why_not_http is None:
+            run = await measure.http_clients(engine, texts[:c], new, per_client)  # the server stops the engine
+        else:
+            run = await measure.in_process_clients(engine, prompts[:c], new, per_client)
+            await engine.stop(drain=False)
+        out["clients"][c] = run.summary()
+        out["kv_cache_bytes"] = engine.kv_cache_bytes  # the largest run's, max_batch rows of block_size
+        del engine
+        log.info("%d clients (%s): %.1f tok/s", c, run.via, out["clients"][c]["tok_s"])
+    if why_not_http is None and max(clients) > 1:  # server overhead against the engine in-process
+        gc.collect()
+        engine = await measure.started_engine(model, max_batch=max(clients))
+        run = await measure.in_process_clients(engine, prompts[:max(clients)], new, per_client)
+        await engine.stop(drain=False)
+        out["clients"][f"{max(clients)} in-process"] = run.summary()
+        del engine
+
+    hf = hf.to(DTYPES[serve_dtype])
+    for c in clients:
+        if c == 1:
+            continue
+        t = measure.hf_generate(hf, prompts[:c], new, 1)
+        out["clients"][c]["transformers_static_tok_s"] = c * new / t
+    matmul = out["ceilings"].get(f"matmul_{serve_dtype}_GFLOP_s")
+    if matmul is None:
+        matmul = measure.matmul_flops(DTYPES[serve_dtype], device) / 1e9
+    for c, row in out["clients"].items():  # 2 FLOPs per parameter per token, prefill included
+        row["of_matmul_ceiling"] = row["tok_s"] * (64 + new) / new * 2 * n_params / 1e9 / matmul
+    del hf
+    return out
+
+
+def llama_cpp_note() -> str:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
+    return "skipped: converting the random weights to GGUF is not automated yet"
+
+
+def ratios(r: dict) -> dict:
+    """The issue's targets, measured."""
+    b1 = r["batch1"]
+    hf = b1["transformers"]["tok_s"]
+    out = {}
+    if "float32" in b1:
+        out["b1_fp32_vs_hf"] = b1["float32"]["tok_s"] / hf
+    half = [b1[d]["tok_s"] for d in ("bfloat16", "float16") if d in b1]
+    if half:
+        out["b1_best_half_vs_hf"] = max(half) / hf
+    cl = r["clients"]
+    top = max(k for k in cl if isinstance(k, int))
+    if "transformers_static_tok_s" in cl[top]:
+        out["c32_vs_hf_static"] = cl[top]["tok_s"] / cl[top]["transformers_static_tok_s"]
+    if 1 in cl and top != 1:
+        out["c32_vs_one_at_a_time"] = cl[top]["tok_s"] / cl[1]["tok_s"]
+    key = f"{top} in-process"
+    if key in cl:
+        out["server_overhead"] = 1 - cl[top]["tok_s"] / cl[key]["tok_s"]
+    return out
+
+
+def table(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
+             f"{report['date']}", ""]
+    for r in report["shapes"]:
+        c = r["ceilings"]
+        lines += [f"### {r['shape']} ({r['n_params'] / 1e6:.0f}M params), prompt 64, {r['new_tokens']} new, greedy", "",
+                  "| measurement | tok/s | vs reference | of ceiling |", "|---|---:|---:|---:|"]
+        b1, hf = r["batch1"], r["batch1"]["transformers"]["tok_s"]
+        lines.append(f"| batch 1, transformers generate ({b1['transformers']['dtype']}) | {hf:.1f} | 1.00x | |")
+        for d, v in b1.items():
+            if d != "transformers":
+                agree = v["greedy_agrees_with_fp32_for"]
+                note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
+                lines.append(f"| batch 1, ours {d}{note} | {v['tok_s']:.1f} | {v['tok_s'] / hf:.2f}x | "
+                             f"{v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} |")
+        one = r["clients"].get(1, {}).get("tok_s")
+        for k, v in r["clients"].items():
+            ref = []
+            if "transformers_static_tok_s" in v:
+                ref.append(f"{v['tok_s'] / v['transformers_static_tok_s']:.2f}x HF static "
+                           f"({v['transformers_static_tok_s']:.0f})")
+            if one and k != 1:
+                ref.append(f"{v['tok_s'] / one:.1f}x one-at-a-time")
+            lines.append(f"| {str(k).split()[0]} clients ({v['via']}): p50 {v['p50_latency_s']:.2f}s, p99 {v['p99_latency_s']:.2f}s, "
+                         f"TTFT p50 {v['p50_ttft_s']:.2f}s | {v['tok_s']:.1f} | {'; '.join(ref)} | "
+                         f"{v['of_matmul_ceiling']:.0%} of GEMM |")
+        lines += ["", f"Ceilings: copy {c['copy_GB_s']:.1f} GB/s; GEMM " +
+                  ", ".join(f"{k.split('_')[1]} {v:.0f} GFLOP/s" for k, v in c.items() if k.startswith("matmul")) +
+                  f". Clients via: {r['clients_via']}. KV cache {r.get('kv_cache_bytes', 0) / 2**20:.0f} MiB.", ""]
+        lines.append("Targets: " + ", ".join(
+            f"{k} {v:.2f} (target {TARGETS[k]})" if k in TARGETS else f"{k} {v:+.0%}" for k, v in r["ratios"].items()))
+        lines.append("")
+    if report.get("demo"):
+        lines.append(f"Demo model: {report['demo']}")
+    lines += [f"llama.cpp: {report['llama_cpp']}", f"Peak RSS: {report['peak_rss_MiB']:.0f} MiB"]
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+async def run(args) -> dict:
+    tokenizer = gpt2_tokenizer(args.tokenizer_path)
+    device = args.device
+    machine = (torch.cuda.get_device_name() if device.startswith("cuda")
+               else f"{cpu_name()}, {os.cpu_count()} cores")
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "device": device,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick, "shapes": []}
+    for shape in args.shapes.split(","):
+        r = await bench_shape(shape, args, tokenizer)
+        r["ratios"] = ratios(r)
+        report["shapes"].append(r)
+    if not args.no_demo:
+        model, why = demo_model()
+        if model is not None:
+            engine = await measure.started_engine(model.to(device), max_batch=1)
+            prompt = model.tokenizer.encode("The ")
+            rate = await measure.engine_decode_tok_s(engine, prompt, 16 if args.quick else 100, 1)
+            await engine.stop(drain=False)
+            why = f"{rate:.0f} tok/s batch 1 ({model.num_params() / 1e6:.1f}M params, {model.config})"
+        report["demo"] = why
+    report["llama_cpp"] = llama_cpp_note() if args.llama_cpp else "not requested (--llama-cpp)"
+    report["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("server").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = asyncio.run(run(args))
+    RESULTS.mkdir(exist_ok=True)
+    stamp = report["date"].replace(":", "")
+    path = Path(args.out) if args.out else RESULTS / f"{args.device.split(':')[0]}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(table(report))
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
