@@ -1,0 +1,80 @@
+"""API keys: `API_KEY` (one) and/or `API_KEYS_FILE` (one per line, '#' comments).
+
+The file is re-read when its mtime (or size) changes, so a rotated Kubernetes Secret
+takes effect without a restart; a file that vanishes or fails to read keeps the last
+good keys. Keys are compared with `hmac.compare_digest` against every accepted key (no
+early exit), and are never logged: callers get an opaque `identity` (a hash prefix) to
+key rate limits and logs on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+def key_identity(key: str) -> str:
+    """A stable, non-reversible name for a key (rate-limit buckets, access logs)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The key a client sent: X-API-Key (the seed's header) or Authorization: Bearer."""
+    key = request.headers.get("X-API-Key")
+    if key:
+        return key.strip()
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+class KeyStore:
+    def __init__(self, api_key: str | None, keys_file: str | None):
+        self._static = [api_key.encode()] if api_key else []
+        self._path = Path(keys_file) if keys_file else None
+        self._file_keys: list[bytes] = []
+        self._stamp: tuple[int, int] | None = None
+        self.reload_if_changed()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._static or self._path)
+
+    def reload_if_changed(self) -> None:
+        if self._path is None:
+            return
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp == self._stamp:
+                return
+            lines = self._path.read_text().splitlines()
+        except OSError as e:
+            if self._stamp is not None:
+                log.warning("cannot read API_KEYS_FILE; keeping the previous keys",
+                            extra={"path": str(self._path), "error": type(e).__name__})
+                self._stamp = None
+            return
+        self._file_keys = [ln.strip().encode() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        self._stamp = stamp
+        log.info("loaded API keys", extra={"path": str(self._path), "n_keys": len(self._file_keys)})
+
+    def check(self, key: str | None) -> bool:
+        """True if `key` is accepted; constant time in the key's content."""
+        self.reload_if_changed()
+        if key is None:
+            return False
+        given = key.encode()
+        ok = False
+        for accepted in self._static + self._file_keys:
+            ok |= hmac.compare_digest(given, accepted)  # no short-circuit: every key is compared
+        return ok

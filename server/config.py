@@ -1,0 +1,292 @@
+"""Server settings: one frozen `ServerConfig`, built once from defaults, then the
+environment, then command-line flags (later wins), validated, and logged once with
+secrets masked. This is the only module in server/ that reads `os.environ`.
+
+Every setting is declared once in `SETTINGS` (field, env var, parser, help), and both
+the environment reader and the argparse flags are generated from that table, so
+`--help` always lists exactly what the environment accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; names the environment variable and the rule it broke."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`count` requests per `period_s` seconds (a fixed window)."""
+
+    count: int
+    period_s: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period_s:g}s"
+
+
+def default_checkpoint() -> str:
+    """The demo model shipped inside the installed `model` package."""
+    import model
+
+    return str(Path(model.__file__).resolve().parent / "demo")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_checkpoint: str = ""  # "" -> default_checkpoint(), resolved by load_config
+    host: str = "0.0.0.0"
+    port: int = 5000
+    device: str | None = None  # None: cuda if available else cpu
+    dtype: str | None = None  # None: float32 on cpu, bfloat16 on cuda
+    tokenizer_path: str | None = None
+    api_key: str | None = None
+    api_keys_file: str | None = None
+    metrics_auth: bool = False
+    rate_limit: RateLimit | None = None
+    token_budget: int | None = None  # generated tokens per minute per key (or client address)
+    redis_url: str | None = None
+    max_length_limit: int = 1000  # the seed's upper bound on max_length / max_tokens
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 300.0
+    drain_seconds: float = 30.0
+    cache_ttl: float = 3600.0  # 0 disables the response cache
+    cache_max_entries: int = 4096
+    max_batch: int = 32
+    max_queue: int = 256
+    log_prompts: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key or self.api_keys_file)
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting, with secrets replaced, for the start-up log line."""
+        out: dict[str, Any] = {}
+        for s in SETTINGS:
+            value = getattr(self, s.field)
+            if value is not None and s.secret:
+                value = "***"
+            elif s.field == "redis_url" and value:
+                value = _mask_url(value)
+            elif isinstance(value, RateLimit):
+                value = str(value)
+            out[s.env] = value
+        return out
+
+
+# ---------------------------------------------------------------- parsers
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be an integer, got {raw!r}") from None
+        if lo is not None and value < lo:
+            raise ValueError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be <= {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float = 0.0) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a number, got {raw!r}") from None
+        if not value >= lo or value == float("inf"):
+            raise ValueError(f"must be a finite number >= {lo}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _choice(*choices: str) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        v = raw.strip()
+        if not v:
+            return None
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return v
+
+    return parse
+
+
+def _device(raw: str) -> str | None:
+    v = raw.strip()
+    if not v:
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
+        raise ValueError(f"must be cpu, cuda, cuda:N or mps, got {raw!r}")
+    return v
+
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day)s?\s*$", re.I)
+
+
+def parse_rate_limit(raw: str) -> RateLimit | None:
+    """'10/minute', '10 per minute', '100 per 2 hours' (flask-limiter's spellings); '' is off."""
+    if not raw.strip() or raw.strip().lower() in ("0", "off", "none"):
+        return None
+    m = _RATE_RE.match(raw)
+    if not m:
+        raise ValueError(f"must look like '10/minute' or '10 per minute', got {raw!r}")
+    count, mult, unit = int(m.group(1)), int(m.group(2) or 1), m.group(3).lower()
+    if count < 1 or mult < 1:
+        raise ValueError(f"count and period must be >= 1, got {raw!r}")
+    return RateLimit(count, mult * _PERIODS[unit])
+
+
+def _optional_positive_int(raw: str) -> int | None:
+    if not raw.strip() or raw.strip() == "0":
+        return None
+    return _int(1)(raw)
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _redis_url(raw: str) -> str | None:
+    v = raw.strip()
+    if not v:
+        return None
+    if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {_mask_url(v)!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model_checkpoint", "MODEL_CHECKPOINT", _str,
+            "checkpoint file or export directory (default: the embedded demo model)"),
+    Setting("host", "HOST", _str, "address to listen on (default 0.0.0.0)"),
+    Setting("port", "PORT", _int(0, 65535), "port to listen on (default 5000)"),
+    Setting("device", "DEVICE", _device, "cpu, cuda, cuda:N (default: cuda if available)"),
+    Setting("dtype", "DTYPE", _choice("float32", "bfloat16", "float16", "auto"),
+            "weights dtype; auto keeps the checkpoint's (default: float32 on cpu, bfloat16 on cuda)"),
+    Setting("tokenizer_path", "TOKENIZER_PATH", _str, "GPT-2 BPE ranks file (default: tiktoken's cache)"),
+    Setting("api_key", "API_KEY", _str, "one accepted API key (X-API-Key or Authorization: Bearer)", secret=True),
+    Setting("api_keys_file", "API_KEYS_FILE", _str, "file of accepted keys, one per line; re-read on change"),
+    Setting("metrics_auth", "METRICS_AUTH", _bool, "require an API key for /metrics (default false)"),
+    Setting("rate_limit", "RATE_LIMIT", parse_rate_limit,
+            "requests per key (or client address), e.g. '10/minute' or '10 per minute' (default off)"),
+    Setting("token_budget", "TOKEN_BUDGET", _optional_positive_int,
+            "generated tokens per minute per key (or client address) (default off)"),
+    Setting("redis_url", "REDIS_URL", _redis_url,
+            "share rate limits and the response cache through Redis (default: in-memory)"),
+    Setting("max_length_limit", "MAX_LENGTH_LIMIT", _int(1), "upper bound on max_length / max_tokens (default 1000)"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", _int(1024), "largest request body in bytes (default 1048576)"),
+    Setting("request_timeout", "REQUEST_TIMEOUT", _float(0.001), "seconds before a generation is abandoned (default 300)"),
+    Setting("drain_seconds", "DRAIN_SECONDS", _float(0.0), "grace period for in-flight requests on SIGTERM (default 30)"),
+    Setting("cache_ttl", "CACHE_TTL", _float(0.0), "seconds a deterministic response is cached; 0 disables (default 3600)"),
+    Setting("cache_max_entries", "CACHE_MAX_ENTRIES", _int(1), "in-memory cache size (LRU entries, default 4096)"),
+    Setting("max_batch", "MAX_BATCH", _int(1, 4096), "requests decoded together by the engine (default 32)"),
+    Setting("max_queue", "MAX_QUEUE", _int(1), "waiting requests before 503 (default 256)"),
+    Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
+    Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
+)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanogpt-serve",
+        description="Serve a nanoGPT model over HTTP (the seed's API and an OpenAI-compatible API). "
+        "Every flag can also be set through the environment variable shown; flags win.",
+    )
+    for s in SETTINGS:
+        if s.parse is _bool:  # `--log-prompts` alone means true; `--log-prompts false` also works
+            parser.add_argument(s.flag, dest=s.field, metavar="BOOL", nargs="?", const="true", default=None,
+                                help=f"{s.help} [env {s.env}]")
+        else:
+            parser.add_argument(s.flag, dest=s.field, metavar=s.env, default=None, help=f"{s.help} [env {s.env}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Defaults, then `environ` (default os.environ), then `argv` flags; raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    flags = vars(build_arg_parser().parse_args([] if argv is None else list(argv)))
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        for source, raw in ((s.env, environ.get(s.env)), (s.flag, flags.get(s.field))):
+            if raw is None:
+                continue
+            try:
+                value = s.parse(raw)
+            except ValueError as e:
+                raise ConfigError(source, str(e)) from None
+            if value is None and s.field in ("host", "port"):
+                continue  # an empty HOST keeps the default
+            values[s.field] = value
+    if not values.get("model_checkpoint"):
+        values["model_checkpoint"] = default_checkpoint()
+    config = ServerConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: ServerConfig) -> None:
+    if config.api_keys_file and not Path(config.api_keys_file).is_file():
+        raise ConfigError("API_KEYS_FILE", f"no such file: {config.api_keys_file}")
+    if config.tokenizer_path and not Path(config.tokenizer_path).is_file():
+        raise ConfigError("TOKENIZER_PATH", f"no such file: {config.tokenizer_path}")
+    if config.metrics_auth and not config.auth_enabled:
+        raise ConfigError("METRICS_AUTH", "needs API_KEY or API_KEYS_FILE")
+
+
+def log_config(config: ServerConfig) -> None:
+    log.info("configuration", extra={"config": config.masked()})
+

@@ -1,0 +1,106 @@
+"""Rate limits per API key (or per client address when there are no keys).
+
+Two limits, both fixed windows aligned to the clock so every replica agrees on
+window boundaries: RATE_LIMIT counts requests; TOKEN_BUDGET counts generated tokens
+per minute (tokens, not requests, are what cost accelerator time: a request is refused
+once the window's budget is spent, and its tokens are charged when it finishes).
+
+Counters live in memory (per replica) by default, or in Redis (shared by every
+replica) when REDIS_URL is set. If Redis fails, counting falls back to memory and the
+outage is logged once, so a Redis hiccup never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+from .config import RateLimit
+from .errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+TOKEN_WINDOW_S = 60.0
+
+
+class MemoryCounters:
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._counts: dict[tuple[str, int], int] = {}
+
+    async def add(self, bucket: str, amount: int, period: float) -> tuple[int, float]:
+        """Add `amount` to the current window of `bucket`: (new total, seconds to window end)."""
+        now = self._clock()
+        idx = int(now // period)
+        if len(self._counts) > 10_000:  # drop finished windows now and then
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= idx - 1}
+        total = self._counts.get((bucket, idx), 0) + amount
+        self._counts[(bucket, idx)] = total
+        return total, (idx + 1) * period - now
+
+
+class RedisCounters:
+    PREFIX = "nanogpt:rl:"
+
+    def __init__(self, redis, clock: Callable[[], float] = time.time):
+        self._redis = redis
+        self._clock = clock
+
+    async def add(self, bucket: str, amount: int, period: float) -> tuple[int, float]:
+        now = self._clock()
+        idx = int(now // period)
+        key = f"{self.PREFIX}{bucket}:{int(period)}:{idx}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, amount)
+            pipe.expire(key, math.ceil(period) + 1)
+            total, _ = await pipe.execute()
+        return int(total), (idx + 1) * period - now
+
+
+class RateLimiter:
+    def __init__(self, rate: RateLimit | None, token_budget: int | None, redis=None,
+                 clock: Callable[[], float] = time.time):
+        self.rate = rate
+        self.token_budget = token_budget
+        self._memory = MemoryCounters(clock)
+        self._redis = RedisCounters(redis, clock) if redis is not None else None
+        self._redis_down = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate is not None or self.token_budget is not None
+
+    async def _add(self, bucket: str, amount: int, period: float) -> tuple[int, float]:
+        if self._redis is not None:
+            try:
+                result = await self._redis.add(bucket, amount, period)
+            except Exception as e:  # any Redis failure: count locally rather than fail the request
+                if not self._redis_down:
+                    log.warning("redis unavailable for rate limits; counting in memory",
+                                extra={"error": f"{type(e).__name__}: {e}"})
+                    self._redis_down = True
+            else:
+                if self._redis_down:
+                    log.info("redis is back for rate limits")
+                    self._redis_down = False
+                return result
+        return await self._memory.add(bucket, amount, period)
+
+    async def check_request(self, identity: str) -> None:
+        """Count one request; raise RateLimited past RATE_LIMIT, or when the token budget is spent."""
+        if self.rate is not None:
+            total, reset_in = await self._add("req:" + identity, 1, self.rate.period_s)
+            if total > self.rate.count:
+                raise RateLimited(f"rate limit of {self.rate.count} requests per {self.rate.period_s:g} s "
+                                  f"exceeded; retry in {math.ceil(reset_in)} s", reset_in)
+        if self.token_budget is not None:
+            used, reset_in = await self._add("tok:" + identity, 0, TOKEN_WINDOW_S)
+            if used >= self.token_budget:
+                raise RateLimited(f"token budget of {self.token_budget} generated tokens per minute "
+                                  f"spent; retry in {math.ceil(reset_in)} s", reset_in)
+
+    async def spend_tokens(self, identity: str, n_tokens: int) -> None:
+        if self.token_budget is not None and n_tokens > 0:
+            await self._add("tok:" + identity, n_tokens, TOKEN_WINDOW_S)

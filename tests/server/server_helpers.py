@@ -1,0 +1,84 @@
+"""Helpers shared by the server tests: wait on conditions with deadlines, never sleep to synchronise."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Awaitable, Callable
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, what: str = "condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds (never a bare sleep to synchronise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def wait_for_sync(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """Serve an app from a background thread with its own event loop, on a free port, so that
+    synchronous clients (schemathesis, requests) can talk to it over real TCP."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app, self.base_url = app, ""
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            self.base_url = f"http://127.0.0.1:{port}"
+        except BaseException as e:  # surface start-up failures to the test
+            self._error = e
+            raise
+        finally:
+            self._started.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> "ThreadServer":
+        self._thread.start()
+        if not self._started.wait(60) or self._error:
+            raise RuntimeError(f"test server did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)

@@ -1,0 +1,80 @@
+"""ServerConfig: defaults, then environment, then flags; errors name the variable; secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import model
+from server.config import SETTINGS, ConfigError, RateLimit, ServerConfig, load_config, log_config, parse_rate_limit
+
+
+def test_defaults():
+    c = load_config([], {})
+    assert c.model_checkpoint == str(Path(model.__file__).resolve().parent / "demo")
+    assert (c.host, c.port, c.max_length_limit, c.max_body_bytes, c.drain_seconds) == ("0.0.0.0", 5000, 1000,
+                                                                                       1 << 20, 30.0)
+    assert c.rate_limit is None and c.redis_url is None and c.api_key is None and not c.log_prompts
+
+
+def test_environment_then_flags():
+    env = {"PORT": "8080", "HOST": "127.0.0.1", "RATE_LIMIT": "10 per minute", "MAX_BATCH": "8",
+           "LOG_PROMPTS": "true", "CACHE_TTL": "0"}
+    c = load_config([], env)
+    assert (c.port, c.host, c.rate_limit, c.max_batch, c.log_prompts, c.cache_ttl) == (
+        8080, "127.0.0.1", RateLimit(10, 60.0), 8, True, 0.0)
+    c = load_config(["--port", "9000", "--rate-limit", "5/second", "--log-prompts", "false"], env)
+    assert (c.port, c.rate_limit, c.log_prompts) == (9000, RateLimit(5, 1.0), False)
+    assert load_config(["--metrics-auth", "--api-key", "k"], {}).metrics_auth is True
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("10/minute", RateLimit(10, 60)), ("10 per minute", RateLimit(10, 60)), ("100 per 2 hours", RateLimit(100, 7200)),
+    ("3/second", RateLimit(3, 1)), ("5 per day", RateLimit(5, 86400)), ("", None), ("off", None),
+])
+def test_rate_limit_spellings(raw, expected):
+    assert parse_rate_limit(raw) == expected
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"), ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+    ({"MAX_LENGTH_LIMIT": "0"}, "MAX_LENGTH_LIMIT"), ({"DEVICE": "tpu"}, "DEVICE"), ({"DTYPE": "int8"}, "DTYPE"),
+    ({"REDIS_URL": "http://x"}, "REDIS_URL"), ({"LOG_PROMPTS": "maybe"}, "LOG_PROMPTS"),
+    ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"), ({"METRICS_AUTH": "1"}, "METRICS_AUTH"),
+    ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"), ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT"),
+])
+def test_errors_name_the_variable(env, variable):
+    with pytest.raises(ConfigError) as e:
+        load_config([], env)
+    assert e.value.variable == variable and str(e.value).startswith(variable)
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError) as e:
+        load_config(["--port", "x"], {})
+    assert e.value.variable == "--port"
+
+
+def test_secrets_are_masked_in_the_log(caplog):
+    caplog.set_level(logging.INFO)
+    c = load_config([], {"API_KEY": "topsecret", "REDIS_URL": "redis://user:hunter2@redis:6379/0"})
+    log_config(c)
+    [record] = [r for r in caplog.records if r.getMessage() == "configuration"]
+    assert record.config["API_KEY"] == "***"
+    assert record.config["REDIS_URL"] == "redis://user:***@redis:6379/0"
+    assert "topsecret" not in repr(record.__dict__) and "hunter2" not in repr(record.__dict__)
+
+
+def test_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, check=True).stdout
+    for s in SETTINGS:
+        assert s.flag in out and s.env in out, s.env
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        ServerConfig().port = 1  # type: ignore[misc]

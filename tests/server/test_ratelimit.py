@@ -1,0 +1,83 @@
+"""Rate limits: requests per window and generated-token budgets, in memory and in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.config import RateLimit
+from server.ratelimit import RateLimiter
+
+
+async def test_requests_over_the_limit_get_429_with_retry_after(make_client, config):
+    client = await make_client(dataclasses.replace(config, rate_limit=RateLimit(2, 3600)))
+    for _ in range(2):
+        assert (await client.post("/generate", json={"prompt": "a", "max_length": 2})).status == 200
+    resp = await client.post("/generate", json={"prompt": "a", "max_length": 2})
+    assert resp.status == 429
+    assert 1 <= int(resp.headers["Retry-After"]) <= 3600
+    err = (await resp.json())["error"]
+    assert err["code"] == "rate_limit_exceeded" and "2 requests" in err["message"]
+    assert (await client.get("/health")).status == 200  # probes are never limited
+    metrics = await (await client.get("/metrics")).text()
+    assert "nanogpt_rate_limited_total 1.0" in metrics
+
+
+async def test_limits_are_per_key(make_client, config, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("one\ntwo\n")
+    client = await make_client(dataclasses.replace(config, api_keys_file=str(keys_file),
+                                                   rate_limit=RateLimit(1, 3600)))
+    body = {"prompt": "a", "max_length": 2}
+    assert (await client.post("/generate", json=body, headers={"X-API-Key": "one"})).status == 200
+    assert (await client.post("/generate", json=body, headers={"X-API-Key": "one"})).status == 429
+    assert (await client.post("/generate", json=body, headers={"Authorization": "Bearer two"})).status == 200
+
+
+async def test_token_budget(make_client, config):
+    client = await make_client(dataclasses.replace(config, token_budget=10))
+    assert (await client.post("/generate", json={"prompt": "a", "max_length": 8})).status == 200
+    assert (await client.post("/generate", json={"prompt": "a", "max_length": 8})).status == 200  # 8 < 10 spent
+    resp = await client.post("/generate", json={"prompt": "a", "max_length": 8})
+    assert resp.status == 429 and "token budget of 10" in (await resp.json())["error"]["message"]
+    assert "Retry-After" in resp.headers
+
+
+async def test_fixed_window_resets():
+    now = [1000.0]
+    limiter = RateLimiter(RateLimit(1, 60), None, clock=lambda: now[0])
+    await limiter.check_request("k")
+    with pytest.raises(Exception) as e:
+        await limiter.check_request("k")
+    assert e.value.status == 429 and 0 < e.value.retry_after <= 60
+    now[0] += 60
+    await limiter.check_request("k")
+
+
+@pytest.mark.redis
+async def test_redis_limits_are_shared_between_replicas(make_client, config, make_engine, redis_url):
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_url)
+    await r.flushdb()
+    await r.aclose()
+    cfg = dataclasses.replace(config, rate_limit=RateLimit(3, 3600), redis_url=redis_url)
+    a = await make_client(cfg)
+    b = await make_client(cfg, engine=make_engine())
+    body = {"prompt": "a", "max_length": 2}
+    statuses = [(await c.post("/generate", json=body)).status for c in (a, b, a, b)]
+    assert statuses == [200, 200, 200, 429]
+
+
+@pytest.mark.redis
+async def test_redis_down_falls_back_to_memory(make_client, config, caplog):
+    from server_helpers import free_port
+
+    cfg = dataclasses.replace(config, rate_limit=RateLimit(1, 3600), redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = await make_client(cfg)
+    body = {"prompt": "a", "max_length": 2}
+    assert (await client.post("/generate", json=body)).status == 200
+    assert (await client.post("/generate", json=body)).status == 429
+    warnings = [r for r in caplog.records if "redis unavailable for rate limits" in r.getMessage()]
+    assert len(warnings) == 1  # logged once per outage
