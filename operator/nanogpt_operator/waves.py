@@ -1,6 +1,6 @@
 """The wave planner of a NanoGPTRollout: which models go in which wave. Pure, no I/O.
 
-Semantics (documented in README-rollouts.md):
+Semantics (documented in README.md, "Cluster-wide model rollouts"):
 
 - Order: the selected models are sorted by (namespace, name), so the same selection always gives the
   same plan, whatever order the API listed them in.
