@@ -75,36 +75,22 @@ class Metrics:
         # model_name labels the vllm: series; set again once the checkpoint has loaded.
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
-        m = ["model_name"]
         self.requests = Counter("nanogpt_http_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("nanogpt_http_request_duration_seconds", "HTTP request latency by route",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = _Pair(
-            Histogram("nanogpt_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r),
-            Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m,
-                      buckets=LATENCY_BUCKETS, registry=r), self)
-        self.tpot = _Pair(
-            Histogram("nanogpt_time_per_output_token_seconds", "time per output token after the first",
-                      buckets=TOKEN_LATENCY_BUCKETS, registry=r),
-            Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", m,
-                      buckets=TOKEN_LATENCY_BUCKETS, registry=r), self)
-        self.queue_time = _Pair(
-            Histogram("nanogpt_request_queue_time_seconds", "time waiting for an engine slot",
-                      buckets=LATENCY_BUCKETS, registry=r),
-            Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", m,
-                      buckets=LATENCY_BUCKETS, registry=r), self)
-        self.e2e = _Pair(
-            Histogram("nanogpt_e2e_request_latency_seconds", "engine request latency, submit to finish",
-                      buckets=LATENCY_BUCKETS, registry=r),
-            Histogram("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", m,
-                      buckets=LATENCY_BUCKETS, registry=r), self)
-        self.prompt_tokens = _Pair(
-            Counter("nanogpt_prompt_tokens", "prompt tokens processed", registry=r),
-            Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", m, registry=r), self)
-        self.generation_tokens = _Pair(
-            Counter("nanogpt_generation_tokens", "tokens generated", registry=r),
-            Counter("vllm:generation_tokens", "Number of generation tokens processed.", m, registry=r), self)
+        self.ttft = self._histograms("time_to_first_token_seconds", "time to first token",
+                                     "Histogram of time to first token in seconds.", LATENCY_BUCKETS)
+        self.tpot = self._histograms("time_per_output_token_seconds", "time per output token after the first",
+                                     "Histogram of time per output token in seconds.", TOKEN_LATENCY_BUCKETS)
+        self.queue_time = self._histograms("request_queue_time_seconds", "time waiting for an engine slot",
+                                           "Histogram of time spent in WAITING phase for request.", LATENCY_BUCKETS)
+        self.e2e = self._histograms("e2e_request_latency_seconds", "engine request latency, submit to finish",
+                                    "Histogram of end to end request latency in seconds.", LATENCY_BUCKETS)
+        self.prompt_tokens = self._counters("prompt_tokens", "prompt tokens processed",
+                                            "Number of prefill tokens processed.")
+        self.generation_tokens = self._counters("generation_tokens", "tokens generated",
+                                                "Number of generation tokens processed.")
         self.finished = Counter("nanogpt_request_finished", "engine requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.vllm_success = Counter("vllm:request_success", "Count of successfully processed requests.",
@@ -114,6 +100,16 @@ class Metrics:
         self.rate_limited = Counter("nanogpt_rate_limited", "requests refused with 429", registry=r)
         self.rejected = Counter("nanogpt_rejected", "requests refused before generation, by reason",
                                 ["reason"], registry=r)
+
+    # Each quantity vLLM also measures is exported twice: nanogpt_<name> and vllm:<name>{model_name}.
+    def _histograms(self, name: str, doc: str, vllm_doc: str, buckets) -> "_Pair":
+        return _Pair(Histogram(f"nanogpt_{name}", doc, buckets=buckets, registry=self.registry),
+                     Histogram(f"vllm:{name}", vllm_doc, ["model_name"], buckets=buckets, registry=self.registry),
+                     self)
+
+    def _counters(self, name: str, doc: str, vllm_doc: str) -> "_Pair":
+        return _Pair(Counter(f"nanogpt_{name}", doc, registry=self.registry),
+                     Counter(f"vllm:{name}", vllm_doc, ["model_name"], registry=self.registry), self)
 
     def watch_engine(self, stats: Callable[[], object | None], ready: Callable[[], bool]) -> None:
         self.registry.register(EngineCollector(stats, ready, self))
