@@ -3,7 +3,7 @@
 One worker thread owns the model, the KV cache and one `_State`. Each `step()`:
 
     admit waiting requests into free cache rows (lowest row first)
-    -> prefill at most `prefill_chunk` prompt tokens
+    -> prefill at most `prefill_chunk` prompt tokens (equal-length chunks in one forward)
     -> decode every running row in one batched forward, sample on the device
     -> emit tokens to the request streams and retire finished rows
 
@@ -15,6 +15,10 @@ Free rows are handed out lowest first, so running rows cluster at the bottom and
 decode runs `GPT.step` over rows 0..n-1 (row0=0). Rows in that range that are free
 or still prefilling ride along with a harmless write at a position that is free or
 about to be overwritten by their next prefill chunk.
+
+The public data types live in model/engine_types.py and the device fast paths (CUDA
+graphs, CPU weight layout and decode attention) in model/fastpath.py; all of them are
+importable from here.
 """
 
 from __future__ import annotations
@@ -31,132 +35,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineStopped, GenerationResult,
+                                Outbox, Overloaded, PromptTooLong, RequestHandle, TokenChunk)
+from model.fastpath import DecodeGraphs, choose_weight_layout, use_fp32_decode_attention
 from model.generate import TextStream, context_window
 from model.gpt import GPT, KVCache
 from model.sampling import BatchParams, SamplingParams, sample
 
+__all__ = ["Engine", "EngineConfig", "EngineError", "EngineStats", "EngineStopped", "GenerationResult",
+           "Overloaded", "PromptTooLong", "RequestHandle", "SamplingParams", "TokenChunk", "choose_weight_layout"]
+
 log = logging.getLogger(__name__)
-
-
-# --- errors -----------------------------------------------------------------
-
-class EngineError(Exception):
-    """Base class of the engine's errors."""
-
-
-class Overloaded(EngineError):
-    """The waiting queue is full; retry after `retry_after` seconds."""
-
-    def __init__(self, retry_after: float):
-        super().__init__(f"engine overloaded, retry after {retry_after:.1f}s")
-        self.retry_after = retry_after
-
-
-class PromptTooLong(EngineError, ValueError):
-    """The prompt does not leave room for one new token in the model's context."""
-
-    def __init__(self, n_tokens: int, limit: int):
-        super().__init__(f"prompt has {n_tokens} tokens; the limit is {limit - 1} (block_size {limit})")
-        self.n_tokens, self.limit = n_tokens, limit
-
-
-class EngineStopped(EngineError):
-    """The engine is draining or stopped and takes no new requests."""
-
-
-# --- public data ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 32  # cache rows = sequences decoded together
-    max_queue: int = 256  # waiting requests beyond this are rejected with Overloaded
-    prefill_chunk: int = 128  # prompt tokens prefilled per step, so a long prompt cannot stall decode
-    cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
-    threads: int | None = None  # torch intra-op threads (None: leave torch's default)
-    seed: int | None = None  # seeds the engine's RNG that gives unseeded requests their seed
-    # CPU weight layout for nn.Linear: "auto" times both at start and keeps the faster,
-    # "out_in" is nn.Linear's own, "in_out" stores W^T contiguously (a transposed view).
-    weight_layout: str = "auto"
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
-
-    def validate(self) -> "EngineConfig":
-        for name in ("max_batch", "max_queue", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
-        if self.weight_layout not in ("auto", "out_in", "in_out"):
-            raise ValueError(f"weight_layout must be auto, out_in or in_out, got {self.weight_layout!r}")
-        return self
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    max_batch: int
-    kv_cache_bytes: int
-    kv_cache_usage: float  # occupied positions / all positions, 0..1
-    tokens_per_second: float  # recent decode throughput (all rows together)
-    total_steps: int
-    last_batch_size: int
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    token_ids: list[int]
-    text: str  # newly completed text; never contains (part of) a stop string
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    token_ids: list[int]
-    text: str  # the continuation only, cut before a stop string
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # length | stop | eos | cancelled | error
-    queue_s: float
-    ttft_s: float | None
-    total_s: float
-    error: str | None = None
-
-
-class RequestHandle:
-    """One request, seen from asyncio: iterate for TokenChunks, await result(), cancel()."""
-
-    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
-        self._engine, self._loop = engine, loop
-        self._chunks: asyncio.Queue = asyncio.Queue()
-        self._result: asyncio.Future = loop.create_future()
-        self.cancelled = False  # read by the worker thread
-
-    def cancel(self) -> None:
-        """Free the slot at the next engine step; idempotent, harmless after the end."""
-        self.cancelled = True
-        self._engine._wake()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> TokenChunk:
-        chunk = await self._chunks.get()
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-    async def result(self) -> GenerationResult:
-        return await asyncio.shield(self._result)
-
-    # called on the event loop thread, via call_soon_threadsafe
-    def _deliver(self, chunk: TokenChunk | None, result: GenerationResult | None) -> None:
-        if chunk is not None:
-            self._chunks.put_nowait(chunk)
-        if result is not None:
-            self._chunks.put_nowait(None)
-            if not self._result.done():
-                self._result.set_result(result)
 
 
 # --- engine-side state --------------------------------------------------------
@@ -219,7 +109,7 @@ class Engine:
         self._state = _State(self.config.max_batch)
         self._rng = random.Random(self.config.seed if self.config.seed is not None else os.urandom(16))
         self._cache: KVCache | None = None
-        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, idx, pos, logits)
+        self._graphs = DecodeGraphs()  # CUDA only; empty: eager decode
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
         self._thread: threading.Thread | None = None
@@ -330,12 +220,13 @@ class Engine:
         if self._device.type == "cpu":  # outside inference_mode: parameters must stay normal tensors
             with torch.no_grad():
                 choose_weight_layout(self.model, self.config.weight_layout)
+                use_fp32_decode_attention(self.model)
         with torch.inference_mode():
             self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._dtype)
             log.info("KV cache: %d rows x %d positions, %s, %.1f MiB", self.config.max_batch,
                      self._block_size, self.dtype, self._cache.nbytes / 2**20)
             if self._device.type == "cuda" and self.config.cuda_graphs:
-                self._capture_graphs()
+                self._graphs.capture(self.model, self._cache, self.config.batch_buckets, self.config.max_batch)
             else:  # one prefill and one decode, so first-request latency is not allocation
                 idx = torch.zeros(1, 2, dtype=torch.long, device=self._device)
                 self.model.step(idx, torch.zeros(1, dtype=torch.long, device=self._device), self._cache)
@@ -359,7 +250,7 @@ class Engine:
         return bool(self._state.waiting) or len(self._state.free) < self.config.max_batch
 
     def step(self) -> None:
-        out = _Outbox()
+        out = Outbox()
         try:
             self._admit_waiting(out)  # waiting requests take the lowest free cache rows
             self._prefill_chunk()  # at most prefill_chunk prompt tokens
@@ -369,7 +260,7 @@ class Engine:
             out.send()
 
     # --- the four phases ------------------------------------------------------
-    def _admit_waiting(self, out: "_Outbox") -> None:
+    def _admit_waiting(self, out: Outbox) -> None:
         """Retire cancelled rows, then move waiting requests into the lowest free rows."""
         st = self._state
         for seq in st.running():
@@ -388,19 +279,30 @@ class Engine:
                 st.rows[seq.row] = seq
 
     def _prefill_chunk(self) -> None:
-        """Feed up to prefill_chunk prompt tokens, oldest admission first. Each row's last
-        pending token is left for the batched decode, which produces its logits."""
+        """Feed up to prefill_chunk prompt tokens in all, oldest admission first; rows given
+        chunks of the same length share one forward. Only the oldest row may take a partial
+        chunk: a sliver of a later prompt would cost a whole extra pass over the weights
+        and would split equal-length prompts into groups that no longer match. Each row's
+        last pending token is left for the batched decode, which produces its logits."""
         budget = self.config.prefill_chunk
+        groups: dict[int, list[_Sequence]] = collections.defaultdict(list)  # chunk length -> rows
         for seq in sorted((s for s in self._state.running() if len(s.pending) > 1), key=lambda s: s.admitted):
             n = min(budget, len(seq.pending) - 1)
-            if n <= 0:
+            if n <= 0 or (groups and n < len(seq.pending) - 1):
                 break
-            idx = torch.tensor([seq.pending[:n]], device=self._device)
-            pos = torch.tensor([seq.n_cached], device=self._device)
-            self.model.step(idx, pos, self._cache, row0=seq.row, kv_len=seq.n_cached + n, last_only=True)
-            seq.n_cached += n
-            del seq.pending[:n]
+            groups[n].append(seq)
             budget -= n
+        for n, seqs in groups.items():
+            seqs.sort(key=lambda s: s.row)
+            idx = torch.tensor([s.pending[:n] for s in seqs], device=self._device)
+            pos = torch.tensor([s.n_cached for s in seqs], device=self._device)
+            rows = [s.row for s in seqs]
+            contiguous = rows[-1] - rows[0] == len(rows) - 1  # rows are distinct and sorted
+            self.model.step(idx, pos, self._cache, row0=rows[0], kv_len=max(s.n_cached for s in seqs) + n,
+                            last_only=True, rows=None if contiguous else torch.tensor(rows, device=self._device))
+            for seq in seqs:
+                seq.n_cached += n
+                del seq.pending[:n]
 
     def _decode_running(self) -> tuple[list[int], list[int]]:
         """One forward for rows 0..n-1 (n = highest decodable row + 1), then sample on the
@@ -411,7 +313,7 @@ class Engine:
             return [], []
         t0 = time.perf_counter()
         n = rows[-1] + 1
-        B = self._bucket(n)
+        B = self._graphs.bucket(n)
         seqs = self._state.rows[:B] + [None] * (B - len(self._state.rows[:B]))
         # free rows write at 0, prefilling rows at their next prefill position: both harmless
         idx = [[s.pending[0] if s is not None and s.decodable else 0] for s in seqs]
@@ -426,7 +328,7 @@ class Engine:
         self._last_batch = len(rows)
         return rows, [tokens[r] for r in rows]
 
-    def _emit_and_retire(self, rows: list[int], tokens: list[int], out: "_Outbox") -> None:
+    def _emit_and_retire(self, rows: list[int], tokens: list[int], out: Outbox) -> None:
         now = time.perf_counter()
         for r, token in zip(rows, tokens):
             seq = self._state.rows[r]
@@ -450,7 +352,7 @@ class Engine:
                 seq.pending = [token]
 
     # --- helpers ----------------------------------------------------------------
-    def _finish(self, seq: _Sequence, reason: str, out: "_Outbox", error: str | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, out: Outbox, error: str | None = None) -> None:
         tail = seq.stream.flush() if reason in ("length", "eos") else ""
         now = time.perf_counter()
         admitted = seq.admitted or now
@@ -466,13 +368,13 @@ class Engine:
             seq.row = -1
 
     def _fail_running(self, error: str) -> None:
-        out = _Outbox()
+        out = Outbox()
         for seq in self._state.running():
             self._finish(seq, "error", out, error)
         out.send()
 
     def _cancel_everything(self) -> None:
-        out = _Outbox()
+        out = Outbox()
         for seq in self._state.running():
             self._finish(seq, "cancelled", out)
         with self._cv:
@@ -490,105 +392,10 @@ class Engine:
             self._batch_key = key
         return self._batch_params
 
-    def _bucket(self, n: int) -> int:
-        """CUDA graphs exist for a few batch sizes; round up to the next one."""
-        if not self._graphs:
-            return n
-        return min(b for b in self._graphs if b >= n)
-
     def _forward_decode(self, idx: list, pos: list) -> torch.Tensor:
-        graph = self._graphs.get(len(idx))
-        if graph is None:  # eager: attend only over the positions in use
+        logits = self._graphs.replay(idx, pos)
+        if logits is None:  # eager: attend only over the positions in use
             idx_t = torch.tensor(idx, device=self._device)
             pos_t = torch.tensor(pos, device=self._device)
-            return self.model.step(idx_t, pos_t, self._cache, kv_len=max(pos) + 1)
-        g, idx_s, pos_s, logits_s = graph
-        idx_s.copy_(torch.tensor(idx), non_blocking=True)
-        pos_s.copy_(torch.tensor(pos), non_blocking=True)
-        g.replay()
-        return logits_s
-
-    def _capture_graphs(self) -> None:
-        """Capture GPT.step for T=1 at each batch bucket with static shapes (kv_len =
-        block_size), warmed up on a side stream first as CUDA graphs require."""
-        buckets = sorted({b for b in self.config.batch_buckets if b < self.config.max_batch}
-                         | {self.config.max_batch})
-        pool = None
-        for B in reversed(buckets):  # largest first, so smaller graphs reuse its memory pool
-            idx = torch.zeros(B, 1, dtype=torch.long, device=self._device)
-            pos = torch.zeros(B, dtype=torch.long, device=self._device)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model.step(idx, pos, self._cache, kv_len=self._block_size)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                logits = self.model.step(idx, pos, self._cache, kv_len=self._block_size)
-            pool = g.pool()
-            self._graphs[B] = (g, idx, pos, logits)
-        torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", buckets)
-
-
-class _Outbox:
-    """Deliveries collected during a step, sent with one call_soon_threadsafe per event loop."""
-
-    def __init__(self):
-        self._by_loop: dict = collections.defaultdict(list)
-
-    def put(self, handle: RequestHandle, chunk: TokenChunk | None, result: GenerationResult | None = None):
-        self._by_loop[handle._loop].append((handle, chunk, result))
-
-    def send(self) -> None:
-        for loop, items in self._by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-
-def _deliver_all(items) -> None:
-    for handle, chunk, result in items:
-        handle._deliver(chunk, result)
-
-
-# --- CPU weight layout ---------------------------------------------------------
-
-def choose_weight_layout(model: GPT, layout: str = "auto") -> str:
-    """Store each nn.Linear weight as [out, in] (nn.Linear's layout) or as a transposed
-    view of contiguous [in, out] storage. Both are the same Parameter values, so
-    forward(), state_dict() and weight tying are unchanged; only which BLAS kernel
-    F.linear reaches differs, and at batch 1 on CPU that decides the speed (float32
-    runs faster on [in, out]; float16 collapses on it). "auto" times both on the
-    model's largest matrices and returns the layout it chose."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if layout == "auto":
-        layout = _fastest_layout([model.lm_head.weight, model.transformer.h[0].mlp.c_fc.weight])
-    for m in linears:
-        w = m.weight
-        is_in_out = w.stride() == (1, w.shape[0])
-        if layout == "in_out" and not is_in_out:
-            w.data = w.data.t().contiguous().t()
-        elif layout == "out_in" and not w.is_contiguous():
-            w.data = w.data.contiguous()
-    log.info("CPU weight layout: %s", layout)
-    return layout
-
-
-def _fastest_layout(weights: list[torch.Tensor], repeats: int = 5) -> str:
-    def best_time(ws):
-        x = [torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in ws]
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for xi, w in zip(x, ws):
-                F.linear(xi, w)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    out_in = [w.contiguous() for w in weights]
-    in_out = [w.t().contiguous().t() for w in weights]
-    best_time(out_in), best_time(in_out)  # warm-up
-    return "in_out" if best_time(in_out) < best_time(out_in) else "out_in"
+            logits = self.model.step(idx_t, pos_t, self._cache, kv_len=max(pos) + 1)
+        return logits

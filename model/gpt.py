@@ -84,6 +84,11 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    # Half-precision decode (T == 1) attention runs in float32 while B * L is at most this.
+    # 0 (off) unless the serving engine turns it on for a device whose half-precision
+    # attention kernels are slow at small batches (CPU: see model/fastpath.py).
+    fp32_decode_attention_max: int = 0
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
@@ -102,16 +107,23 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def step(self, x, t, mask, k_cache, v_cache):
-        """x (B, T, C) new tokens at absolute positions t (B, T); k/v_cache (B, nh, L, hs)
-        are this batch's cache rows; mask (B, 1, T, L) says which cached keys each query sees."""
+    def step(self, x, t, mask, k_cache, v_cache, rows=None):
+        """x (B, T, C) new tokens at absolute positions t (B, T); mask (B, 1, T, L) says which
+        cached keys each query sees. k/v_cache (R, nh, S, hs): with rows None they are this
+        batch's cache rows (R == B); else rows (B,) long picks the batch's rows among R."""
         B, T, C = x.shape
         q, k, v = self._qkv(x)
-        rows = torch.arange(B, device=x.device).unsqueeze(1)  # (B, 1)
-        k_cache[rows, :, t] = k.transpose(1, 2)  # write (B, T, nh, hs) in place
-        v_cache[rows, :, t] = v.transpose(1, 2)
+        r = (torch.arange(B, device=x.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
+        k_cache[r, :, t] = k.transpose(1, 2)  # write (B, T, nh, hs) in place
+        v_cache[r, :, t] = v.transpose(1, 2)
         L = mask.shape[-1]  # attend only over the first L cached positions
-        y = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask)
+        keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
+        if rows is not None:  # gather (a copy): the batch's rows only
+            keys, values = keys[rows], values[rows]
+        if T == 1 and q.dtype != torch.float32 and B * L <= self.fp32_decode_attention_max:
+            y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -138,8 +150,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def step(self, x, t, mask, k_cache, v_cache):
-        x = x + self.attn.step(self.ln_1(x), t, mask, k_cache, v_cache)
+    def step(self, x, t, mask, k_cache, v_cache, rows=None):
+        x = x + self.attn.step(self.ln_1(x), t, mask, k_cache, v_cache, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -194,11 +206,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def step(self, idx, pos, cache: KVCache, row0: int = 0, kv_len: int | None = None, last_only: bool = False):
-        """Incremental forward over cache rows row0 .. row0+B-1.
+    def step(self, idx, pos, cache: KVCache, row0: int = 0, kv_len: int | None = None, last_only: bool = False,
+             rows: torch.Tensor | None = None):
+        """Incremental forward over cache rows row0 .. row0+B-1, or over any rows `rows`.
 
         idx (B, T): new tokens; pos (B,) long: position of idx[:, 0] in each sequence
         (so row b's tokens land at pos[b] .. pos[b]+T-1, all < block_size).
+        rows (B,) long, optional: the cache rows of idx's rows, in place of row0 (for
+        batching prefills of scattered rows; attention then reads a gathered copy).
         kv_len: how many cache positions attention reads (static for CUDA graphs);
         default max(pos) + T, which needs a host sync. Returns logits (B, T, V),
         or (B, 1, V) for the last position only when last_only.
@@ -210,9 +225,9 @@ class GPT(nn.Module):
         keys = torch.arange(kv_len, device=idx.device)
         mask = (keys.view(1, 1, kv_len) <= t.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, L)
         x = self.transformer.wte(idx) + self.transformer.wpe(t)  # (B, T, C)
-        rows = slice(row0, row0 + B)
+        sel = slice(row0, row0 + B) if rows is None else slice(None)  # views, never copies
         for i, block in enumerate(self.transformer.h):
-            x = block.step(x, t, mask, cache.k[i, rows], cache.v[i, rows])
+            x = block.step(x, t, mask, cache.k[i, sel], cache.v[i, sel], rows)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))

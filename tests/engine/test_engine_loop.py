@@ -72,6 +72,32 @@ async def test_batched_equals_solo_for_greedy_and_seeded_requests():
             assert list(generate_ids(model, p, sp, sp.seed or 0, model.tokenizer.n_vocab)) == s.token_ids
 
 
+async def test_equal_length_prompts_prefill_together_and_match_solo():
+    """Four 10-token prompts prefill in one forward (rows 0-3); two of them finish at once, and
+    the two waiting requests then prefill together into the scattered rows 1 and 3."""
+    model = tiny_model()
+    prompts = [model.tokenizer.encode(t) for t in
+               ("the cat sa", "a dog ran.", "zebras nap", "owls hoot,", "bees buzz.", "frogs jump")]
+    params = [SamplingParams(max_new_tokens=n, temperature=t, top_k=5, seed=20 + i)
+              for i, (n, t) in enumerate([(15, 0.0), (1, 0.9), (15, 0.8), (1, 0.0), (12, 0.0), (12, 1.1)])]
+    async with running_engine(model, max_batch=4, prefill_chunk=64) as engine:
+        solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
+        calls = []
+        step = model.step
+
+        def spy(idx, pos, cache, row0=0, kv_len=None, last_only=False, rows=None):
+            calls.append((tuple(idx.shape), None if rows is None else rows.tolist()))
+            return step(idx, pos, cache, row0=row0, kv_len=kv_len, last_only=last_only, rows=rows)
+        model.step = spy
+        with engine._cv:  # the worker admits all six at its next step, not the first alone
+            handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+        batched = await asyncio.gather(*(collect(h) for h in handles))
+        assert_no_leak(engine)
+    assert ((4, 9), None) in calls and ((2, 9), [1, 3]) in calls
+    for s, (b, streamed) in zip(solo, batched):
+        assert b.token_ids == s.token_ids and b.text == streamed
+
+
 async def test_long_prompts_span_several_prefill_chunks_and_cross_block_size():
     model = tiny_model(block_size=32)
     tok = model.tokenizer

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
+from model.gpt import CausalSelfAttention
 
 CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
 
@@ -85,6 +86,26 @@ def test_batched_decode_of_mixed_lengths_equals_full_recompute(static_kv_len):
 
 
 @torch.no_grad()
+def test_prefill_of_scattered_rows_in_one_call_equals_full_recompute():
+    """`rows` batches equal-length chunks of sequences in non-adjacent cache rows, at
+    different positions, in one call; rows it does not name keep their keys and values."""
+    model = random_gpt(seed=4)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, CFG.vocab_size, (12,), generator=g) for _ in range(3)]
+    cache = KVCache(CFG, 4)
+    model.step(seqs[2][None, :6], torch.tensor([0]), cache, row0=3)  # row 3 holds 6 tokens
+    model.step(seqs[0][None, :4], torch.tensor([0]), cache, row0=0)  # row 0 holds 4
+    untouched = cache.k[:, 1].clone(), cache.v[:, 1].clone()
+    idx = torch.stack([seqs[2][6:12], seqs[0][4:10]])  # (2, 6): a chunk for each
+    last = model.step(idx, torch.tensor([6, 4]), cache, rows=torch.tensor([3, 0]), last_only=True)
+    torch.testing.assert_close(last[0, -1], model(seqs[2][None, :12])[0][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last[1, -1], model(seqs[0][None, :10])[0][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close((cache.k[:, 1], cache.v[:, 1]), untouched, atol=0, rtol=0)
+    decode = model.step(seqs[0][None, 10:11], torch.tensor([10]), cache, row0=0)  # row0 path reads it back
+    torch.testing.assert_close(decode[0, 0], model(seqs[0][None, :11])[0][0, -1], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_rows_do_not_leak_into_each_other():
     """Rewriting one cache row (a new request in a freed slot) leaves the others' logits unchanged."""
     model = random_gpt(seed=3)
@@ -102,3 +123,21 @@ def test_rows_do_not_leak_into_each_other():
 def test_kv_cache_bytes():
     cache = KVCache(CFG, 3, dtype=torch.bfloat16)
     assert cache.nbytes == KVCache.bytes_for(CFG, 3, torch.bfloat16) == 2 * 3 * 2 * 4 * 32 * 8 * 2
+
+
+@torch.no_grad()
+def test_fp32_decode_attention_of_a_half_precision_model_tracks_float32():
+    """The engine's CPU fast path (fp32_decode_attention_max > 0) computes T == 1 attention
+    in float32; the logits stay within bfloat16 noise of the float32 model's."""
+    model = random_gpt(seed=6)
+    seq = torch.randint(0, CFG.vocab_size, (2, 10), generator=torch.Generator().manual_seed(7))
+    want = model(seq)[0][:, -1]
+    half = random_gpt(seed=6).to(torch.bfloat16)
+    for on in (0, 1024):
+        for m in half.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.fp32_decode_attention_max = on
+        cache = KVCache(CFG, 2, dtype=torch.bfloat16)
+        half.step(seq[:, :9], torch.tensor([0, 0]), cache)
+        got = half.step(seq[:, 9:], torch.tensor([9, 9]), cache)[:, 0].float()
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
