@@ -9,6 +9,15 @@ with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HT
 server/ is importable, else in-process (the table says which), vs transformers'
 static-batch generate and vs one request at a time; peak RSS and KV-cache bytes; and the
 demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
+
+--llama-cpp adds llama.cpp (llama-cpp-python) on the same random weights, converted to GGUF
+in f32, f16 and q8_0, batch 1, timed as ours is (see bench/llama.py). It needs, once:
+
+    pip install '.[bench-llama]'   # builds llama.cpp from PyPI's source package: minutes, not in CI
+
+plus GPT-2's vocab.json and merges.txt (--hf-tokenizer-dir; ../shared/tokenizers when present)
+and llama.cpp's convert_hf_to_gguf.py (--llama-convert; else fetched from the source package of
+the installed version with pip). Without them the table says why it skipped llama.cpp.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench import measure
+from bench import llama, measure
 from bench.models import SHAPES, demo_model, gpt2_tokenizer, hf_and_ours, in_dtype
 
 log = logging.getLogger("bench")
@@ -39,7 +48,9 @@ TARGETS = {"b1_fp32_vs_hf": 1.4, "b1_best_half_vs_hf": 3.0, "c32_vs_hf_static": 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="--llama-cpp needs llama-cpp-python: pip install '.[bench-llama]' "
+                                       "(builds llama.cpp from source, a few minutes; not in dev/CI)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="gpt2-124M", help=f"comma-separated, of {sorted(SHAPES)}")
@@ -49,7 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-http", action="store_true", help="measure clients in-process even if server/ imports")
     p.add_argument("--no-demo", action="store_true")
-    p.add_argument("--llama-cpp", action="store_true", help="also measure llama-cpp-python when installed")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also measure llama.cpp on the same weights (pip install '.[bench-llama]' first)")
+    p.add_argument("--llama-convert", default=None,
+                   help="llama.cpp's convert_hf_to_gguf.py (or its folder), e.g. an unpacked llama-cpp-python "
+                        "sdist's vendor/llama.cpp; default: fetched from the installed version's sdist")
+    p.add_argument("--hf-tokenizer-dir", default=None,
+                   help="folder with GPT-2's vocab.json and merges.txt, for the GGUF vocabulary "
+                        "(default ../shared/tokenizers beside the repo when present)")
     p.add_argument("--tokenizer-path", default=None, help="GPT-2 .tiktoken ranks file")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<time>.json)")
     return p.parse_args(argv)
@@ -113,6 +131,18 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         if model is not ours:
             del model
 
+    if args.llama_cpp:  # the CPU peer, on the same weights, batch 1
+        gc.collect()
+        out["llama_cpp"] = llama.bench(hf, prompts[0], new, repeats, threads=torch.get_num_threads(),
+                                       converter=args.llama_convert, tokenizer_dir=args.hf_tokenizer_dir,
+                                       reference_tokens=reference_tokens)
+        hf_rate = out["batch1"]["transformers"]["tok_s"]
+        for kind, row in out["llama_cpp"].get("rows", {}).items():
+            row["vs_transformers"] = row["tok_s"] / hf_rate
+            mine = out["batch1"].get(llama.OURS_AT.get(kind, ""), {}).get("tok_s")
+            if mine:
+                row["ours_vs_llama"] = mine / row["tok_s"]
+
     # served throughput, in the serving dtype
     model = ours if DTYPES[serve_dtype] == torch.float32 else in_dtype(ours, DTYPES[serve_dtype])
     why_not_http = "--no-http" if args.no_http else (
@@ -154,12 +184,18 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     return out
 
 
-def llama_cpp_note() -> str:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
-    return "skipped: converting the random weights to GGUF is not automated yet"
+def llama_cpp_note(report: dict) -> str:
+    notes = []
+    for r in report["shapes"]:
+        lc = r.get("llama_cpp")
+        if lc is None:
+            continue
+        if isinstance(lc["skipped"], str):
+            notes.append(f"{r['shape']} skipped: {lc['skipped']}")
+            continue
+        notes.append(f"{r['shape']}: llama-cpp-python {lc['version']}, {lc['threads']} threads" +
+                     "".join(f"; {k} skipped: {why}" for k, why in lc["skipped"].items()))
+    return "; ".join(notes) or "no shape measured"
 
 
 def ratios(r: dict) -> dict:
@@ -199,6 +235,11 @@ def table(report: dict) -> str:
                 note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
                 lines.append(f"| batch 1, ours {d}{note} | {v['tok_s']:.1f} | {v['tok_s'] / hf:.2f}x | "
                              f"{v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} |")
+        for k, v in r.get("llama_cpp", {}).get("rows", {}).items():
+            agree = v["greedy_agrees_with_fp32_for"]
+            note = "" if agree is None else f" (greedy = ours fp32 for {agree}/{v['compared_tokens']} tokens)"
+            ours = f"; ours {llama.OURS_AT[k]} = {v['ours_vs_llama']:.2f}x this" if "ours_vs_llama" in v else ""
+            lines.append(f"| batch 1, llama.cpp {k}{note} | {v['tok_s']:.1f} | {v['vs_transformers']:.2f}x{ours} | |")
         one = r["clients"].get(1, {}).get("tok_s")
         for k, v in r["clients"].items():
             ref = []
@@ -218,7 +259,8 @@ def table(report: dict) -> str:
         lines.append("")
     if report.get("demo"):
         lines.append(f"Demo model: {report['demo']}")
-    lines += [f"llama.cpp: {report['llama_cpp']}", f"Peak RSS: {report['peak_rss_MiB']:.0f} MiB"]
+    lines += [f"llama.cpp: {report['llama_cpp']}", f"Load average at the end (1, 5, 15 min): {report['load_avg']}",
+              f"Peak RSS: {report['peak_rss_MiB']:.0f} MiB"]
     return "\n".join(lines)
 
 
@@ -252,7 +294,8 @@ async def run(args) -> dict:
             await engine.stop(drain=False)
             why = f"{rate:.0f} tok/s batch 1 ({model.num_params() / 1e6:.1f}M params, {model.config})"
         report["demo"] = why
-    report["llama_cpp"] = llama_cpp_note() if args.llama_cpp else "not requested (--llama-cpp)"
+    report["llama_cpp"] = llama_cpp_note(report) if args.llama_cpp else "not requested (--llama-cpp)"
+    report["load_avg"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     report["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
 
