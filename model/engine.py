@@ -279,12 +279,15 @@ class Engine:
                 st.rows[seq.row] = seq
 
     def _prefill_chunk(self) -> None:
-        """Feed up to prefill_chunk prompt tokens in all, oldest admission first; rows given
+        """Feed up to prefill_chunk prompt tokens in all (idle_prefill_chunk while no row is
+        decoding), oldest admission first; rows given
         chunks of the same length share one forward. Only the oldest row may take a partial
         chunk: a sliver of a later prompt would cost a whole extra pass over the weights
         and would split equal-length prompts into groups that no longer match. Each row's
         last pending token is left for the batched decode, which produces its logits."""
-        budget = self.config.prefill_chunk
+        decoding = any(s.decodable for s in self._state.running())
+        budget = self.config.prefill_chunk if decoding else max(self.config.prefill_chunk,
+                                                                 self.config.idle_prefill_chunk)
         groups: dict[int, list[_Sequence]] = collections.defaultdict(list)  # chunk length -> rows
         for seq in sorted((s for s in self._state.running() if len(s.pending) > 1), key=lambda s: s.admitted):
             n = min(budget, len(seq.pending) - 1)

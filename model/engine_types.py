@@ -48,6 +48,9 @@ class EngineConfig:
     max_batch: int = 32  # cache rows = sequences decoded together
     max_queue: int = 256  # waiting requests beyond this are rejected with Overloaded
     prefill_chunk: int = 128  # prompt tokens prefilled per step, so a long prompt cannot stall decode
+    # ... while some row is decoding. With none decoding there is nobody to stall, and a burst
+    # of prompts prefills in a few big forwards instead of many small ones.
+    idle_prefill_chunk: int = 2048
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int | None = None  # seeds the engine's RNG that gives unseeded requests their seed
@@ -57,7 +60,7 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
 
     def validate(self) -> "EngineConfig":
-        for name in ("max_batch", "max_queue", "prefill_chunk"):
+        for name in ("max_batch", "max_queue", "prefill_chunk", "idle_prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:

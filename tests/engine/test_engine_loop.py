@@ -57,7 +57,7 @@ def mixed_requests(tok):
 async def test_batched_equals_solo_for_greedy_and_seeded_requests():
     model = tiny_model()
     prompts, params = mixed_requests(model.tokenizer)
-    async with running_engine(model, max_batch=4, prefill_chunk=6) as engine:
+    async with running_engine(model, max_batch=4, prefill_chunk=6, idle_prefill_chunk=6) as engine:
         solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
         handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # 6 requests, 4 rows
         batched = await asyncio.gather(*(collect(h) for h in handles))
@@ -98,13 +98,43 @@ async def test_equal_length_prompts_prefill_together_and_match_solo():
         assert b.token_ids == s.token_ids and b.text == streamed
 
 
+async def test_prefill_budget_is_large_only_while_no_row_decodes():
+    """A burst into an idle engine prefills in one forward past prefill_chunk; once a row is
+    decoding, a step's prefill stays within prefill_chunk so the decoder is not stalled."""
+    model = tiny_model()
+    prompts = [model.tokenizer.encode(t) for t in ("the cat sa", "a dog ran.", "zebras nap")]
+    short = SamplingParams(max_new_tokens=3, temperature=0.0)
+    async with running_engine(model, max_batch=4, prefill_chunk=4, idle_prefill_chunk=64) as engine:
+        calls = []
+        step = model.step
+
+        def spy(idx, pos, cache, row0=0, kv_len=None, last_only=False, rows=None):
+            calls.append(tuple(idx.shape))
+            return step(idx, pos, cache, row0=row0, kv_len=kv_len, last_only=last_only, rows=rows)
+        model.step = spy
+        with engine._cv:  # all three are admitted by the same step
+            handles = [engine.submit(p, short) for p in prompts]
+        await asyncio.gather(*(collect(h) for h in handles))
+        assert calls[0] == (3, 9)  # 27 prompt tokens in one forward, while prefill_chunk is 4
+
+        long = engine.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0.0))
+        await long.__aiter__().__anext__()  # its first token: the row is decoding from now on
+        calls.clear()
+        await collect(engine.submit(prompts[1], short))
+        long.cancel()
+        assert (await long.result()).finish_reason == "cancelled"
+        assert_no_leak(engine)
+    prefills = [b * t for b, t in calls if t > 1]
+    assert prefills and max(prefills) <= 4
+
+
 async def test_long_prompts_span_several_prefill_chunks_and_cross_block_size():
     model = tiny_model(block_size=32)
     tok = model.tokenizer
     prompt = tok.encode("the quick brown fox jumps over")  # 30 tokens of a 32-token context
     params = [SamplingParams(max_new_tokens=70, temperature=0.0),
               SamplingParams(max_new_tokens=50, temperature=0.9, seed=5)]
-    async with running_engine(model, max_batch=3, prefill_chunk=4) as engine:
+    async with running_engine(model, max_batch=3, prefill_chunk=4, idle_prefill_chunk=4) as engine:
         results = await asyncio.gather(*(collect(engine.submit(prompt, sp)) for sp in params),
                                        collect(engine.submit(tok.encode("ab"), GREEDY)))
         assert_no_leak(engine)
