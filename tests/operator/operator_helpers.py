@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kopf
+from kopf.testing import KopfRunner
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "nanogptmodels.yaml"
@@ -88,3 +91,26 @@ def model_path(namespace: str = "ml", name: str = "") -> str:
     return f"{path}/{name}" if name else path
 
 
+
+
+@contextlib.asynccontextmanager
+async def kopf_running(registry: kopf.OperatorRegistry, server: str, *, settings: kopf.OperatorSettings | None = None,
+                       verbose: bool = False) -> AsyncIterator[KopfRunner]:
+    """kopf running `registry`'s handlers against the emulator at `server`, in its own thread and loop.
+
+    It logs in through a test-only handler: kopf's own login would read KUBECONFIG as the
+    kubernetes package saw it at import time. Entered and left from a worker thread, because
+    the emulator serves kopf from the test's event loop."""
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=server, token="test", insecure=True)
+
+    args = ["run", "--standalone", "--all-namespaces"] + (["--verbose"] if verbose else [])
+    runner = KopfRunner(args, registry=registry, settings=settings, timeout=30)
+    await asyncio.to_thread(runner.__enter__)
+    try:
+        yield runner
+    finally:
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+    assert runner.exception is None
+    assert runner.exit_code == 0

@@ -24,6 +24,7 @@ from kopf.testing import KopfRunner
 from nanogpt_operator import fleet_handlers
 from nanogpt_operator.fleet_reconcile import FleetClient
 from nanogpt_operator.fleet_spec import LOCK_ANNOTATION
+from operator_helpers import kopf_running
 
 OLD, NEW = "log/model_40000.pt", "log/model_50000.pt"
 MODELS = "/apis/nanogpt.dev/v1alpha1/namespaces/{ns}/nanogptmodels"
@@ -172,10 +173,6 @@ async def operator(url: str) -> AsyncIterator[KopfRunner]:
     """kopf running only the fleet handlers, in its own thread and loop, against the emulator."""
     registry = kopf.OperatorRegistry()
 
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=url)
-
     async def connect() -> FleetClient:
         return FleetClient(aiohttp.ClientSession(), url, lambda: None, "nanogpt-operator-test")
 
@@ -184,16 +181,8 @@ async def operator(url: str) -> AsyncIterator[KopfRunner]:
     settings.posting.level = logging.WARNING  # as the operator's startup sets it: no Event per log line
     settings.watching.connect_timeout = 5
     settings.watching.server_timeout = 10
-    runner = KopfRunner(["run", "--standalone", "--all-namespaces"], registry=registry, settings=settings,
-                        timeout=30)
-    # Enter and leave from a worker thread: the emulator serves kopf from this test's event loop.
-    await asyncio.to_thread(runner.__enter__)
-    try:
+    async with kopf_running(registry, url, settings=settings) as runner:
         yield runner
-    finally:
-        await asyncio.to_thread(runner.__exit__, None, None, None)
-    assert runner.exception is None
-    assert runner.exit_code == 0
 
 
 def _phase(api: Api, *phases: str, name: str = "r1") -> Callable[[], Awaitable[Any]]:

@@ -17,7 +17,7 @@ import kopf
 from kopf.testing import KopfRunner
 
 from nanogpt_operator.handlers import register
-from operator_helpers import Api, eventually, model_path
+from operator_helpers import Api, eventually, kopf_running, model_path
 
 RESYNC_S = 0.3
 DEPLOY = "/apis/apps/v1/namespaces/ml/deployments/llm"
@@ -31,19 +31,8 @@ async def operator(api: Api) -> AsyncIterator[KopfRunner]:
     """Run the operator with a short resync period; stop it off the event loop the emulator runs on."""
     registry = kopf.OperatorRegistry()
     register(registry, resync_seconds=RESYNC_S)
-
-    # kopf's own login would read KUBECONFIG as the kubernetes package saw it at import time.
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=api.base, token="test", insecure=True)
-    runner = KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose"], registry=registry, timeout=30)
-    runner.__enter__()
-    try:
+    async with kopf_running(registry, api.base, verbose=True) as runner:
         yield runner
-    finally:
-        await asyncio.to_thread(runner.__exit__, None, None, None)
-    assert runner.exception is None
-    assert runner.exit_code == 0
     assert "Traceback" not in runner.output, runner.output[-5000:]
 
 
