@@ -61,9 +61,11 @@ def copy_bandwidth(device="cpu", n_bytes: int = 256 * 2**20) -> float:
     return 2 * n_bytes / _best(lambda: dst.copy_(src), 3, device)
 
 
-def batch1_ceiling(model, repeats: int = 5) -> float:
-    """Tokens/s of one F.linear matrix-vector pass over all of the model's weight matrices,
-    in the layout and dtype the model has now: torch's own batch-1 decode ceiling."""
+def batch1_ceiling(model, repeats: int = 5, via: str = "torch") -> float:
+    """Tokens/s of one batch-1 pass over all of the model's weight matrices, with nothing
+    else: the decode ceiling of a matrix-vector path. via="torch": F.linear on the weights
+    in the layout they have now (torch's own ceiling); via="model": each layer's own
+    forward, i.e. whatever the engine chose (our kernel, or torch's F.linear)."""
     p = next(model.parameters())
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, 1, m.in_features, dtype=p.dtype, device=p.device) for m in linears]
@@ -71,7 +73,7 @@ def batch1_ceiling(model, repeats: int = 5) -> float:
     def one_pass():
         with torch.inference_mode():
             for x, m in zip(xs, linears):
-                F.linear(x, m.weight)
+                m(x) if via == "model" else F.linear(x, m.weight)
     return 1.0 / _best(one_pass, repeats, p.device)
 
 

@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--device cpu|cuda] [--shapes gpt2-124M,gpt2-355M] [--llama-cpp]
 
 One run measures, for each model shape: this machine's ceilings (GEMM FLOP/s, copy
-bandwidth, torch's batch-1 matrix-vector ceiling in the engine's layout); batch-1 decode
+bandwidth, the batch-1 matrix-vector ceiling of the engine's path and of torch's F.linear); batch-1 decode
 tokens/s, ours in each dtype vs transformers' generate(use_cache=True); served throughput
 with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP when
 server/ is importable, else in-process (the table says which), vs transformers'
@@ -119,15 +119,18 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
             tokens = await measure.engine_greedy(engine, prompts[0], 32)
         finally:
             await engine.stop(drain=False)
-        ceiling = measure.batch1_ceiling(model)  # in the layout the engine chose for this copy
+        ceiling = measure.batch1_ceiling(model, via="model")  # the path the engine chose for this copy
+        torch_ceiling = measure.batch1_ceiling(model, via="torch")
         if reference_tokens is None and name == "float32":
             reference_tokens = tokens
         agree = None if reference_tokens is None else next(
             (i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
-        out["batch1"][name] = {"tok_s": rate, "ceiling_tok_s": ceiling, "of_ceiling": rate / ceiling,
+        out["batch1"][name] = {"tok_s": rate, "cpu_linear": engine.cpu_linear, "ceiling_tok_s": ceiling,
+                               "torch_ceiling_tok_s": torch_ceiling, "of_ceiling": rate / ceiling,
                                "weight_GB_s": rate * measure.weight_bytes(model) / 1e9,
                                "greedy_agrees_with_fp32_for": agree}
-        log.info("batch-1 %s: %.1f tok/s (ceiling %.1f)", name, rate, ceiling)
+        log.info("batch-1 %s: %.1f tok/s (%s; ceiling %.1f, torch's %.1f)", name, rate, engine.cpu_linear,
+                 ceiling, torch_ceiling)
         if model is not ours:
             del model
 
@@ -233,8 +236,9 @@ def table(report: dict) -> str:
             if d != "transformers":
                 agree = v["greedy_agrees_with_fp32_for"]
                 note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
-                lines.append(f"| batch 1, ours {d}{note} | {v['tok_s']:.1f} | {v['tok_s'] / hf:.2f}x | "
-                             f"{v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} |")
+                lines.append(f"| batch 1, ours {d}, {v['cpu_linear'] or 'torch'}{note} | {v['tok_s']:.1f} | "
+                             f"{v['tok_s'] / hf:.2f}x | {v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} "
+                             f"(torch F.linear: {v['torch_ceiling_tok_s']:.0f}) |")
         for k, v in r.get("llama_cpp", {}).get("rows", {}).items():
             agree = v["greedy_agrees_with_fp32_for"]
             note = "" if agree is None else f" (greedy = ours fp32 for {agree}/{v['compared_tokens']} tokens)"

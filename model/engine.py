@@ -17,7 +17,7 @@ or still prefilling ride along with a harmless write at a position that is free 
 about to be overwritten by their next prefill chunk.
 
 The public data types live in model/engine_types.py and the device fast paths (CUDA
-graphs, CPU weight layout and decode attention) in model/fastpath.py; all of them are
+graphs, CPU linear layers and decode attention) in model/fastpath.py; all of them are
 importable from here.
 """
 
@@ -38,13 +38,13 @@ import torch
 
 from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineStopped, GenerationResult,
                                 Outbox, Overloaded, PromptTooLong, RequestHandle, TokenChunk)
-from model.fastpath import DecodeGraphs, choose_weight_layout, use_fp32_decode_attention
+from model.fastpath import DecodeGraphs, choose_cpu_linear, use_fp32_decode_attention
 from model.generate import TextStream, context_window
 from model.gpt import GPT, KVCache
 from model.sampling import BatchParams, SamplingParams, sample
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineStats", "EngineStopped", "GenerationResult",
-           "Overloaded", "PromptTooLong", "RequestHandle", "SamplingParams", "TokenChunk", "choose_weight_layout"]
+           "Overloaded", "PromptTooLong", "RequestHandle", "SamplingParams", "TokenChunk", "choose_cpu_linear"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class Engine:
         self._rng = random.Random(self.config.seed if self.config.seed is not None else os.urandom(16))
         self._cache: KVCache | None = None
         self._graphs = DecodeGraphs()  # CUDA only; empty: eager decode
+        self.cpu_linear: str | None = None  # on CPU, what choose_cpu_linear picked at start
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
         self._thread: threading.Thread | None = None
@@ -219,7 +220,7 @@ class Engine:
         """Runs once before the worker starts: layout, cache, warm-up / graph capture."""
         if self._device.type == "cpu":  # outside inference_mode: parameters must stay normal tensors
             with torch.no_grad():
-                choose_weight_layout(self.model, self.config.weight_layout)
+                self.cpu_linear = choose_cpu_linear(self.model, self.config.cpu_linear)
                 use_fp32_decode_attention(self.model)
         with torch.inference_mode():
             self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._dtype)

@@ -43,6 +43,9 @@ class EngineStopped(EngineError):
 
 # --- public data ------------------------------------------------------------
 
+CPU_LINEAR_CHOICES = ("auto", "kernel", "out_in", "in_out")  # see model/fastpath.choose_cpu_linear
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 32  # cache rows = sequences decoded together
@@ -54,9 +57,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int | None = None  # seeds the engine's RNG that gives unseeded requests their seed
-    # CPU weight layout for nn.Linear: "auto" times both at start and keeps the faster,
-    # "out_in" is nn.Linear's own, "in_out" stores W^T contiguously (a transposed view).
-    weight_layout: str = "auto"
+    # What runs nn.Linear at decode batch sizes on CPU: "kernel" (model/matvec.py), torch's
+    # F.linear on "out_in" (nn.Linear's) or "in_out" weights, or "auto": time them at start.
+    cpu_linear: str = "auto"
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
 
     def validate(self) -> "EngineConfig":
@@ -65,8 +68,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
-        if self.weight_layout not in ("auto", "out_in", "in_out"):
-            raise ValueError(f"weight_layout must be auto, out_in or in_out, got {self.weight_layout!r}")
+        if self.cpu_linear not in CPU_LINEAR_CHOICES:
+            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {self.cpu_linear!r}")
         return self
 
 

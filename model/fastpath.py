@@ -3,9 +3,10 @@ device-agnostic.
 
 - CUDA: `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch
   buckets with static shapes, and replays the smallest bucket that holds a batch.
-- CPU: `choose_weight_layout` stores each nn.Linear weight in the layout whose batch-1
-  kernel is fastest on this machine and dtype (`_fastest_layout` times both), and
-  `use_fp32_decode_attention` computes small half-precision decode attention in float32.
+- CPU: `choose_cpu_linear` picks what runs nn.Linear at decode batch sizes, whichever of
+  our matrix-vector kernel (model/matvec.py) and torch's F.linear in either weight layout
+  is fastest on this machine and dtype, and `use_fp32_decode_attention` computes small
+  half-precision decode attention in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from model import matvec
+from model.engine_types import CPU_LINEAR_CHOICES
 from model.gpt import GPT, CausalSelfAttention, KVCache
 
 log = logging.getLogger(__name__)
@@ -74,44 +77,98 @@ class DecodeGraphs:
         log.info("captured CUDA graphs for decode batch sizes %s", buckets)
 
 
-# --- CPU weight layout ---------------------------------------------------------
+# --- CPU matrix products at small batch ------------------------------------------
 
-def choose_weight_layout(model: GPT, layout: str = "auto") -> str:
-    """Store each nn.Linear weight as [out, in] (nn.Linear's layout) or as a transposed
-    view of contiguous [in, out] storage. Both are the same Parameter values, so
-    forward(), state_dict() and weight tying are unchanged; only which BLAS kernel
-    F.linear reaches differs, and at batch 1 on CPU that decides the speed (float32
-    runs faster on [in, out]; float16 collapses on it). "auto" times both on the
-    model's largest matrices and returns the layout it chose."""
+def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
+    """Decide what runs the model's linear layers at decode batch sizes on CPU, and set it up.
+
+    - "kernel": model/matvec.py's kernel (weights [out, in]) for inputs of up to as many
+      rows as it beats F.linear at here (measured: `_kernel_max_rows`), F.linear beyond.
+    - "out_in": torch's F.linear on nn.Linear's own [out, in] weights.
+    - "in_out": torch's F.linear on a transposed view of contiguous [in, out] storage,
+      which reaches another BLAS kernel (faster in float32 on some CPUs, far slower in
+      half precision).
+    All three keep the same Parameter objects and values, so forward(), state_dict() and
+    weight tying are unchanged. "auto" sets up each available option in turn and times
+    batch-1 passes over all of the model's weights (a few matrices alone would sit in the
+    CPU's cache and mislead), then keeps the fastest. A kernel that cannot be built is
+    logged and skipped by "auto", and an error when asked for by name."""
+    if choice not in CPU_LINEAR_CHOICES:
+        raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        candidates = ["out_in", "in_out"]
+        try:
+            matvec.load()
+            candidates.append("kernel")
+        except matvec.KernelUnavailable as err:
+            log.warning("%s; using torch's kernels", err)
+        times = {}
+        for candidate in candidates:
+            _set_cpu_linear(model, candidate)
+            times[candidate] = _decode_pass_seconds(model, give_up=2 * min(times.values(), default=float("inf")))
+        log.info("CPU batch-1 pass over all weights, ms: %s",
+                 ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()))
+        choice = min(times, key=times.get)
+    _set_cpu_linear(model, choice)
+    if choice == "kernel":
+        max_rows = _kernel_max_rows(model)
+        matvec.use_kernel(model, max_rows=max_rows)
+        log.info("CPU linear layers: the kernel for inputs of up to %d rows, torch's F.linear beyond", max_rows)
+    else:
+        log.info("CPU linear layers: torch's F.linear, weights %s", choice)
+    return choice
+
+
+def _set_cpu_linear(model: GPT, choice: str) -> None:
+    matvec.use_kernel(model, choice == "kernel")  # first: raises before anything changes
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                if choice == "in_out" and w.stride() != (1, w.shape[0]):
+                    w.data = w.data.t().contiguous().t()
+                elif choice != "in_out" and not w.is_contiguous():
+                    w.data = w.data.contiguous()
+
+
+def _kernel_max_rows(model: GPT, limit: int = 512) -> int:
+    """Up to how many rows of input the kernel beats F.linear: rows double from one block
+    of the kernel's while it wins, timed on the first transformer block's matrices (with
+    several rows the products are bound by arithmetic more than by memory, so a block
+    stands for the whole model here)."""
+    block = model.transformer.h[0]
+    weights = [m.weight for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    rows = matvec.BLOCK_ROWS
+    while rows < limit:
+        xs = [torch.randn(2 * rows, w.shape[1], dtype=w.dtype) for w in weights]
+        kernel = _best_seconds(lambda: [matvec.linear_rows(x, w) for x, w in zip(xs, weights)])
+        torch_ = _best_seconds(lambda: [F.linear(x, w) for x, w in zip(xs, weights)], give_up=2 * kernel)
+        if torch_ <= kernel:
+            break
+        rows *= 2
+    return rows
+
+
+def _decode_pass_seconds(model: GPT, give_up: float = float("inf")) -> float:
+    """A batch-1 pass through every linear layer's own forward."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if layout == "auto":
-        layout = _fastest_layout([model.lm_head.weight, model.transformer.h[0].mlp.c_fc.weight])
-    for m in linears:
-        w = m.weight
-        is_in_out = w.stride() == (1, w.shape[0])
-        if layout == "in_out" and not is_in_out:
-            w.data = w.data.t().contiguous().t()
-        elif layout == "out_in" and not w.is_contiguous():
-            w.data = w.data.contiguous()
-    log.info("CPU weight layout: %s", layout)
-    return layout
+    xs = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears]
+    return _best_seconds(lambda: [m(x) for x, m in zip(xs, linears)], give_up=give_up)
 
 
-def _fastest_layout(weights: list[torch.Tensor], repeats: int = 5) -> str:
-    def best_time(ws):
-        x = [torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in ws]
-        times = []
-        for _ in range(repeats):
+def _best_seconds(fn, repeats: int = 3, give_up: float = float("inf")) -> float:
+    """Best of `repeats` timed calls after a warm-up call; just the warm-up's time when
+    that alone took over `give_up` seconds (a clear loser)."""
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
             t0 = time.perf_counter()
-            for xi, w in zip(x, ws):
-                F.linear(xi, w)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    out_in = [w.contiguous() for w in weights]
-    in_out = [w.t().contiguous().t() for w in weights]
-    best_time(out_in), best_time(in_out)  # warm-up
-    return "in_out" if best_time(in_out) < best_time(out_in) else "out_in"
+            fn()
+            elapsed = time.perf_counter() - t0
+            if i == 0 and elapsed > give_up:
+                return elapsed
+            best = best if i == 0 else min(best, elapsed)
+    return best
 
 
 def use_fp32_decode_attention(model: GPT, max_elements: int = 2048) -> None:

@@ -119,7 +119,8 @@ def load_engine(config: ServerConfig):
 
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
                                        tokenizer_path=config.tokenizer_path)
-    return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue))
+    return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
+                                      cpu_linear=config.cpu_linear))
 
 
 def model_info(engine, config: ServerConfig) -> ModelInfo:

@@ -42,7 +42,7 @@ def tiny_model(tiny_checkpoint):
     return load_model_from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
 
 
-ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, weight_layout="out_in", seed=0)
+ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, cpu_linear="out_in", seed=0)
 
 
 @pytest.fixture

@@ -30,6 +30,9 @@ def test_environment_then_flags():
     c = load_config(["--port", "9000", "--rate-limit", "5/second", "--log-prompts", "false"], env)
     assert (c.port, c.rate_limit, c.log_prompts) == (9000, RateLimit(5, 1.0), False)
     assert load_config(["--metrics-auth", "--api-key", "k"], {}).metrics_auth is True
+    assert load_config([], {"CPU_LINEAR": "kernel"}).cpu_linear == "kernel"
+    assert load_config(["--cpu-linear", "out_in"], {"CPU_LINEAR": ""}).cpu_linear == "out_in"
+    assert load_config([], {"CPU_LINEAR": ""}).cpu_linear == "auto"
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -46,6 +49,7 @@ def test_rate_limit_spellings(raw, expected):
     ({"REDIS_URL": "http://x"}, "REDIS_URL"), ({"LOG_PROMPTS": "maybe"}, "LOG_PROMPTS"),
     ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"), ({"METRICS_AUTH": "1"}, "METRICS_AUTH"),
     ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"), ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT"),
+    ({"CPU_LINEAR": "fast"}, "CPU_LINEAR"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,166 @@
+// y = x W^T + b for the few rows of x of decoding on an AVX2 CPU: matrix-vector products,
+// and skinny matrix products in blocks of up to kBlockRows rows. model/matvec.py builds
+// this file with torch's extension builder and routes small nn.Linear calls here.
+//
+// Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
+// bandwidth. torch's float32 GEMV reaches about two thirds of this machine's read
+// bandwidth and its half-precision GEMV about the same in bytes; streaming each weight
+// row once, converting half precision to float32 in registers and accumulating in
+// float32 (as llama.cpp does) reaches nearly all of it. Each weight is loaded once per
+// block and used for every row of x in it, so a block of kBlockRows rows costs little
+// more than one row; on this project's CPUs that also beats torch's float32 GEMM up to
+// a few dozen rows and its half-precision GEMM far beyond (model/fastpath.py measures
+// where the crossover lies).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+// The type a `Tensor?` argument binds to: c10's own optional before torch 2.4, std's after.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+using OptionalTensor = std::optional<at::Tensor>;
+#else
+using OptionalTensor = c10::optional<at::Tensor>;
+#endif
+
+constexpr int64_t kBlockRows = 8;  // accumulators in registers: one per row
+
+// Eight weights of each storage type, widened to float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// Output rows [n0, n1) for M rows of x (float32, M x K): each weight is loaded once and
+// used for every row of x. One accumulator per row: M <= 8 of them fit in 16 registers
+// beside a weight vector, and each output is summed in the same order whatever M is, so
+// a sequence decoded beside others gets the very same numbers as alone. (Two per row
+// measured no faster: a batch-1 pass is bound by memory, not by FMA latency.)
+template <typename T, int M>
+void rows_of_w(const float* x, const T* w, const T* bias, T* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wn = w + n * K;
+    // The m loops are unrolled in full so that the accumulators live in registers
+    // (left as an array, GCC stores them to the stack on every iteration).
+    __m256 acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 wk = load8(wn + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[m]);
+      for (int64_t j = k; j < K; ++j) s += static_cast<float>(wn[j]) * x[m * K + j];
+      if (bias != nullptr) s += static_cast<float>(bias[n]);
+      y[m * N + n] = static_cast<T>(s);
+    }
+  }
+}
+
+template <typename T, int M>
+void matvec(const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
+  // Enough output rows per task that each thread streams long runs of weights.
+  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_of_w<T, M>(x, w, bias, y, n0, n1, N, K); });
+}
+
+template <typename T>
+void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
+  for (; M > kBlockRows; M -= kBlockRows, x += kBlockRows * K, y += kBlockRows * N) {
+    matvec<T, kBlockRows>(x, w, bias, y, N, K);  // one pass over the weights per block
+  }
+  switch (M) {
+    case 1: return matvec<T, 1>(x, w, bias, y, N, K);
+    case 2: return matvec<T, 2>(x, w, bias, y, N, K);
+    case 3: return matvec<T, 3>(x, w, bias, y, N, K);
+    case 4: return matvec<T, 4>(x, w, bias, y, N, K);
+    case 5: return matvec<T, 5>(x, w, bias, y, N, K);
+    case 6: return matvec<T, 6>(x, w, bias, y, N, K);
+    case 7: return matvec<T, 7>(x, w, bias, y, N, K);
+    default: return matvec<T, 8>(x, w, bias, y, N, K);
+  }
+}
+
+template <typename T>
+const float* widen(const T* src, int64_t n, std::vector<float>& dst) {
+  dst.resize(n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  return dst.data();
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_rows: weight must be a contiguous [out, in] matrix");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear_rows: x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_rows: x's last dimension must be ", K);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M >= 1, "linear_rows: x has no rows");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "linear_rows: bias must be a contiguous vector of ", N, " ", weight.scalar_type());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor xc = x.contiguous();
+  // x as M x K float32: KiBs, widened here rather than by a torch op (one op per call adds up).
+  std::vector<float> widened;
+  const float* xp = nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: xp = xc.data_ptr<float>(); break;
+    case at::kHalf: xp = widen(xc.data_ptr<c10::Half>(), M * K, widened); break;
+    case at::kBFloat16: xp = widen(xc.data_ptr<c10::BFloat16>(), M * K, widened); break;
+    default: break;  // refused below
+  }
+
+  switch (weight.scalar_type()) {
+    case at::kFloat:
+      dispatch_rows<float>(M, xp, weight.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                           y.data_ptr<float>(), N, K);
+      break;
+    case at::kHalf:
+      dispatch_rows<c10::Half>(M, xp, weight.data_ptr<c10::Half>(), bias ? bias->data_ptr<c10::Half>() : nullptr,
+                               y.data_ptr<c10::Half>(), N, K);
+      break;
+    case at::kBFloat16:
+      dispatch_rows<c10::BFloat16>(M, xp, weight.data_ptr<c10::BFloat16>(),
+                                   bias ? bias->data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), N, K);
+      break;
+    default:
+      TORCH_CHECK(false, "linear_rows: float32, float16 or bfloat16 only, got ", weight.scalar_type());
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nanogpt, m) {
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));
+}

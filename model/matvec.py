@@ -1,0 +1,111 @@
+"""The CPU matrix-vector kernel for decoding a few sequences (model/csrc/matvec.cpp).
+
+Batch-1 decode on CPU is one pass over every weight per token, so it runs at the speed
+of the matrix-vector products; on this project's machines torch's own reach about two
+thirds of the memory bandwidth. The kernel streams each weight row once (float32,
+float16 or bfloat16 weights, float32 accumulation) for up to `BLOCK_ROWS` rows of input
+per pass, which also beats torch's matrix products for skinny inputs (a decode batch;
+in half precision, prefill too). It is built on first use by torch's extension builder (a C++ compiler
+and ninja; about 15 s, then cached under TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions) and needs an x86-64 CPU with AVX2. Where it cannot be
+built, `load()` says which of those was missing and the engine keeps torch's kernels.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
+SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
+
+_lock = threading.Lock()
+_error: str | None = None  # why the kernel is unavailable, once a load has failed
+_loaded = False
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why."""
+
+
+def _missing_prerequisite() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU, this is {platform.machine()}"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")()
+    if capability not in ("AVX2", "AVX512"):
+        return f"needs AVX2, torch reports CPU capability {capability}"
+    try:
+        import ninja  # noqa: F401  (torch's extension builder drives ninja)
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return "needs ninja (pip install ninja)"
+    from torch.utils.cpp_extension import get_cxx_compiler
+    if shutil.which(get_cxx_compiler()) is None:
+        return f"needs a C++ compiler ({get_cxx_compiler()} not found; set CXX)"
+    return None
+
+
+def load() -> None:
+    """Build (first time only) and load the kernel into torch.ops.nanogpt; idempotent.
+    Raises KernelUnavailable naming what failed; a failure is remembered, not retried."""
+    global _error, _loaded
+    with _lock:
+        if _loaded:
+            return
+        if _error is None:
+            _error = _missing_prerequisite()
+        if _error is None:
+            try:
+                from torch.utils import cpp_extension
+                # -fopenmp: at::parallel_for is inlined from ATen's headers, and without the flag
+                # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
+                cpp_extension.load(name="nanogpt_matvec", sources=[str(SOURCE)], is_python_module=False,
+                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
+                _loaded = True
+                return
+            except Exception as err:  # the compiler's own output is in err; keep its gist
+                lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                _error = f"building {SOURCE.name} failed: {type(err).__name__}: {lines[-1] if lines else ''}"
+        raise KernelUnavailable(f"CPU matvec kernel unavailable: {_error}")
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for x (..., in); weight a contiguous [out, in] CPU matrix of x's dtype.
+    Call load() first."""
+    return torch.ops.nanogpt.linear_rows(x, weight, bias)
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear that sends calls of at most `kernel_max_rows` rows without autograd to
+    the kernel (decode batches) and everything else (big prefills, training) to
+    F.linear. Same parameters and state_dict as nn.Linear: `use_kernel` only changes the
+    class of existing modules, and sets kernel_max_rows (measured by model/fastpath.py)."""
+
+    kernel_max_rows: int = BLOCK_ROWS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() <= self.kernel_max_rows * self.in_features
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return linear_rows(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) -> None:
+    """Turn the model's nn.Linear layers into KernelLinear layers that take inputs of up to
+    `max_rows` rows (on), or back. Only the class changes: Parameters, state_dict and
+    weight tying stay as they are; the kernel itself wants contiguous [out, in] weights
+    (model/fastpath.py lays them out). Raises KernelUnavailable, changing nothing, where
+    the kernel cannot be loaded."""
+    if on:
+        load()
+    for m in model.modules():
+        if type(m) in (nn.Linear, KernelLinear):
+            m.__class__ = KernelLinear if on else nn.Linear
+            if on:
+                m.kernel_max_rows = max_rows

@@ -1,0 +1,195 @@
+"""The CPU matrix-vector kernel (model/matvec.py, model/csrc/matvec.cpp) and the engine's choice
+of what runs nn.Linear at decode batch sizes (model/fastpath.choose_cpu_linear)."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import matvec
+from model import fastpath
+from model.fastpath import choose_cpu_linear
+from model.gpt import GPT, GPTConfig, KVCache
+
+# This project's machines and CI are x86-64 with AVX2, a C++ compiler and ninja: there the
+# kernel must build, and a failure to build is a test failure, not a skip.
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                reason="the kernel is x86-64 (AVX2) only")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the largest output
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    matvec.load()
+
+
+def reference(x, w, b):
+    """float32 math on the same (rounded) inputs."""
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 24])  # 13, 24: several blocks of 8
+@pytest.mark.parametrize("n_out,n_in", [(97, 64), (130, 768), (33, 13)])  # 13: not a multiple of 8 or 16
+def test_matches_float32_reference(dtype, rows, n_out, n_in):
+    g = torch.Generator().manual_seed(rows * 1000 + n_in)
+    w = torch.randn(n_out, n_in, generator=g).to(dtype)
+    b = torch.randn(n_out, generator=g).to(dtype)
+    x = torch.randn(rows, 1, n_in, generator=g).to(dtype)
+    for bias in (b, None):
+        y = matvec.linear_rows(x, w, bias)
+        assert y.shape == (rows, 1, n_out) and y.dtype == dtype
+        ref = reference(x, w, bias)
+        assert (y.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_row_gives_the_same_bits_alone_or_among_others(dtype):
+    """Each output is summed in the same order whatever the number of rows, so batching a
+    sequence with others does not change its numbers at all."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(300, 256, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
+    x = torch.randn(21, 256, generator=g).to(dtype)
+    together = matvec.linear_rows(x, w, b)
+    for i in range(21):
+        assert torch.equal(matvec.linear_rows(x[i:i + 1], w, b)[0], together[i])
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    w = torch.randn(16, 32)
+    with pytest.raises(RuntimeError, match="x has no rows"):
+        matvec.linear_rows(torch.randn(0, 32), w, None)
+    with pytest.raises(RuntimeError, match="last dimension must be 32"):
+        matvec.linear_rows(torch.randn(1, 31), w, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        matvec.linear_rows(torch.randn(1, 16), w.t(), None)
+    with pytest.raises(RuntimeError, match="x is Half but weight is Float"):
+        matvec.linear_rows(torch.randn(1, 32).half(), w, None)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous vector of 16"):
+        matvec.linear_rows(torch.randn(1, 32), w, torch.randn(15))
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        matvec.linear_rows(torch.randn(1, 32).double(), w.double(), None)
+
+
+def small_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monkeypatch):
+    model = small_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    matvec.use_kernel(model)
+    kernel_layers = [m for m in model.modules() if isinstance(m, matvec.KernelLinear)]
+    assert len(kernel_layers) == 2 * 4 + 1  # four per block, and the head
+    assert model.lm_head.weight is model.transformer.wte.weight and [id(p) for p in model.parameters()] == params
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    calls = []
+    op = matvec.linear_rows
+    monkeypatch.setattr(matvec, "linear_rows", lambda *a: calls.append(a[0].shape) or op(*a))
+    with torch.inference_mode():
+        model.step(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long), KVCache(model.config, 3))
+    assert calls and all(s[:-1].numel() == 3 for s in calls)  # decode of three rows: the kernel
+    calls.clear()
+    with torch.inference_mode():
+        model(torch.zeros(1, 9, dtype=torch.long))  # nine rows of prefill: beyond kernel_max_rows (8)
+    assert not calls
+    matvec.use_kernel(model, max_rows=16)
+    with torch.inference_mode():
+        model(torch.zeros(1, 9, dtype=torch.long))
+    assert calls and all(s[:-1].numel() == 9 for s in calls)
+    calls.clear()
+    # training still works: with autograd on, everything goes through F.linear
+    loss = model(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))[1]
+    loss.backward()
+    assert not calls and model.lm_head.weight.grad is not None
+    matvec.use_kernel(model, on=False)
+    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_with_the_kernel_tracks_torch(dtype):
+    torch_model, kernel_model = small_gpt().to(dtype), small_gpt().to(dtype)
+    assert choose_cpu_linear(torch_model, "out_in") == "out_in"
+    assert choose_cpu_linear(kernel_model, "kernel") == "kernel"
+    seq = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = []
+    with torch.inference_mode():
+        for m in (torch_model, kernel_model):
+            cache = KVCache(m.config, 2, dtype=dtype)
+            m.step(seq[:, :8], torch.zeros(2, dtype=torch.long), cache)
+            logits.append(torch.cat([m.step(seq[:, i:i + 1], torch.full((2,), i), cache) for i in range(8, 12)], 1))
+    scale = logits[0].float().abs().max()
+    assert (logits[0].float() - logits[1].float()).abs().max() <= 4 * TOL[dtype] * scale
+
+
+def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkeypatch, caplog):
+    model = small_gpt()
+    timed = []
+
+    def fake_pass(m, give_up):  # what each candidate looks like while it is timed; "in_out" wins
+        w = m.lm_head.weight
+        kind = ("kernel" if isinstance(m.lm_head, matvec.KernelLinear) else
+                "in_out" if w.stride() == (1, w.shape[0]) else "out_in")
+        timed.append(kind)
+        return {"out_in": 3.0, "in_out": 1.0, "kernel": 2.0}[kind]
+    monkeypatch.setattr(fastpath, "_decode_pass_seconds", fake_pass)
+    caplog.set_level("INFO", logger="model.fastpath")
+    assert choose_cpu_linear(model, "auto") == "in_out"
+    assert sorted(timed) == ["in_out", "kernel", "out_in"]
+    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
+    assert all(m.weight.stride() == (1, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert "out_in 3000.0, in_out 1000.0, kernel 2000.0" in caplog.text
+    with torch.inference_mode():  # and the model still computes what it computed before
+        torch.testing.assert_close(model(torch.arange(5)[None])[0], small_gpt()(torch.arange(5)[None])[0])
+
+
+def test_kernel_rows_double_while_the_kernel_wins(monkeypatch):
+    """Timings (kernel, torch) per doubling: 16 rows kernel faster, 32 faster, 64 slower."""
+    timings = iter([1.0, 2.0, 1.0, 1.5, 2.0, 1.0])
+    monkeypatch.setattr(fastpath, "_best_seconds", lambda fn, give_up=float("inf"): next(timings))
+    assert fastpath._kernel_max_rows(small_gpt()) == 32
+    timings = iter([2.0, 1.0])  # torch already wins at 16 rows
+    assert fastpath._kernel_max_rows(small_gpt()) == matvec.BLOCK_ROWS
+    timings = iter([1.0, 2.0] * 10)  # the kernel always wins: up to the limit
+    assert fastpath._kernel_max_rows(small_gpt(), limit=64) == 64
+
+
+def test_kernel_by_name_measures_its_row_limit():
+    model = small_gpt()
+    assert choose_cpu_linear(model, "kernel") == "kernel"
+    limits = {m.kernel_max_rows for m in model.modules() if isinstance(m, matvec.KernelLinear)}
+    assert len(limits) == 1 and limits.pop() in (8, 16, 32, 64, 128, 256, 512)
+
+
+def test_auto_falls_back_to_torch_and_kernel_by_name_fails_where_it_cannot_build(monkeypatch):
+    monkeypatch.setattr(matvec, "_loaded", False)
+    monkeypatch.setattr(matvec, "_error", "needs a C++ compiler (c++ not found; set CXX)")
+    model = small_gpt()
+    assert choose_cpu_linear(model, "auto") in ("out_in", "in_out")
+    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
+    with pytest.raises(matvec.KernelUnavailable, match="unavailable: needs a C\\+\\+ compiler"):
+        choose_cpu_linear(model, "kernel")
+    with pytest.raises(ValueError, match="cpu_linear must be one of auto, kernel, out_in, in_out"):
+        choose_cpu_linear(model, "fast")
+
+
+def test_in_out_layout_keeps_values():
+    model = small_gpt()
+    before = model.lm_head.weight.detach().clone()
+    assert choose_cpu_linear(model, "in_out") == "in_out"
+    assert model.lm_head.weight.stride() == (1, 97) and torch.equal(model.lm_head.weight, before)
+    assert choose_cpu_linear(model, "out_in") == "out_in"
+    assert model.lm_head.weight.is_contiguous() and torch.equal(model.lm_head.weight, before)
