@@ -3,9 +3,9 @@ device-agnostic.
 
 - CUDA: `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch
   buckets with static shapes, and replays the smallest bucket that holds a batch.
-- CPU: `choose_cpu_linear` picks what runs nn.Linear at decode batch sizes, whichever of
-  our matrix-vector kernel (model/matvec.py) and torch's F.linear in either weight layout
-  is fastest on this machine and dtype, and `use_fp32_decode_attention` computes small
+- CPU: `choose_cpu_linear` picks what runs nn.Linear, whichever of our matrix-vector
+  kernel (model/matvec.py) and torch's F.linear in either weight layout decodes fastest
+  on this machine and dtype, and `use_fp32_decode_attention` computes small
   half-precision decode attention in float32.
 """
 
@@ -77,10 +77,10 @@ class DecodeGraphs:
         log.info("captured CUDA graphs for decode batch sizes %s", buckets)
 
 
-# --- CPU matrix products at small batch ------------------------------------------
+# --- CPU matrix products ------------------------------------------
 
 def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
-    """Decide what runs the model's linear layers at decode batch sizes on CPU, and set it up.
+    """Decide what runs the model's linear layers on CPU, and set it up.
 
     - "kernel": model/matvec.py's kernel (weights [out, in]) for inputs of up to as many
       rows as it beats F.linear at here (measured: `_kernel_max_rows`), F.linear beyond.
