@@ -38,7 +38,7 @@ import torch
 
 from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineStopped, GenerationResult,
                                 Outbox, Overloaded, PromptTooLong, RequestHandle, TokenChunk)
-from model.fastpath import DecodeGraphs, choose_cpu_linear, use_fp32_decode_attention
+from model.fastpath import DecodeGraphs, choose_cpu_linear, kv_cache_dtype
 from model.generate import TextStream, context_window
 from model.gpt import GPT, KVCache
 from model.sampling import BatchParams, SamplingParams, sample
@@ -102,6 +102,7 @@ class Engine:
         self.config = (config or EngineConfig()).validate()
         p = next(model.parameters())
         self._device, self._dtype = p.device, p.dtype
+        self._cache_dtype = kv_cache_dtype(self._device, self._dtype)
         self._block_size = model.config.block_size
         self._n_vocab = model.tokenizer.n_vocab
         self._eot = model.tokenizer.eot_id
@@ -142,7 +143,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return KVCache.bytes_for(self.model.config, self.config.max_batch, self._dtype)
+        return KVCache.bytes_for(self.model.config, self.config.max_batch, self._cache_dtype)
 
     # --- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -221,11 +222,10 @@ class Engine:
         if self._device.type == "cpu":  # outside inference_mode: parameters must stay normal tensors
             with torch.no_grad():
                 self.cpu_linear = choose_cpu_linear(self.model, self.config.cpu_linear)
-                use_fp32_decode_attention(self.model)
         with torch.inference_mode():
-            self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._dtype)
+            self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._cache_dtype)
             log.info("KV cache: %d rows x %d positions, %s, %.1f MiB", self.config.max_batch,
-                     self._block_size, self.dtype, self._cache.nbytes / 2**20)
+                     self._block_size, str(self._cache_dtype).removeprefix("torch."), self._cache.nbytes / 2**20)
             if self._device.type == "cuda" and self.config.cuda_graphs:
                 self._graphs.capture(self.model, self._cache, self.config.batch_buckets, self.config.max_batch)
             else:  # one prefill and one decode, so first-request latency is not allocation

@@ -5,8 +5,8 @@ device-agnostic.
   buckets with static shapes, and replays the smallest bucket that holds a batch.
 - CPU: `choose_cpu_linear` picks what runs nn.Linear, whichever of our matrix-vector
   kernel (model/matvec.py) and torch's F.linear in either weight layout decodes fastest
-  on this machine and dtype, and `use_fp32_decode_attention` computes small
-  half-precision decode attention in float32.
+  on this machine and dtype, and `kv_cache_dtype` keeps keys and values in float32, so
+  that attention runs in float32 under half-precision weights.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from model import matvec
 from model.engine_types import CPU_LINEAR_CHOICES
-from model.gpt import GPT, CausalSelfAttention, KVCache
+from model.gpt import GPT, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,10 @@ def _best_seconds(fn, repeats: int = 3, give_up: float = float("inf")) -> float:
     return best
 
 
-def use_fp32_decode_attention(model: GPT, max_elements: int = 2048) -> None:
-    """CPU half-precision attention for one query token is several times slower than
-    float32 (bfloat16/float16 at batch 1: 0.10/0.27 ms vs 0.06/0.09 ms upcast at 80
-    positions, 1.0/1.7 vs 0.3 ms at 600), while at batch 32 the upcast copies cost more
-    than they save. So decode attention over at most `max_elements` (batch x positions)
-    runs in float32; it is also closer to the float32 result."""
-    for m in model.modules():
-        if isinstance(m, CausalSelfAttention):
-            m.fp32_decode_attention_max = max_elements
+def kv_cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's, but float32 on CPU. There torch's half-precision
+    attention is 2.5-6x slower than float32 (measured, 12 heads of 64: batch 1 over 128
+    positions 166/355 us bfloat16/float16 vs 66 us with float32 keys and values; batch 32
+    over 1000, 42/66 ms vs 16 ms) and is closer to the float32 result; the price is twice
+    the cache memory, which a CPU host has more of than a GPU."""
+    return torch.float32 if device.type == "cpu" else model_dtype

@@ -46,7 +46,9 @@ class GPTConfig:
 class KVCache:
     """Key/value buffers for `n_rows` sequences of up to `block_size` tokens, every layer.
 
-    Shape per buffer: (n_layer, n_rows, n_head, block_size, head_dim). Allocated once;
+    Shape per buffer: (n_layer, n_rows, n_head, block_size, head_dim), in the model's dtype
+    or a wider one (the engine keeps float32 keys/values under half-precision weights on
+    CPU, where half-precision attention is slow). Allocated once;
     a row belongs to one sequence at a time, and the owner of the cache (the engine)
     decides which rows a call touches. Nothing is ever reallocated, so decode shapes
     stay static (what CUDA graphs need).
@@ -84,11 +86,6 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    # Half-precision decode (T == 1) attention runs in float32 while B * L is at most this.
-    # 0 (off) unless the serving engine turns it on for a device whose half-precision
-    # attention kernels are slow at small batches (CPU: see model/fastpath.py).
-    fp32_decode_attention_max: int = 0
-
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
@@ -110,20 +107,19 @@ class CausalSelfAttention(nn.Module):
     def step(self, x, t, mask, k_cache, v_cache, rows=None):
         """x (B, T, C) new tokens at absolute positions t (B, T); mask (B, 1, T, L) says which
         cached keys each query sees. k/v_cache (R, nh, S, hs): with rows None they are this
-        batch's cache rows (R == B); else rows (B,) long picks the batch's rows among R."""
+        batch's cache rows (R == B); else rows (B,) long picks the batch's rows among R.
+        The cache may be wider than x (float32 under a half-precision model): attention
+        then runs in the cache's dtype."""
         B, T, C = x.shape
         q, k, v = self._qkv(x)
         r = (torch.arange(B, device=x.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
-        k_cache[r, :, t] = k.transpose(1, 2)  # write (B, T, nh, hs) in place
-        v_cache[r, :, t] = v.transpose(1, 2)
+        k_cache[r, :, t] = k.transpose(1, 2).to(k_cache.dtype)  # write (B, T, nh, hs) in place
+        v_cache[r, :, t] = v.transpose(1, 2).to(v_cache.dtype)
         L = mask.shape[-1]  # attend only over the first L cached positions
         keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
         if rows is not None:  # gather (a copy): the batch's rows only
             keys, values = keys[rows], values[rows]
-        if T == 1 and q.dtype != torch.float32 and B * L <= self.fp32_decode_attention_max:
-            y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask).to(x.dtype)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -54,12 +54,17 @@ def mixed_requests(tok):
     return [tok.encode(p) for p in prompts], params
 
 
-@pytest.mark.parametrize("cpu_linear", ["out_in", "kernel"])  # torch's F.linear, and model/matvec.py's kernel
-async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear):
-    model = tiny_model()
+@pytest.mark.parametrize("cpu_linear, dtype", [
+    ("out_in", torch.float32),  # torch's F.linear
+    ("kernel", torch.float32),  # model/matvec.py's kernel
+    ("kernel", torch.bfloat16),  # ... with half-precision weights over a float32 KV cache
+])
+async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear, dtype):
+    model = tiny_model().to(dtype)
     prompts, params = mixed_requests(model.tokenizer)
     async with running_engine(model, max_batch=4, prefill_chunk=6, idle_prefill_chunk=6,
                               cpu_linear=cpu_linear) as engine:
+        assert engine._cache.k.dtype == torch.float32 and engine.kv_cache_bytes == engine._cache.nbytes  # on CPU
         solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
         handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # 6 requests, 4 rows
         batched = await asyncio.gather(*(collect(h) for h in handles))

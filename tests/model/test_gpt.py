@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
-from model.gpt import CausalSelfAttention
 
 CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
 
@@ -126,18 +125,17 @@ def test_kv_cache_bytes():
 
 
 @torch.no_grad()
-def test_fp32_decode_attention_of_a_half_precision_model_tracks_float32():
-    """The engine's CPU fast path (fp32_decode_attention_max > 0) computes T == 1 attention
-    in float32; the logits stay within bfloat16 noise of the float32 model's."""
+def test_a_half_precision_model_over_a_float32_cache_tracks_float32():
+    """The engine's CPU layout: bfloat16 weights, float32 keys and values (attention in float32).
+    Prefill and decode stay within bfloat16 noise of the float32 model, as they do over a
+    bfloat16 cache, and the logits come out in the model's dtype."""
     model = random_gpt(seed=6)
     seq = torch.randint(0, CFG.vocab_size, (2, 10), generator=torch.Generator().manual_seed(7))
     want = model(seq)[0][:, -1]
     half = random_gpt(seed=6).to(torch.bfloat16)
-    for on in (0, 1024):
-        for m in half.modules():
-            if isinstance(m, CausalSelfAttention):
-                m.fp32_decode_attention_max = on
-        cache = KVCache(CFG, 2, dtype=torch.bfloat16)
+    for cache_dtype in (torch.bfloat16, torch.float32):
+        cache = KVCache(CFG, 2, dtype=cache_dtype)
         half.step(seq[:, :9], torch.tensor([0, 0]), cache)
-        got = half.step(seq[:, 9:], torch.tensor([9, 9]), cache)[:, 0].float()
-        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+        got = half.step(seq[:, 9:], torch.tensor([9, 9]), cache)[:, 0]
+        assert got.dtype == torch.bfloat16 and cache.k.dtype == cache_dtype
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
