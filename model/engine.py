@@ -38,7 +38,7 @@ import torch
 
 from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineStopped, GenerationResult,
                                 Outbox, Overloaded, PromptTooLong, RequestHandle, TokenChunk)
-from model.fastpath import DecodeGraphs, choose_cpu_linear, kv_cache_dtype
+from model.fastpath import DecodeGraphs, choose_cpu_attention, choose_cpu_linear, kv_cache_dtype
 from model.generate import TextStream, context_window
 from model.gpt import GPT, KVCache
 from model.sampling import BatchParams, SamplingParams, sample
@@ -102,7 +102,7 @@ class Engine:
         self.config = (config or EngineConfig()).validate()
         p = next(model.parameters())
         self._device, self._dtype = p.device, p.dtype
-        self._cache_dtype = kv_cache_dtype(self._device, self._dtype)
+        self._cache_dtype = self._dtype  # decided in _setup, with the CPU kernels
         self._block_size = model.config.block_size
         self._n_vocab = model.tokenizer.n_vocab
         self._eot = model.tokenizer.eot_id
@@ -112,6 +112,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._graphs = DecodeGraphs()  # CUDA only; empty: eager decode
         self.cpu_linear: str | None = None  # on CPU, what choose_cpu_linear picked at start
+        self.cpu_attention: str | None = None  # ... and choose_cpu_attention
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
         self._thread: threading.Thread | None = None
@@ -222,6 +223,8 @@ class Engine:
         if self._device.type == "cpu":  # outside inference_mode: parameters must stay normal tensors
             with torch.no_grad():
                 self.cpu_linear = choose_cpu_linear(self.model, self.config.cpu_linear)
+                self.cpu_attention = choose_cpu_attention(self.model, self.config.cpu_attention)
+        self._cache_dtype = kv_cache_dtype(self.model)
         with torch.inference_mode():
             self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._cache_dtype)
             log.info("KV cache: %d rows x %d positions, %s, %.1f MiB", self.config.max_batch,

@@ -44,6 +44,7 @@ class EngineStopped(EngineError):
 # --- public data ------------------------------------------------------------
 
 CPU_LINEAR_CHOICES = ("auto", "kernel", "out_in", "in_out")  # see model/fastpath.choose_cpu_linear
+CPU_ATTENTION_CHOICES = ("auto", "kernel", "torch")  # see model/fastpath.choose_cpu_attention
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,12 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     seed: int | None = None  # seeds the engine's RNG that gives unseeded requests their seed
-    # What runs nn.Linear at decode batch sizes on CPU: "kernel" (model/matvec.py), torch's
-    # F.linear on "out_in" (nn.Linear's) or "in_out" weights, or "auto": time them at start.
+    # What runs nn.Linear on CPU: "kernel" (model/cpukernels.py), torch's F.linear on
+    # "out_in" (nn.Linear's) or "in_out" weights, or "auto": time them at start.
     cpu_linear: str = "auto"
+    # What runs one-token attention on CPU: "kernel" (fused, model/cpukernels.py), "torch",
+    # or "auto" (the kernel where it builds).
+    cpu_attention: str = "auto"
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
 
     def validate(self) -> "EngineConfig":
@@ -70,6 +74,9 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.cpu_linear not in CPU_LINEAR_CHOICES:
             raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {self.cpu_linear!r}")
+        if self.cpu_attention not in CPU_ATTENTION_CHOICES:
+            raise ValueError(f"cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "
+                             f"got {self.cpu_attention!r}")
         return self
 
 

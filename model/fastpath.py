@@ -4,9 +4,9 @@ device-agnostic.
 - CUDA: `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch
   buckets with static shapes, and replays the smallest bucket that holds a batch.
 - CPU: `choose_cpu_linear` picks what runs nn.Linear, whichever of our matrix-vector
-  kernel (model/matvec.py) and torch's F.linear in either weight layout decodes fastest
-  on this machine and dtype, and `kv_cache_dtype` keeps keys and values in float32, so
-  that attention runs in float32 under half-precision weights.
+  kernel (model/cpukernels.py) and torch's F.linear in either weight layout decodes fastest
+  on this machine and dtype; `choose_cpu_attention` gives one-token steps a fused attention
+  op; `kv_cache_dtype` picks the cache's dtype to suit (float32 under torch's attention).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import matvec
-from model.engine_types import CPU_LINEAR_CHOICES
+from model import cpukernels
+from model.engine_types import CPU_ATTENTION_CHOICES, CPU_LINEAR_CHOICES
 from model.gpt import GPT, KVCache
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class DecodeGraphs:
 def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     """Decide what runs the model's linear layers on CPU, and set it up.
 
-    - "kernel": model/matvec.py's kernel (weights [out, in]) for inputs of up to as many
+    - "kernel": model/cpukernels.py's kernel (weights [out, in]) for inputs of up to as many
       rows as it beats F.linear at here (measured: `_kernel_max_rows`), F.linear beyond.
     - "out_in": torch's F.linear on nn.Linear's own [out, in] weights.
     - "in_out": torch's F.linear on a transposed view of contiguous [in, out] storage,
@@ -98,9 +98,9 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     if choice == "auto":
         candidates = ["out_in", "in_out"]
         try:
-            matvec.load()
+            cpukernels.load()
             candidates.append("kernel")
-        except matvec.KernelUnavailable as err:
+        except cpukernels.KernelUnavailable as err:
             log.warning("%s; using torch's kernels", err)
         times = {}
         for candidate in candidates:
@@ -112,7 +112,7 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     _set_cpu_linear(model, choice)
     if choice == "kernel":
         max_rows = _kernel_max_rows(model)
-        matvec.use_kernel(model, max_rows=max_rows)
+        cpukernels.use_kernel(model, max_rows=max_rows)
         log.info("CPU linear layers: the kernel for inputs of up to %d rows, torch's F.linear beyond", max_rows)
     else:
         log.info("CPU linear layers: torch's F.linear, weights %s", choice)
@@ -120,7 +120,7 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
 
 
 def _set_cpu_linear(model: GPT, choice: str) -> None:
-    matvec.use_kernel(model, choice == "kernel")  # first: raises before anything changes
+    cpukernels.use_kernel(model, choice == "kernel")  # first: raises before anything changes
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
@@ -138,10 +138,10 @@ def _kernel_max_rows(model: GPT, limit: int = 512) -> int:
     stands for the whole model here)."""
     block = model.transformer.h[0]
     weights = [m.weight for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-    rows = matvec.BLOCK_ROWS
+    rows = cpukernels.BLOCK_ROWS
     while rows < limit:
         xs = [torch.randn(2 * rows, w.shape[1], dtype=w.dtype) for w in weights]
-        kernel = _best_seconds(lambda: [matvec.linear_rows(x, w) for x, w in zip(xs, weights)])
+        kernel = _best_seconds(lambda: [cpukernels.linear_rows(x, w) for x, w in zip(xs, weights)])
         torch_ = _best_seconds(lambda: [F.linear(x, w) for x, w in zip(xs, weights)], give_up=2 * kernel)
         if torch_ <= kernel:
             break
@@ -171,10 +171,32 @@ def _best_seconds(fn, repeats: int = 3, give_up: float = float("inf")) -> float:
     return best
 
 
-def kv_cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: the model's, but float32 on CPU. There torch's half-precision
-    attention is 2.5-6x slower than float32 (measured, 12 heads of 64: batch 1 over 128
-    positions 166/355 us bfloat16/float16 vs 66 us with float32 keys and values; batch 32
-    over 1000, 42/66 ms vs 16 ms) and is closer to the float32 result; the price is twice
-    the cache memory, which a CPU host has more of than a GPU."""
-    return torch.float32 if device.type == "cpu" else model_dtype
+def choose_cpu_attention(model: GPT, choice: str = "auto") -> str:
+    """What runs one-token (decode) attention on CPU: "kernel", model/cpukernels.py's fused
+    op (cache writes and attention in one op per layer; faster than torch's operators in
+    every case measured here, 6x at batch 1 over 65 positions, 1.4-6x at batch 32 over
+    1000), or "torch". "auto" is the kernel where it can be built."""
+    if choice not in CPU_ATTENTION_CHOICES:
+        raise ValueError(f"cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, got {choice!r}")
+    if choice != "torch":
+        try:
+            cpukernels.use_decode_attention(model)
+            return "kernel"
+        except cpukernels.KernelUnavailable as err:
+            if choice == "kernel":
+                raise
+            log.warning("%s; decode attention uses torch's operators", err)
+    cpukernels.use_decode_attention(model, on=False)
+    return "torch"
+
+
+def kv_cache_dtype(model: GPT) -> torch.dtype:
+    """The KV cache's dtype: the model's, except on CPU under torch's attention, where it is
+    float32: torch's half-precision attention on CPU is 2.5-6x slower than float32 (12
+    heads of 64: batch 1 over 128 positions 166/355 us bfloat16/float16 vs 66 us with
+    float32 keys and values; batch 32 over 1000, 42/66 ms vs 16 ms). The fused decode
+    attention computes in float32 from any cache dtype, and a half-precision cache halves
+    what it reads (batch 32 over 1000: 6.4 ms over bfloat16, 11.4 over float32)."""
+    p = next(model.parameters())
+    fused = any(getattr(m, "decode_attention", None) is not None for m in model.modules())
+    return torch.float32 if p.device.type == "cpu" and not fused else p.dtype

@@ -94,7 +94,7 @@ def generate_ids(model: GPT, prompt_ids: Sequence[int], params: SamplingParams, 
     """
     p = next(model.parameters())
     block_size = model.config.block_size
-    cache = KVCache(model.config, 1, device=p.device, dtype=kv_cache_dtype(p.device, p.dtype))  # as the engine's
+    cache = KVCache(model.config, 1, device=p.device, dtype=kv_cache_dtype(model))  # as the engine's
     bp = BatchParams.build([params], [seed], p.device)
     tokens = list(prompt_ids)
     pending, n_cached = context_window(tokens, block_size), 0

@@ -86,9 +86,14 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    # A device may supply a fused one-token step (cache writes + attention in one op, with the
+    # signature of model/cpukernels.decode_attention); None: the torch operators below.
+    decode_attention = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.head_dim = config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
@@ -112,6 +117,9 @@ class CausalSelfAttention(nn.Module):
         then runs in the cache's dtype."""
         B, T, C = x.shape
         q, k, v = self._qkv(x)
+        if T == 1 and self.decode_attention is not None:
+            y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, nh, hs)
+            return self.c_proj(y.reshape(B, T, C))
         r = (torch.arange(B, device=x.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
         k_cache[r, :, t] = k.transpose(1, 2).to(k_cache.dtype)  # write (B, T, nh, hs) in place
         v_cache[r, :, t] = v.transpose(1, 2).to(v_cache.dtype)

@@ -120,7 +120,7 @@ def load_engine(config: ServerConfig):
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
                                        tokenizer_path=config.tokenizer_path)
     return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
-                                      cpu_linear=config.cpu_linear))
+                                      cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention))
 
 
 def model_info(engine, config: ServerConfig) -> ModelInfo:

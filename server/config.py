@@ -70,7 +70,8 @@ class ServerConfig:
     cache_max_entries: int = 4096
     max_batch: int = 32
     max_queue: int = 256
-    cpu_linear: str = "auto"  # what runs the linear layers at decode batch sizes on CPU
+    cpu_linear: str = "auto"  # what runs the linear layers on CPU
+    cpu_attention: str = "auto"  # what runs one-token attention on CPU
     log_prompts: bool = False
     log_level: str = "INFO"
 
@@ -238,6 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue", "MAX_QUEUE", _int(1), "waiting requests before 503 (default 256)"),
     Setting("cpu_linear", "CPU_LINEAR", _choice("auto", "kernel", "out_in", "in_out"),
             "CPU decode matrix products: our kernel, torch's in either weight layout, or auto (time them; default)"),
+    Setting("cpu_attention", "CPU_ATTENTION", _choice("auto", "kernel", "torch"),
+            "CPU decode attention: our fused kernel, torch's operators, or auto (the kernel where it builds; default)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
 )
@@ -271,8 +274,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                 value = s.parse(raw)
             except ValueError as e:
                 raise ConfigError(source, str(e)) from None
-            if value is None and s.field in ("host", "port", "cpu_linear"):
-                continue  # an empty HOST (or CPU_LINEAR) keeps the default
+            if value is None and s.field in ("host", "port", "cpu_linear", "cpu_attention"):
+                continue  # an empty HOST (or CPU_LINEAR, ...) keeps the default
             values[s.field] = value
     if not values.get("model_checkpoint"):
         values["model_checkpoint"] = default_checkpoint()

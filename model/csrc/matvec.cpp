@@ -1,5 +1,5 @@
 // y = x W^T + b for the few rows of x of decoding on an AVX2 CPU: matrix-vector products,
-// and skinny matrix products in blocks of up to kBlockRows rows. model/matvec.py builds
+// and skinny matrix products in blocks of up to kBlockRows rows. model/cpukernels.py builds
 // this file with torch's extension builder and routes small nn.Linear calls here.
 //
 // Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
@@ -14,42 +14,20 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
-#include <torch/version.h>
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-// The type a `Tensor?` argument binds to: c10's own optional before torch 2.4, std's after.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-using OptionalTensor = std::optional<at::Tensor>;
-#else
-using OptionalTensor = c10::optional<at::Tensor>;
-#endif
+using nanogpt_simd::OptionalTensor;
+using nanogpt_simd::hsum;
+using nanogpt_simd::load8;
 
 constexpr int64_t kBlockRows = 8;  // accumulators in registers: one per row
-
-// Eight weights of each storage type, widened to float32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
 
 // Output rows [n0, n1) for M rows of x (float32, M x K): each weight is loaded once and
 // used for every row of x. One accumulator per row: M <= 8 of them fit in 16 registers
@@ -160,7 +138,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const Opti
 
 }  // namespace
 
-TORCH_LIBRARY(nanogpt, m) {
+TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));
 }

@@ -54,17 +54,19 @@ def mixed_requests(tok):
     return [tok.encode(p) for p in prompts], params
 
 
-@pytest.mark.parametrize("cpu_linear, dtype", [
-    ("out_in", torch.float32),  # torch's F.linear
-    ("kernel", torch.float32),  # model/matvec.py's kernel
-    ("kernel", torch.bfloat16),  # ... with half-precision weights over a float32 KV cache
+@pytest.mark.parametrize("cpu_linear, cpu_attention, dtype", [
+    ("out_in", "torch", torch.float32),  # torch's operators throughout
+    ("kernel", "kernel", torch.float32),  # model/cpukernels.py
+    ("kernel", "kernel", torch.bfloat16),  # ... with half-precision weights and cache
+    ("kernel", "torch", torch.bfloat16),  # ... with torch's attention over a float32 cache
 ])
-async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear, dtype):
+async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear, cpu_attention, dtype):
     model = tiny_model().to(dtype)
     prompts, params = mixed_requests(model.tokenizer)
     async with running_engine(model, max_batch=4, prefill_chunk=6, idle_prefill_chunk=6,
-                              cpu_linear=cpu_linear) as engine:
-        assert engine._cache.k.dtype == torch.float32 and engine.kv_cache_bytes == engine._cache.nbytes  # on CPU
+                              cpu_linear=cpu_linear, cpu_attention=cpu_attention) as engine:
+        cache_dtype = torch.float32 if cpu_attention == "torch" else dtype  # fastpath.kv_cache_dtype
+        assert engine._cache.k.dtype == cache_dtype and engine.kv_cache_bytes == engine._cache.nbytes
         solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
         handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # 6 requests, 4 rows
         batched = await asyncio.gather(*(collect(h) for h in handles))

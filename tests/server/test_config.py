@@ -33,6 +33,7 @@ def test_environment_then_flags():
     assert load_config([], {"CPU_LINEAR": "kernel"}).cpu_linear == "kernel"
     assert load_config(["--cpu-linear", "out_in"], {"CPU_LINEAR": ""}).cpu_linear == "out_in"
     assert load_config([], {"CPU_LINEAR": ""}).cpu_linear == "auto"
+    assert load_config([], {"CPU_ATTENTION": "torch"}).cpu_attention == "torch"
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -49,7 +50,7 @@ def test_rate_limit_spellings(raw, expected):
     ({"REDIS_URL": "http://x"}, "REDIS_URL"), ({"LOG_PROMPTS": "maybe"}, "LOG_PROMPTS"),
     ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"), ({"METRICS_AUTH": "1"}, "METRICS_AUTH"),
     ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"), ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT"),
-    ({"CPU_LINEAR": "fast"}, "CPU_LINEAR"),
+    ({"CPU_LINEAR": "fast"}, "CPU_LINEAR"), ({"CPU_ATTENTION": "flash"}, "CPU_ATTENTION"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as e:

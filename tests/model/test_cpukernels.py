@@ -1,5 +1,5 @@
-"""The CPU matrix-vector kernel (model/matvec.py, model/csrc/matvec.cpp) and the engine's choice
-of what runs nn.Linear at decode batch sizes (model/fastpath.choose_cpu_linear)."""
+"""The CPU kernels (model/cpukernels.py, model/csrc/): matrix-vector products and decode attention,
+and the engine's choices of what runs them (model/fastpath.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import matvec
+from model import cpukernels
 from model import fastpath
-from model.fastpath import choose_cpu_linear
+from model.fastpath import choose_cpu_attention, choose_cpu_linear, kv_cache_dtype
 from model.gpt import GPT, GPTConfig, KVCache
 
 # This project's machines and CI are x86-64 with AVX2, a C++ compiler and ninja: there the
@@ -25,7 +25,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relati
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    matvec.load()
+    cpukernels.load()
 
 
 def reference(x, w, b):
@@ -42,7 +42,7 @@ def test_matches_float32_reference(dtype, rows, n_out, n_in):
     b = torch.randn(n_out, generator=g).to(dtype)
     x = torch.randn(rows, 1, n_in, generator=g).to(dtype)
     for bias in (b, None):
-        y = matvec.linear_rows(x, w, bias)
+        y = cpukernels.linear_rows(x, w, bias)
         assert y.shape == (rows, 1, n_out) and y.dtype == dtype
         ref = reference(x, w, bias)
         assert (y.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
@@ -55,25 +55,25 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(dtype):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(300, 256, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
     x = torch.randn(21, 256, generator=g).to(dtype)
-    together = matvec.linear_rows(x, w, b)
+    together = cpukernels.linear_rows(x, w, b)
     for i in range(21):
-        assert torch.equal(matvec.linear_rows(x[i:i + 1], w, b)[0], together[i])
+        assert torch.equal(cpukernels.linear_rows(x[i:i + 1], w, b)[0], together[i])
 
 
 def test_bad_inputs_are_refused_with_the_reason():
     w = torch.randn(16, 32)
     with pytest.raises(RuntimeError, match="x has no rows"):
-        matvec.linear_rows(torch.randn(0, 32), w, None)
+        cpukernels.linear_rows(torch.randn(0, 32), w, None)
     with pytest.raises(RuntimeError, match="last dimension must be 32"):
-        matvec.linear_rows(torch.randn(1, 31), w, None)
+        cpukernels.linear_rows(torch.randn(1, 31), w, None)
     with pytest.raises(RuntimeError, match="contiguous"):
-        matvec.linear_rows(torch.randn(1, 16), w.t(), None)
+        cpukernels.linear_rows(torch.randn(1, 16), w.t(), None)
     with pytest.raises(RuntimeError, match="x is Half but weight is Float"):
-        matvec.linear_rows(torch.randn(1, 32).half(), w, None)
+        cpukernels.linear_rows(torch.randn(1, 32).half(), w, None)
     with pytest.raises(RuntimeError, match="bias must be a contiguous vector of 16"):
-        matvec.linear_rows(torch.randn(1, 32), w, torch.randn(15))
+        cpukernels.linear_rows(torch.randn(1, 32), w, torch.randn(15))
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        matvec.linear_rows(torch.randn(1, 32).double(), w.double(), None)
+        cpukernels.linear_rows(torch.randn(1, 32).double(), w.double(), None)
 
 
 def small_gpt(seed: int = 0) -> GPT:
@@ -90,15 +90,15 @@ def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monke
     model = small_gpt()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
-    matvec.use_kernel(model)
-    kernel_layers = [m for m in model.modules() if isinstance(m, matvec.KernelLinear)]
+    cpukernels.use_kernel(model)
+    kernel_layers = [m for m in model.modules() if isinstance(m, cpukernels.KernelLinear)]
     assert len(kernel_layers) == 2 * 4 + 1  # four per block, and the head
     assert model.lm_head.weight is model.transformer.wte.weight and [id(p) for p in model.parameters()] == params
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
     calls = []
-    op = matvec.linear_rows
-    monkeypatch.setattr(matvec, "linear_rows", lambda *a: calls.append(a[0].shape) or op(*a))
+    op = cpukernels.linear_rows
+    monkeypatch.setattr(cpukernels, "linear_rows", lambda *a: calls.append(a[0].shape) or op(*a))
     with torch.inference_mode():
         model.step(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long), KVCache(model.config, 3))
     assert calls and all(s[:-1].numel() == 3 for s in calls)  # decode of three rows: the kernel
@@ -106,7 +106,7 @@ def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monke
     with torch.inference_mode():
         model(torch.zeros(1, 9, dtype=torch.long))  # nine rows of prefill: beyond kernel_max_rows (8)
     assert not calls
-    matvec.use_kernel(model, max_rows=16)
+    cpukernels.use_kernel(model, max_rows=16)
     with torch.inference_mode():
         model(torch.zeros(1, 9, dtype=torch.long))
     assert calls and all(s[:-1].numel() == 9 for s in calls)
@@ -115,8 +115,8 @@ def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monke
     loss = model(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))[1]
     loss.backward()
     assert not calls and model.lm_head.weight.grad is not None
-    matvec.use_kernel(model, on=False)
-    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
+    cpukernels.use_kernel(model, on=False)
+    assert not any(isinstance(m, cpukernels.KernelLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -141,7 +141,7 @@ def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkey
 
     def fake_pass(m, give_up):  # what each candidate looks like while it is timed; "in_out" wins
         w = m.lm_head.weight
-        kind = ("kernel" if isinstance(m.lm_head, matvec.KernelLinear) else
+        kind = ("kernel" if isinstance(m.lm_head, cpukernels.KernelLinear) else
                 "in_out" if w.stride() == (1, w.shape[0]) else "out_in")
         timed.append(kind)
         return {"out_in": 3.0, "in_out": 1.0, "kernel": 2.0}[kind]
@@ -149,7 +149,7 @@ def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkey
     caplog.set_level("INFO", logger="model.fastpath")
     assert choose_cpu_linear(model, "auto") == "in_out"
     assert sorted(timed) == ["in_out", "kernel", "out_in"]
-    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
+    assert not any(isinstance(m, cpukernels.KernelLinear) for m in model.modules())
     assert all(m.weight.stride() == (1, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert "out_in 3000.0, in_out 1000.0, kernel 2000.0" in caplog.text
     with torch.inference_mode():  # and the model still computes what it computed before
@@ -162,7 +162,7 @@ def test_kernel_rows_double_while_the_kernel_wins(monkeypatch):
     monkeypatch.setattr(fastpath, "_best_seconds", lambda fn, give_up=float("inf"): next(timings))
     assert fastpath._kernel_max_rows(small_gpt()) == 32
     timings = iter([2.0, 1.0])  # torch already wins at 16 rows
-    assert fastpath._kernel_max_rows(small_gpt()) == matvec.BLOCK_ROWS
+    assert fastpath._kernel_max_rows(small_gpt()) == cpukernels.BLOCK_ROWS
     timings = iter([1.0, 2.0] * 10)  # the kernel always wins: up to the limit
     assert fastpath._kernel_max_rows(small_gpt(), limit=64) == 64
 
@@ -170,17 +170,17 @@ def test_kernel_rows_double_while_the_kernel_wins(monkeypatch):
 def test_kernel_by_name_measures_its_row_limit():
     model = small_gpt()
     assert choose_cpu_linear(model, "kernel") == "kernel"
-    limits = {m.kernel_max_rows for m in model.modules() if isinstance(m, matvec.KernelLinear)}
+    limits = {m.kernel_max_rows for m in model.modules() if isinstance(m, cpukernels.KernelLinear)}
     assert len(limits) == 1 and limits.pop() in (8, 16, 32, 64, 128, 256, 512)
 
 
 def test_auto_falls_back_to_torch_and_kernel_by_name_fails_where_it_cannot_build(monkeypatch):
-    monkeypatch.setattr(matvec, "_loaded", False)
-    monkeypatch.setattr(matvec, "_error", "needs a C++ compiler (c++ not found; set CXX)")
+    monkeypatch.setattr(cpukernels, "_loaded", False)
+    monkeypatch.setattr(cpukernels, "_error", "needs a C++ compiler (c++ not found; set CXX)")
     model = small_gpt()
     assert choose_cpu_linear(model, "auto") in ("out_in", "in_out")
-    assert not any(isinstance(m, matvec.KernelLinear) for m in model.modules())
-    with pytest.raises(matvec.KernelUnavailable, match="unavailable: needs a C\\+\\+ compiler"):
+    assert not any(isinstance(m, cpukernels.KernelLinear) for m in model.modules())
+    with pytest.raises(cpukernels.KernelUnavailable, match="unavailable: needs a C\\+\\+ compiler"):
         choose_cpu_linear(model, "kernel")
     with pytest.raises(ValueError, match="cpu_linear must be one of auto, kernel, out_in, in_out"):
         choose_cpu_linear(model, "fast")
@@ -193,3 +193,98 @@ def test_in_out_layout_keeps_values():
     assert model.lm_head.weight.stride() == (1, 97) and torch.equal(model.lm_head.weight, before)
     assert choose_cpu_linear(model, "out_in") == "out_in"
     assert model.lm_head.weight.is_contiguous() and torch.equal(model.lm_head.weight, before)
+
+
+# --- decode attention ---------------------------------------------------------------
+
+def attention_reference(q, k_cache, v_cache, rows, pos):
+    """torch's attention over each row's own positions 0..pos, in float64."""
+    out = []
+    for b in range(q.shape[0]):
+        keys = k_cache[rows[b], :, : pos[b] + 1].double()
+        values = v_cache[rows[b], :, : pos[b] + 1].double()
+        att = (q[b].double() @ keys.transpose(-1, -2)) / keys.shape[-1] ** 0.5  # (nh, 1, n)
+        out.append((att.softmax(-1) @ values)[:, 0])  # (nh, hs)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 64, 72])  # 72: past one block of 64 accumulators
+def test_decode_attention_writes_the_cache_and_attends_each_row_over_its_own_length(cache_dtype, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    R, nh, S = 5, 3, 40
+    k_cache = torch.randn(R, nh, S, head_dim, generator=g).to(cache_dtype)
+    v_cache = torch.randn(R, nh, S, head_dim, generator=g).to(cache_dtype)
+    rows, pos = torch.tensor([3, 0, 4]), torch.tensor([17, 0, 39])  # scattered rows, first and last positions
+    q, k, v = (torch.randn(3, nh, 1, head_dim, generator=g).to(cache_dtype) for _ in range(3))
+    untouched = k_cache.clone()
+    y = cpukernels.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
+    assert y.shape == (3, nh, head_dim) and y.dtype == cache_dtype
+    for b in range(3):  # the new key and value landed, and nothing else moved
+        assert torch.equal(k_cache[rows[b], :, pos[b]], k[b, :, 0]) and torch.equal(v_cache[rows[b], :, pos[b]], v[b, :, 0])
+        untouched[rows[b], :, pos[b]] = k[b, :, 0]
+    assert torch.equal(k_cache, untouched)
+    want = attention_reference(q[:, :, 0:1], k_cache, v_cache, rows, pos)
+    assert (y.double() - want).abs().max() <= 2 * TOL[cache_dtype] * want.abs().max()
+
+
+def test_decode_attention_of_a_row_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.randn(4, 2, 30, 16, generator=g), torch.randn(4, 2, 30, 16, generator=g)
+    q, k, v = (torch.randn(4, 2, 1, 16, generator=g) for _ in range(3))
+    rows, pos = torch.arange(4), torch.tensor([5, 29, 0, 12])
+    together = cpukernels.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
+    for b in range(4):
+        alone = cpukernels.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], k_cache, v_cache, rows[b:b + 1],
+                                            pos[b:b + 1])
+        assert torch.equal(alone[0], together[b])
+    assert torch.equal(cpukernels.decode_attention(q, k, v, k_cache, v_cache, None, pos), together)  # rows 0..B-1
+
+
+def test_decode_attention_refuses_bad_inputs_with_the_reason():
+    cache = torch.zeros(2, 2, 8, 16)
+    q = torch.zeros(1, 2, 1, 16)
+    one = torch.tensor([0])
+    with pytest.raises(RuntimeError, match="position 8 outside 0..7"):
+        cpukernels.decode_attention(q, q, q, cache, cache.clone(), one, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="row 2 outside the cache's 2"):
+        cpukernels.decode_attention(q, q, q, cache, cache.clone(), torch.tensor([2]), one)
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 8, got 12"):
+        cpukernels.decode_attention(*(torch.zeros(1, 2, 1, 12),) * 3, torch.zeros(2, 2, 8, 12),
+                                    torch.zeros(2, 2, 8, 12), one, one)
+    with pytest.raises(RuntimeError, match="q, k and v dtypes differ"):
+        cpukernels.decode_attention(q, q.half(), q, cache, cache.clone(), one, one)
+    with pytest.raises(RuntimeError, match="int64 vectors of 1"):
+        cpukernels.decode_attention(q, q, q, cache, cache.clone(), one.int(), one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpt_step_with_the_fused_attention_tracks_torch(dtype):
+    """Prefill with torch's attention, then one-token steps fused, over contiguous rows and over
+    scattered rows; the logits follow torch's own one-token steps."""
+    seq = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    for rows in (None, torch.tensor([2, 0])):
+        logits = []
+        for fused in (False, True):
+            m = small_gpt().to(dtype)
+            cpukernels.use_decode_attention(m, fused)
+            cache = KVCache(m.config, 3, dtype=dtype)
+            with torch.inference_mode():
+                m.step(seq[:, :8], torch.zeros(2, dtype=torch.long), cache, rows=rows)
+                logits.append(torch.cat([m.step(seq[:, i:i + 1], torch.full((2,), i), cache, rows=rows)
+                                         for i in range(8, 12)], 1).float())
+        assert (logits[0] - logits[1]).abs().max() <= 4 * TOL[dtype] * logits[0].abs().max()
+
+
+def test_cache_dtype_follows_the_attention_path_and_auto_falls_back(monkeypatch):
+    model = small_gpt().to(torch.bfloat16)
+    assert choose_cpu_attention(model, "auto") == "kernel" and kv_cache_dtype(model) == torch.bfloat16
+    assert choose_cpu_attention(model, "torch") == "torch" and kv_cache_dtype(model) == torch.float32
+    assert kv_cache_dtype(small_gpt()) == torch.float32
+    monkeypatch.setattr(cpukernels, "_loaded", False)
+    monkeypatch.setattr(cpukernels, "_error", "needs ninja (pip install ninja)")
+    assert choose_cpu_attention(model, "auto") == "torch"
+    with pytest.raises(cpukernels.KernelUnavailable, match="needs ninja"):
+        choose_cpu_attention(model, "kernel")
+    with pytest.raises(ValueError, match="cpu_attention must be one of auto, kernel, torch"):
+        choose_cpu_attention(model, "flash")

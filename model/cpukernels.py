@@ -1,18 +1,22 @@
-"""The CPU matrix-vector kernel for decoding a few sequences (model/csrc/matvec.cpp).
+"""CPU kernels for decoding (model/csrc/): matrix-vector products and decode attention.
 
 Batch-1 decode on CPU is one pass over every weight per token, so it runs at the speed
 of the matrix-vector products; on this project's machines torch's own reach about two
-thirds of the memory bandwidth. The kernel streams each weight row once (float32,
-float16 or bfloat16 weights, float32 accumulation) for up to `BLOCK_ROWS` rows of input
-per pass, which also beats torch's matrix products for skinny inputs (a decode batch;
-in half precision, prefill too). It is built on first use by torch's extension builder (a C++ compiler
-and ninja; about 15 s, then cached under TORCH_EXTENSIONS_DIR, by default
-~/.cache/torch_extensions) and needs an x86-64 CPU with AVX2. Where it cannot be
-built, `load()` says which of those was missing and the engine keeps torch's kernels.
+thirds of the memory bandwidth. `linear_rows` (matvec.cpp) streams each weight row once
+(float32, float16 or bfloat16 weights, float32 accumulation) for up to `BLOCK_ROWS` rows
+of input per pass, which also beats torch's matrix products for skinny inputs (a decode
+batch; in half precision, prefill too). `decode_attention` (attention.cpp) does a decode
+step's cache writes and attention in one op per layer instead of a dozen small ones.
+
+Both are built on first use by torch's extension builder (a C++ compiler and ninja; about
+20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
+need an x86-64 CPU with AVX2. Where they cannot be built, `load()` says which of those
+was missing and the engine keeps torch's kernels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import shutil
 import threading
@@ -23,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
-SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp")]
 
 _lock = threading.Lock()
 _error: str | None = None  # why the kernel is unavailable, once a load has failed
@@ -31,7 +35,7 @@ _loaded = False
 
 
 class KernelUnavailable(RuntimeError):
-    """The kernel cannot be built or loaded here; the message says why."""
+    """The kernels cannot be built or loaded here; the message says why."""
 
 
 def _missing_prerequisite() -> str | None:
@@ -52,7 +56,7 @@ def _missing_prerequisite() -> str | None:
 
 
 def load() -> None:
-    """Build (first time only) and load the kernel into torch.ops.nanogpt; idempotent.
+    """Build (first time only) and load the kernels into torch.ops.nanogpt; idempotent.
     Raises KernelUnavailable naming what failed; a failure is remembered, not retried."""
     global _error, _loaded
     with _lock:
@@ -65,14 +69,17 @@ def load() -> None:
                 from torch.utils import cpp_extension
                 # -fopenmp: at::parallel_for is inlined from ATen's headers, and without the flag
                 # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
-                cpp_extension.load(name="nanogpt_matvec", sources=[str(SOURCE)], is_python_module=False,
-                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
+                # The header's hash is a flag because torch rebuilds when sources or flags change.
+                header = hashlib.sha256((SOURCES[0].parent / "simd.h").read_bytes()).hexdigest()[:16]
+                cpp_extension.load(name="nanogpt_cpu", sources=[str(p) for p in SOURCES], is_python_module=False,
+                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
+                                                 f"-DNANOGPT_SIMD_H={header}"])
                 _loaded = True
                 return
             except Exception as err:  # the compiler's own output is in err; keep its gist
                 lines = [ln for ln in str(err).splitlines() if ln.strip()]
-                _error = f"building {SOURCE.name} failed: {type(err).__name__}: {lines[-1] if lines else ''}"
-        raise KernelUnavailable(f"CPU matvec kernel unavailable: {_error}")
+                _error = f"building model/csrc failed: {type(err).__name__}: {lines[-1] if lines else ''}"
+        raise KernelUnavailable(f"CPU kernels unavailable: {_error}")
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,3 +116,23 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
             m.__class__ = KernelLinear if on else nn.Linear
             if on:
                 m.kernel_max_rows = max_rows
+
+
+def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor:
+    """One decode step's attention for B sequences: writes k, v (B, nh, 1, hs) into the
+    contiguous caches (R, nh, S, hs) at row rows[b] (b itself when rows is None) and
+    position pos[b], and returns (B, nh, hs): each query attended over positions
+    0..pos[b] of its row. Call load() first."""
+    return torch.ops.nanogpt.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
+
+
+def use_decode_attention(model: nn.Module, on: bool = True) -> None:
+    """Give (or take back from) the model's attention layers `decode_attention` for their
+    one-token steps (GPT.step with T == 1). Raises KernelUnavailable, changing nothing,
+    where the kernels cannot be loaded."""
+    from model.gpt import CausalSelfAttention
+    if on:
+        load()
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention) and m.head_dim % 8 == 0:
+            m.decode_attention = decode_attention if on else None
