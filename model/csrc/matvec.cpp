@@ -61,8 +61,9 @@ void rows_of_w(const float* x, const T* w, const T* bias, T* y, int64_t n0, int6
 
 template <typename T, int M>
 void matvec(const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
-  // Enough output rows per task that each thread streams long runs of weights.
-  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
+  // Enough output rows per task that each thread streams long runs of weights, and at
+  // least 64K weights per task: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_of_w<T, M>(x, w, bias, y, n0, n1, N, K); });
 }
 
