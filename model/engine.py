@@ -40,7 +40,7 @@ from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineSt
                                 Outbox, Overloaded, PromptTooLong, RequestHandle, TokenChunk)
 from model.fastpath import DecodeGraphs, choose_cpu_attention, choose_cpu_linear, kv_cache_dtype
 from model.generate import TextStream, context_window
-from model.gpt import GPT, KVCache
+from model.gpt import GPT, KVCache, StepPart
 from model.sampling import BatchParams, SamplingParams, sample
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineStats", "EngineStopped", "GenerationResult",
@@ -257,8 +257,8 @@ class Engine:
         out = Outbox()
         try:
             self._admit_waiting(out)  # waiting requests take the lowest free cache rows
-            self._prefill_chunk()  # at most prefill_chunk prompt tokens
-            rows, tokens = self._decode_running()  # one batched forward + sampling for every live row
+            prefill = self._plan_prefill()  # at most prefill_chunk prompt tokens, as step batches
+            rows, tokens = self._forward(prefill)  # prompt chunks + one token of every live row, sampled
             self._emit_and_retire(rows, tokens, out)  # push tokens to streams; free finished rows
         finally:  # even when a phase failed, what was finished before it gets delivered
             out.send()
@@ -282,13 +282,13 @@ class Engine:
                 seq.admitted = time.perf_counter()
                 st.rows[seq.row] = seq
 
-    def _prefill_chunk(self) -> None:
-        """Feed up to prefill_chunk prompt tokens in all (idle_prefill_chunk while no row is
-        decoding), oldest admission first; rows given
-        chunks of the same length share one forward. Only the oldest row may take a partial
-        chunk: a sliver of a later prompt would cost a whole extra pass over the weights
-        and would split equal-length prompts into groups that no longer match. Each row's
-        last pending token is left for the batched decode, which produces its logits."""
+    def _plan_prefill(self) -> list[StepPart]:
+        """Choose up to prefill_chunk prompt tokens in all (idle_prefill_chunk while no row is
+        decoding), oldest admission first, as step batches: rows given chunks of the same
+        length share one. Only the oldest row may take a partial chunk: a sliver of a later
+        prompt would split equal-length prompts into groups that no longer match. Each
+        row's last pending token is left for the decode, which produces its logits. The
+        rows' bookkeeping advances here; the returned batches still hold the chunks."""
         decoding = any(s.decodable for s in self._state.running())
         budget = self.config.prefill_chunk if decoding else max(self.config.prefill_chunk,
                                                                  self.config.idle_prefill_chunk)
@@ -299,36 +299,52 @@ class Engine:
                 break
             groups[n].append(seq)
             budget -= n
+        parts = []
         for n, seqs in groups.items():
             seqs.sort(key=lambda s: s.row)
-            idx = torch.tensor([s.pending[:n] for s in seqs], device=self._device)
-            pos = torch.tensor([s.n_cached for s in seqs], device=self._device)
             rows = [s.row for s in seqs]
             contiguous = rows[-1] - rows[0] == len(rows) - 1  # rows are distinct and sorted
-            self.model.step(idx, pos, self._cache, row0=rows[0], kv_len=max(s.n_cached for s in seqs) + n,
-                            last_only=True, rows=None if contiguous else torch.tensor(rows, device=self._device))
+            parts.append(StepPart(
+                idx=torch.tensor([s.pending[:n] for s in seqs], device=self._device),
+                pos=torch.tensor([s.n_cached for s in seqs], device=self._device), row0=rows[0],
+                kv_len=max(s.n_cached for s in seqs) + n, logits=None,
+                rows=None if contiguous else torch.tensor(rows, device=self._device)))
             for seq in seqs:
                 seq.n_cached += n
                 del seq.pending[:n]
+        return parts
 
-    def _decode_running(self) -> tuple[list[int], list[int]]:
-        """One forward for rows 0..n-1 (n = highest decodable row + 1), then sample on the
-        device. Returns (decodable rows, their sampled tokens): the step's one host sync."""
+    def _forward(self, prefill: list[StepPart]) -> tuple[list[int], list[int]]:
+        """The step's forward: the prompt chunks, and one token for rows 0..n-1 (n = highest
+        decodable row + 1), then sampling on the device. Eager, it is one pass over the
+        weights for both; with CUDA graphs the chunks run first and the captured decode is
+        replayed. Returns (decodable rows, their sampled tokens): the step's one host sync."""
         rows = [r for r, s in enumerate(self._state.rows) if s is not None and s.decodable]
         if not rows:
+            if prefill:
+                self.model.step_parts(prefill, self._cache)
             self._last_batch = 0
             return [], []
         t0 = time.perf_counter()
-        n = rows[-1] + 1
-        B = self._graphs.bucket(n)
+        B = self._graphs.bucket(rows[-1] + 1)
         seqs = self._state.rows[:B] + [None] * (B - len(self._state.rows[:B]))
-        # free rows write at 0, prefilling rows at their next prefill position: both harmless
+        # Rows riding along write where nothing lives: free rows at 0, prefilling rows at their
+        # next prefill position (past this step's chunk, which _plan_prefill already counted).
         idx = [[s.pending[0] if s is not None and s.decodable else 0] for s in seqs]
         pos = [s.n_cached if s is not None else 0 for s in seqs]
-        logits = self._forward_decode(idx, pos)[:, -1]  # (B, V)
+        logits = None
+        if self._graphs:
+            if prefill:
+                self.model.step_parts(prefill, self._cache)
+                prefill = []
+            logits = self._graphs.replay(idx, pos)
+        if logits is None:  # eager: the chunks, then the decode, in one pass over the weights
+            decode = StepPart(torch.tensor(idx, device=self._device), torch.tensor(pos, device=self._device),
+                              kv_len=max(pos) + 1)
+            logits = self.model.step_parts(prefill + [decode], self._cache)[-1]
         bp = self._sampling_params(seqs)
         step = torch.tensor([len(s.generated) if s is not None else 0 for s in seqs], device=self._device)
-        tokens = sample(logits, bp, step, self._n_vocab).tolist()
+        tokens = sample(logits[:, -1], bp, step, self._n_vocab).tolist()
         dt = time.perf_counter() - t0
         self._tps = 0.8 * self._tps + 0.2 * (len(rows) / dt) if self._tps else len(rows) / dt
         self._total_steps += 1
@@ -398,11 +414,3 @@ class Engine:
                 [s.params if s else None for s in live], [s.seed if s else 0 for s in live], self._device)
             self._batch_key = key
         return self._batch_params
-
-    def _forward_decode(self, idx: list, pos: list) -> torch.Tensor:
-        logits = self._graphs.replay(idx, pos)
-        if logits is None:  # eager: attend only over the positions in use
-            idx_t = torch.tensor(idx, device=self._device)
-            pos_t = torch.tensor(pos, device=self._device)
-            logits = self.model.step(idx_t, pos_t, self._cache, kv_len=max(pos) + 1)
-        return logits

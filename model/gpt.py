@@ -4,7 +4,9 @@
 `GPT.step(idx, pos, cache)` is the serving path (gpt-fast style): it appends the
 key/values of `idx` to `cache` at per-row positions `pos` and attends over the
 cache, so one call serves both prefill (T > 1) and batched decode (T == 1) of
-sequences of different lengths. This module holds no compile, graph or device code.
+sequences of different lengths; `GPT.step_parts` runs several such batches (prompt
+chunks and decodes) in one pass over the weights. This module holds no compile, graph
+or device code.
 """
 
 from __future__ import annotations
@@ -97,38 +99,43 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def _qkv(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+    def _heads(self, qkv):
+        """(B, T, 3C) -> q, k, v as (B, nh, T, hs) views."""
+        B, T, _ = qkv.shape
+        return [t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2)]
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._heads(self.c_attn(x))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def step(self, x, t, mask, k_cache, v_cache, rows=None):
-        """x (B, T, C) new tokens at absolute positions t (B, T); mask (B, 1, T, L) says which
-        cached keys each query sees. k/v_cache (R, nh, S, hs): with rows None they are this
-        batch's cache rows (R == B); else rows (B,) long picks the batch's rows among R.
-        The cache may be wider than x (float32 under a half-precision model): attention
-        then runs in the cache's dtype."""
-        B, T, C = x.shape
-        q, k, v = self._qkv(x)
+    def step_parts(self, xs, contexts):
+        """Serving attention for several batches (see GPT.step_parts): the projections take
+        every batch's tokens in one pass over their weights, attention runs batch by batch."""
+        qkvs = joint(self.c_attn, xs)
+        return joint(self.c_proj, [self._attend(qkv, *ctx) for qkv, ctx in zip(qkvs, contexts)])
+
+    def _attend(self, qkv, t, mask, k_cache, v_cache, rows=None):
+        """qkv (B, T, 3C) of new tokens at absolute positions t (B, T); mask (B, 1, T, L) says
+        which cached keys each query sees. k/v_cache (R, nh, S, hs): with rows None they are
+        this batch's cache rows (R == B); else rows (B,) long picks the batch's rows among R.
+        The cache may be wider than qkv (float32 under a half-precision model): attention
+        then runs in the cache's dtype. Returns (B, T, C)."""
+        B, T, C = qkv.shape[0], qkv.shape[1], self.n_embd
+        q, k, v = self._heads(qkv)
         if T == 1 and self.decode_attention is not None:
             y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, nh, hs)
-            return self.c_proj(y.reshape(B, T, C))
-        r = (torch.arange(B, device=x.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
+            return y.reshape(B, T, C)
+        r = (torch.arange(B, device=qkv.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
         k_cache[r, :, t] = k.transpose(1, 2).to(k_cache.dtype)  # write (B, T, nh, hs) in place
         v_cache[r, :, t] = v.transpose(1, 2).to(v_cache.dtype)
         L = mask.shape[-1]  # attend only over the first L cached positions
         keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
         if rows is not None:  # gather (a copy): the batch's rows only
             keys, values = keys[rows], values[rows]
-        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask).to(x.dtype)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask).to(qkv.dtype)
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 class MLP(nn.Module):
@@ -154,9 +161,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def step(self, x, t, mask, k_cache, v_cache, rows=None):
-        x = x + self.attn.step(self.ln_1(x), t, mask, k_cache, v_cache, rows)
-        return x + self.mlp(self.ln_2(x))
+    def step_parts(self, xs, contexts):
+        xs = [x + y for x, y in zip(xs, self.attn.step_parts([self.ln_1(x) for x in xs], contexts))]
+        return [x + y for x, y in zip(xs, joint(self.mlp, [self.ln_2(x) for x in xs]))]
 
 
 class GPT(nn.Module):
@@ -222,16 +229,53 @@ class GPT(nn.Module):
         default max(pos) + T, which needs a host sync. Returns logits (B, T, V),
         or (B, 1, V) for the last position only when last_only.
         """
-        B, T = idx.shape
-        t = pos.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T) absolute positions
-        if kv_len is None:
-            kv_len = int(pos.max()) + T
-        keys = torch.arange(kv_len, device=idx.device)
-        mask = (keys.view(1, 1, kv_len) <= t.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, L)
-        x = self.transformer.wte(idx) + self.transformer.wpe(t)  # (B, T, C)
-        sel = slice(row0, row0 + B) if rows is None else slice(None)  # views, never copies
+        part = StepPart(idx, pos, row0=row0, kv_len=kv_len, rows=rows, logits="last" if last_only else "all")
+        return self.step_parts([part], cache)[0]
+
+    def step_parts(self, parts: list["StepPart"], cache: KVCache) -> list[torch.Tensor | None]:
+        """Several step() batches (say, prompt chunks and one-token decodes, of different
+        lengths) in one pass over the weights: every linear layer takes all of their tokens
+        at once, attention runs batch by batch. The batches must not write the same cache
+        positions. Returns each batch's logits as step() would, None where it asked for none."""
+        contexts, xs = [], []
+        for p in parts:
+            B, T = p.idx.shape
+            t = p.pos.unsqueeze(1) + torch.arange(T, device=p.idx.device)  # (B, T) absolute positions
+            kv_len = int(p.pos.max()) + T if p.kv_len is None else p.kv_len
+            keys = torch.arange(kv_len, device=p.idx.device)
+            mask = (keys.view(1, 1, kv_len) <= t.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, L)
+            sel = slice(p.row0, p.row0 + B) if p.rows is None else slice(None)  # views, never copies
+            contexts.append((t, mask, sel, p.rows))
+            xs.append(self.transformer.wte(p.idx) + self.transformer.wpe(t))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block.step(x, t, mask, cache.k[i, sel], cache.v[i, sel], rows)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+            xs = block.step_parts(xs, [(t, mask, cache.k[i, sel], cache.v[i, sel], rows)
+                                       for t, mask, sel, rows in contexts])
+        wanted = [i for i, p in enumerate(parts) if p.logits]
+        heads = joint(lambda x: self.lm_head(self.transformer.ln_f(x)),
+                      [xs[i][:, -1:] if parts[i].logits == "last" else xs[i] for i in wanted])
+        out: list[torch.Tensor | None] = [None] * len(parts)
+        for i, logits in zip(wanted, heads):
+            out[i] = logits
+        return out
+
+
+@dataclass
+class StepPart:
+    """One batch of GPT.step's arguments, for GPT.step_parts. logits: "all" positions,
+    the "last" one, or None (a prompt chunk whose logits nobody reads)."""
+    idx: torch.Tensor
+    pos: torch.Tensor
+    row0: int = 0
+    kv_len: int | None = None
+    rows: torch.Tensor | None = None
+    logits: str | None = "all"
+
+
+def joint(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn applied to several (B, T, C) inputs as one (N, C) batch, one pass over fn's
+    weights, and split back into (B, T, C') outputs."""
+    if len(xs) <= 1:
+        return [fn(x) for x in xs]
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    out = fn(torch.cat([x.reshape(n, x.shape[-1]) for x, n in zip(xs, sizes)]))
+    return [o.view(x.shape[0], x.shape[1], o.shape[-1]) for x, o in zip(xs, out.split(sizes))]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
+from model.gpt import StepPart
 
 CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
 
@@ -139,3 +140,24 @@ def test_a_half_precision_model_over_a_float32_cache_tracks_float32():
         got = half.step(seq[:, 9:], torch.tensor([9, 9]), cache)[:, 0]
         assert got.dtype == torch.bfloat16 and cache.k.dtype == cache_dtype
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+@torch.no_grad()
+def test_step_parts_equals_the_same_steps_one_by_one():
+    """A prompt chunk for rows 2-3 and a one-token decode of rows 0-1 in one pass over the
+    weights give the logits and the cache that two step() calls give."""
+    model = random_gpt(seed=8)
+    g = torch.Generator().manual_seed(9)
+    prompts = torch.randint(0, CFG.vocab_size, (4, 6), generator=g)
+    caches = [KVCache(CFG, 4), KVCache(CFG, 4)]
+    for cache in caches:  # rows 0-1 hold 5 tokens already
+        model.step(prompts[:2, :5], torch.tensor([0, 0]), cache)
+    chunk = StepPart(prompts[2:], torch.tensor([0, 0]), row0=2, logits=None)
+    decode = StepPart(prompts[:2, 5:], torch.tensor([5, 5]))
+    together = model.step_parts([chunk, decode], caches[0])
+    assert together[0] is None
+    apart = [model.step(prompts[2:], torch.tensor([0, 0]), caches[1], row0=2),
+             model.step(prompts[:2, 5:], torch.tensor([5, 5]), caches[1])]
+    torch.testing.assert_close(together[1], apart[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches[0].v, caches[1].v, atol=1e-5, rtol=0)
