@@ -91,13 +91,14 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 class KernelLinear(nn.Linear):
     """nn.Linear that sends calls of at most `kernel_max_rows` rows without autograd to
     the kernel (decode batches) and everything else (big prefills, training) to
-    F.linear. Same parameters and state_dict as nn.Linear: `use_kernel` only changes the
-    class of existing modules, and sets kernel_max_rows (measured by model/fastpath.py)."""
+    F.linear (and so does a model moved off the CPU). Same parameters and state_dict as
+    nn.Linear: `use_kernel` only changes the class of existing modules, and sets
+    kernel_max_rows (measured by model/fastpath.py)."""
 
     kernel_max_rows: int = BLOCK_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() <= self.kernel_max_rows * self.in_features
+        if (x.numel() <= self.kernel_max_rows * self.in_features and x.is_cpu
                 and not (torch.is_grad_enabled() and self.weight.requires_grad)):
             return linear_rows(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -118,11 +119,13 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
                 m.kernel_max_rows = max_rows
 
 
-def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor:
+def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | None:
     """One decode step's attention for B sequences: writes k, v (B, nh, 1, hs) into the
     contiguous caches (R, nh, S, hs) at row rows[b] (b itself when rows is None) and
     position pos[b], and returns (B, nh, hs): each query attended over positions
-    0..pos[b] of its row. Call load() first."""
+    0..pos[b] of its row. None (nothing done) off the CPU. Call load() first."""
+    if not k_cache.is_cpu:
+        return None
     return torch.ops.nanogpt.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
 
 

@@ -89,7 +89,8 @@ class LayerNorm(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     # A device may supply a fused one-token step (cache writes + attention in one op, with the
-    # signature of model/cpukernels.decode_attention); None: the torch operators below.
+    # signature of model/cpukernels.decode_attention, returning None where it does not apply);
+    # None: the torch operators below.
     decode_attention = None
 
     def __init__(self, config: GPTConfig):
@@ -125,8 +126,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = qkv.shape[0], qkv.shape[1], self.n_embd
         q, k, v = self._heads(qkv)
         if T == 1 and self.decode_attention is not None:
-            y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, nh, hs)
-            return y.reshape(B, T, C)
+            y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, nh, hs), or None
+            if y is not None:
+                return y.reshape(B, T, C)
         r = (torch.arange(B, device=qkv.device) if rows is None else rows).unsqueeze(1)  # (B, 1)
         k_cache[r, :, t] = k.transpose(1, 2).to(k_cache.dtype)  # write (B, T, nh, hs) in place
         v_cache[r, :, t] = v.transpose(1, 2).to(v_cache.dtype)

@@ -3,6 +3,7 @@ and the engine's choices of what runs them (model/fastpath.py)."""
 
 from __future__ import annotations
 
+import copy
 import platform
 
 import pytest
@@ -111,6 +112,13 @@ def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monke
         model(torch.zeros(1, 9, dtype=torch.long))
     assert calls and all(s[:-1].numel() == 9 for s in calls)
     calls.clear()
+    # a model moved off the CPU keeps its layers' class but not the kernel (meta: no device needed)
+    calls.clear()
+    layer = copy.deepcopy(next(m for m in model.modules() if isinstance(m, cpukernels.KernelLinear))).to("meta")
+    with torch.inference_mode():
+        out = layer(torch.empty(1, layer.in_features, device="meta"))
+    assert isinstance(layer, cpukernels.KernelLinear) and out.shape == (1, layer.out_features) and out.is_meta
+    assert not calls
     # training still works: with autograd on, everything goes through F.linear
     loss = model(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))[1]
     loss.backward()
@@ -239,6 +247,8 @@ def test_decode_attention_of_a_row_does_not_depend_on_its_batch():
                                             pos[b:b + 1])
         assert torch.equal(alone[0], together[b])
     assert torch.equal(cpukernels.decode_attention(q, k, v, k_cache, v_cache, None, pos), together)  # rows 0..B-1
+    meta = [t.to("meta") for t in (q, k, v, k_cache, v_cache)]
+    assert cpukernels.decode_attention(*meta, None, pos) is None  # off the CPU: not applicable
 
 
 def test_decode_attention_refuses_bad_inputs_with_the_reason():
