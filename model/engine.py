@@ -320,9 +320,10 @@ class Engine:
         weights for both; with CUDA graphs the chunks run first and the captured decode is
         replayed. Returns (decodable rows, their sampled tokens): the step's one host sync."""
         rows = [r for r, s in enumerate(self._state.rows) if s is not None and s.decodable]
+        if prefill and (not rows or self._graphs):  # no decode to share the pass, or a captured one
+            self.model.step_parts(prefill, self._cache)
+            prefill = []
         if not rows:
-            if prefill:
-                self.model.step_parts(prefill, self._cache)
             self._last_batch = 0
             return [], []
         t0 = time.perf_counter()
@@ -332,12 +333,7 @@ class Engine:
         # next prefill position (past this step's chunk, which _plan_prefill already counted).
         idx = [[s.pending[0] if s is not None and s.decodable else 0] for s in seqs]
         pos = [s.n_cached if s is not None else 0 for s in seqs]
-        logits = None
-        if self._graphs:
-            if prefill:
-                self.model.step_parts(prefill, self._cache)
-                prefill = []
-            logits = self._graphs.replay(idx, pos)
+        logits = self._graphs.replay(idx, pos)  # None without a captured graph for this batch
         if logits is None:  # eager: the chunks, then the decode, in one pass over the weights
             decode = StepPart(torch.tensor(idx, device=self._device), torch.tensor(pos, device=self._device),
                               kv_len=max(pos) + 1)

@@ -49,8 +49,8 @@ class KVCache:
     """Key/value buffers for `n_rows` sequences of up to `block_size` tokens, every layer.
 
     Shape per buffer: (n_layer, n_rows, n_head, block_size, head_dim), in the model's dtype
-    or a wider one (the engine keeps float32 keys/values under half-precision weights on
-    CPU, where half-precision attention is slow). Allocated once;
+    or a wider one (on CPU under torch's attention, where half precision is slow, the engine
+    keeps float32 keys/values under half-precision weights). Allocated once;
     a row belongs to one sequence at a time, and the owner of the cache (the engine)
     decides which rows a call touches. Nothing is ever reallocated, so decode shapes
     stay static (what CUDA graphs need).
