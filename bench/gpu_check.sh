@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the CUDA tests, then the benchmark on GPT-2 124M and 355M shapes (< 5 minutes),
-# a short table last. Run bench/gpu_prepare.sh here first, then (device tool):
+# On a CUDA machine: the CUDA tests, then the benchmark on GPT-2 124M and 355M shapes and a profile
+# of the decode step (about 3 minutes in all). Run bench/gpu_prepare.sh here first, then (device tool):
 #   run(command="bash bench/gpu_check.sh", carry=[".gpu-carry"], timeout_s=420)
 # The JSON and the log land in $OUT when the tool sets it. DEVICE=cpu is a dry run of this
 # script on a machine without a GPU (the CUDA tests skip; a quick benchmark on the CPU).
@@ -26,9 +26,15 @@ fi
 "$PY" -c 'import torch; print("torch", torch.__version__)'
 # -m gpu: the CUDA engine tests and the CUDA checkpoint load; they skip without CUDA.
 # A failing test does not stop the benchmark (its figures are wanted either way); the exit status tells.
-tests=0
-"$PY" -m pytest tests/engine/test_engine_cuda.py tests/model/test_checkpoint.py -q -m gpu -p no:cacheprovider \
+# Each stage has its own time limit, so that one that hangs still leaves the other's output.
+tests=0 bench=0
+timeout 150 "$PY" -m pytest tests/engine/test_engine_cuda.py tests/model/test_checkpoint.py -q -m gpu -p no:cacheprovider \
     2>&1 | tee "$OUTDIR/gpu-check-tests.log" || tests=$?
-"$PY" -m bench.run "${BENCH[@]}" --out "$OUTDIR/gpu-check.json" 2>&1 | tee "$OUTDIR/gpu-check-bench.log" | tail -n 40
+timeout 300 "$PY" -m bench.run "${BENCH[@]}" --out "$OUTDIR/gpu-check.json" 2>&1 | tee "$OUTDIR/gpu-check-bench.log" \
+    | tail -n 40 || { bench=$?; echo "benchmark FAILED (exit $bench): see $OUTDIR/gpu-check-bench.log"; }
+if [ "$DEVICE" = cuda ]; then  # where a step's time goes: the graph alone vs the engine thread's Python
+    timeout 90 "$PY" -m bench.profile --clients 1,32 > "$OUTDIR/gpu-profile.log" 2>&1 || echo "profile FAILED"
+    grep -A 8 "^## batch" "$OUTDIR/gpu-profile.log" || true
+fi
 [ "$tests" = 0 ] || echo "CUDA tests FAILED (exit $tests): see $OUTDIR/gpu-check-tests.log"
-exit "$tests"
+exit $(( tests != 0 ? tests : bench ))

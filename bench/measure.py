@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,12 @@ def batch1_ceiling(model, repeats: int = 5, via: str = "torch") -> float:
     return 1.0 / _best(one_pass, repeats, p.device)
 
 
+def bandwidth_ceiling(model, copy_bytes_per_s: float) -> float:
+    """Tokens/s if a decode step cost nothing but reading every weight matrix once at the
+    copy bandwidth (a GPU's batch-1 bound; torch's eager pass there is bound by launches)."""
+    return copy_bytes_per_s / weight_bytes(model)
+
+
 def weight_bytes(model) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
@@ -93,7 +101,7 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, repeats: int = 1)
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                         use_cache=True, pad_token_id=50256)
-    run(2)  # warm-up
+    run(min(new_tokens, 8))  # warm-up
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -157,21 +165,25 @@ async def engine_greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
     return r.token_ids
 
 
-async def in_process_clients(engine: Engine, prompts: list[list[int]], new_tokens: int, per_client: int) -> ClientRun:
-    """`len(prompts)` concurrent clients, each sending `per_client` requests back to back."""
+async def in_process_clients(engine: Engine, prompts: list[list[int]], new_tokens: int, per_client: int,
+                             warmup: int = 0) -> ClientRun:
+    """`len(prompts)` concurrent clients, each sending `per_client` requests back to back
+    (after `warmup` untimed ones each)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
     lat, ttft, tokens = [], [], 0
 
-    async def client(prompt):
+    async def client(prompt, n, timed=True):
         nonlocal tokens
-        for _ in range(per_client):
+        for _ in range(n):
             r = await engine.submit(prompt, params).result()
-            lat.append(r.total_s)
-            ttft.append(r.ttft_s)
-            tokens += r.completion_tokens
+            if timed:
+                lat.append(r.total_s)
+                ttft.append(r.ttft_s)
+                tokens += r.completion_tokens
 
+    await asyncio.gather(*(client(p, warmup, timed=False) for p in prompts))
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(p) for p in prompts))
+    await asyncio.gather(*(client(p, per_client) for p in prompts))
     return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft, "in-process")
 
 
@@ -185,10 +197,11 @@ def server_available() -> str | None:
         return f"server not importable ({type(err).__name__}: {err})"
 
 
-async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_client: int) -> ClientRun:
+async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_client: int,
+                       warmup: int = 0) -> ClientRun:
     """The same load through server.app over real HTTP on 127.0.0.1, streaming (SSE) so the
-    first token's arrival is seen. The server owns (and finally stops) the engine."""
-    import aiohttp
+    first token's arrival is seen. The clients run in their own process (bench/load.py),
+    after `warmup` untimed requests each. The server owns (and finally stops) the engine."""
     from aiohttp import web
 
     from server.app import create_app
@@ -201,39 +214,16 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    lat, ttft, tokens = [], [], 0
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-            deadline = time.monotonic() + 120
-            while (await session.get(url + "/readyz")).status != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become ready")
-                await asyncio.sleep(0.05)  # polling readiness (a condition with a deadline)
-
-            async def client(text):
-                nonlocal tokens
-                body = {"prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                for _ in range(per_client):
-                    t0 = time.perf_counter()
-                    first = None
-                    async with session.post(url + "/v1/completions", json=body) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-                        async for line in resp.content:
-                            if not line.startswith(b"data: {"):
-                                continue
-                            event = json.loads(line[6:])
-                            if first is None and event.get("choices") and event["choices"][0].get("text"):
-                                first = time.perf_counter() - t0
-                            if event.get("usage"):
-                                tokens += event["usage"]["completion_tokens"]
-                    lat.append(time.perf_counter() - t0)
-                    ttft.append(first if first is not None else lat[-1])
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client(t) for t in texts))
-            wall = time.perf_counter() - t0
+        job = {"url": url, "texts": texts, "new_tokens": new_tokens, "per_client": per_client, "warmup": warmup}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.load", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1])
+        out, _ = await proc.communicate(json.dumps(job).encode())
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.load failed (exit {proc.returncode}); its error is above")
+        run = json.loads(out)
     finally:
         await runner.cleanup()
-    return ClientRun(len(texts), len(lat), tokens, wall, lat, ttft, "http")
+    return ClientRun(len(texts), len(run["latencies"]), run["tokens"], run["wall_s"], run["latencies"],
+                     run["ttfts"], "http")

@@ -3,12 +3,13 @@
     python -m bench.run [--quick] [--device cpu|cuda] [--shapes gpt2-124M,gpt2-355M] [--llama-cpp]
 
 One run measures, for each model shape: this machine's ceilings (GEMM FLOP/s, copy
-bandwidth, the batch-1 matrix-vector ceiling of the engine's path and of torch's F.linear); batch-1 decode
-tokens/s, ours in each dtype vs transformers' generate(use_cache=True); served throughput
-with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP when
-server/ is importable, else in-process (the table says which), vs transformers'
-static-batch generate and vs one request at a time; peak RSS and KV-cache bytes; and the
-demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
+bandwidth, the batch-1 bound: on CPU one matrix-vector pass over all weights by the engine's
+path, on a GPU reading every weight once at the copy bandwidth; torch's F.linear pass beside it);
+batch-1 decode tokens/s, ours in each dtype vs transformers' generate(use_cache=True); served
+throughput with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP
+when server/ is importable, the clients in a process of their own (bench/load.py), else
+in-process (the table says which), vs transformers' static-batch generate and vs one request
+at a time; peak RSS and KV-cache bytes; and the demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
 
 --llama-cpp adds llama.cpp (llama-cpp-python) on the same random weights, converted to GGUF
 in f32, f16 and q8_0, batch 1, timed as ours is (see bench/llama.py). It needs, once:
@@ -104,29 +105,34 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     out["n_params"] = n_params
     hf_dtype = torch.float32 if device.type == "cpu" else DTYPES[serve_dtype]
     hf = hf.to(hf_dtype)
+    # the ceilings first: on a GPU they also bring the clocks up before anything is timed
+    out["ceilings"]["copy_GB_s"] = measure.copy_bandwidth(device) / 1e9
+    for name in dict.fromkeys(dtypes + [serve_dtype]):
+        out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
     log.info("%s: %.0fM parameters; transformers batch-1 (%s)", shape, n_params / 1e6, hf_dtype)
     hf_before = measure.hf_decode_tok_s(hf, prompts[0], new, repeats)
     out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."), "tok_s": hf_before}
-    out["ceilings"]["copy_GB_s"] = measure.copy_bandwidth(device) / 1e9
 
     reference_tokens = None
     for name in dtypes:
         model = ours if DTYPES[name] == torch.float32 else in_dtype(ours, DTYPES[name])
-        out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
         engine = await measure.started_engine(model, max_batch=1)
         try:
             rate = await measure.engine_decode_tok_s(engine, prompts[0], new, repeats)
             tokens = await measure.engine_greedy(engine, prompts[0], 32)
         finally:
             await engine.stop(drain=False)
-        ceiling = measure.batch1_ceiling(model, via="model")  # the path the engine chose for this copy
         torch_ceiling = measure.batch1_ceiling(model, via="torch")
+        if device.type == "cpu":  # the matrix-vector path the engine chose for this copy
+            ceiling, bound = measure.batch1_ceiling(model, via="model"), "its path"
+        else:  # torch's eager pass is bound by kernel launches there, not by the GPU
+            ceiling, bound = measure.bandwidth_ceiling(model, out["ceilings"]["copy_GB_s"] * 1e9), "bandwidth"
         if reference_tokens is None and name == "float32":
             reference_tokens = tokens
         agree = None if reference_tokens is None else next(
             (i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
         out["batch1"][name] = {"tok_s": rate, "cpu_linear": engine.cpu_linear, "ceiling_tok_s": ceiling,
-                               "torch_ceiling_tok_s": torch_ceiling, "of_ceiling": rate / ceiling,
+                               "ceiling_bound": bound, "torch_ceiling_tok_s": torch_ceiling, "of_ceiling": rate / ceiling,
                                "weight_GB_s": rate * measure.weight_bytes(model) / 1e9,
                                "greedy_agrees_with_fp32_for": agree}
         log.info("batch-1 %s: %.1f tok/s (%s; ceiling %.1f, torch's %.1f)", name, rate, engine.cpu_linear,
@@ -156,14 +162,16 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     why_not_http = "--no-http" if args.no_http else (
         "no GPT-2 tokenizer data" if texts is None else measure.server_available())
     out["clients_via"] = "http" if why_not_http is None else f"in-process ({why_not_http})"
-    per_client = 1 if args.quick else 2
+    # a GPU finishes 2 requests per client in a fraction of a second: more, after a warm-up round
+    per_client = 1 if args.quick else 2 if device.type == "cpu" else 8
+    warmup = 0 if device.type == "cpu" else 1
     for c in clients:
         gc.collect()  # the previous engine's KV cache goes before the next one is allocated
         engine = await measure.started_engine(model, max_batch=c)
         if why_not_http is None:
-            run = await measure.http_clients(engine, texts[:c], new, per_client)  # the server stops the engine
+            run = await measure.http_clients(engine, texts[:c], new, per_client, warmup)  # the server stops the engine
         else:
-            run = await measure.in_process_clients(engine, prompts[:c], new, per_client)
+            run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup)
             await engine.stop(drain=False)
         out["clients"][c] = run.summary()
         out["kv_cache_bytes"] = engine.kv_cache_bytes  # the largest run's, max_batch rows of block_size
@@ -172,7 +180,7 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     if why_not_http is None and max(clients) > 1:  # server overhead against the engine in-process
         gc.collect()
         engine = await measure.started_engine(model, max_batch=max(clients))
-        run = await measure.in_process_clients(engine, prompts[:max(clients)], new, per_client)
+        run = await measure.in_process_clients(engine, prompts[:max(clients)], new, per_client, warmup)
         await engine.stop(drain=False)
         out["clients"][f"{max(clients)} in-process"] = run.summary()
         del engine
@@ -183,9 +191,7 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
             continue
         t = measure.hf_generate(hf, prompts[:c], new, 1)
         out["clients"][c]["transformers_static_tok_s"] = c * new / t
-    matmul = out["ceilings"].get(f"matmul_{serve_dtype}_GFLOP_s")
-    if matmul is None:
-        matmul = measure.matmul_flops(DTYPES[serve_dtype], device) / 1e9
+    matmul = out["ceilings"][f"matmul_{serve_dtype}_GFLOP_s"]
     for c, row in out["clients"].items():  # 2 FLOPs per parameter per token, prefill included
         row["of_matmul_ceiling"] = row["tok_s"] * (64 + new) / new * 2 * n_params / 1e9 / matmul
     del hf
@@ -245,7 +251,8 @@ def table(report: dict) -> str:
                 note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
                 lines.append(f"| batch 1, ours {d}, {v['cpu_linear'] or 'torch'}{note} | {v['tok_s']:.1f} | "
                              f"{v['tok_s'] / hf:.2f}x | {v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} "
-                             f"(torch F.linear: {v['torch_ceiling_tok_s']:.0f}) |")
+                             f"({v.get('ceiling_bound', 'its path')}; torch F.linear pass: "
+                             f"{v['torch_ceiling_tok_s']:.0f}) |")
         for k, v in r.get("llama_cpp", {}).get("rows", {}).items():
             agree = v["greedy_agrees_with_fp32_for"]
             note = "" if agree is None else f" (greedy = ours fp32 for {agree}/{v['compared_tokens']} tokens)"

@@ -231,9 +231,17 @@ class Engine:
                      self._block_size, str(self._cache_dtype).removeprefix("torch."), self._cache.nbytes / 2**20)
             if self._device.type == "cuda" and self.config.cuda_graphs:
                 self._graphs.capture(self.model, self._cache, self.config.batch_buckets, self.config.max_batch)
-            else:  # one prefill and one decode, so first-request latency is not allocation
-                idx = torch.zeros(1, 2, dtype=torch.long, device=self._device)
-                self.model.step(idx, torch.zeros(1, dtype=torch.long, device=self._device), self._cache)
+            # a prefill chunk, a decode and both samplers, so that the first request does not pay for
+            # allocation, the BLAS's choice of kernels or CUDA's lazy loading of them (writes to row 0, free)
+            zero = torch.zeros(1, dtype=torch.long, device=self._device)
+            idx = torch.zeros(1, min(self.config.prefill_chunk, self._block_size - 1), dtype=torch.long,
+                              device=self._device)
+            self.model.step(idx, zero, self._cache)
+            logits = self.model.step(idx[:, :1], zero + idx.shape[1], self._cache)
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9)):
+                sample(logits[:, -1], BatchParams.build([params], [0], self._device), zero, self._n_vocab)
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
 
     def _run(self) -> None:
         with torch.inference_mode():

@@ -118,6 +118,7 @@ class RequestHandle:
         self._engine, self._loop = engine, loop
         self._chunks: asyncio.Queue = asyncio.Queue()
         self._result: asyncio.Future = loop.create_future()
+        self._ended = False  # the end-of-stream mark has been read
         self.cancelled = False  # read by the worker thread
 
     def cancel(self) -> None:
@@ -129,8 +130,20 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> TokenChunk:
+        """The next chunk, merged with every other chunk that has already arrived: a reader
+        that falls behind the engine (a busy event loop, a slow client) catches up in one
+        write rather than one per token, so serving many streams cannot snowball."""
+        if self._ended:
+            raise StopAsyncIteration
         chunk = await self._chunks.get()
+        while chunk is not None and not self._chunks.empty():
+            more = self._chunks.get_nowait()
+            if more is None:
+                self._ended = True
+                break
+            chunk = TokenChunk(chunk.token_ids + more.token_ids, chunk.text + more.text)
         if chunk is None:
+            self._ended = True
             raise StopAsyncIteration
         return chunk
 

@@ -154,6 +154,19 @@ async def test_long_prompts_span_several_prefill_chunks_and_cross_block_size():
         assert r.completion_tokens == sp.max_new_tokens
 
 
+async def test_a_reader_that_falls_behind_gets_what_has_arrived_in_one_chunk():
+    async with running_engine() as engine:
+        prompt = engine.tokenizer.encode("the cat")
+        live = engine.submit(prompt, GREEDY)
+        late = engine.submit(prompt, GREEDY)
+        result, streamed = await collect(live)  # read as tokens come
+        assert (await late.result()).token_ids == result.token_ids
+        chunks = [c async for c in late]  # everything arrived before the first read
+        assert len(chunks) == 1
+        assert chunks[0].token_ids == result.token_ids and chunks[0].text == streamed == result.text
+        assert [c async for c in late] == []  # the end stays the end
+
+
 async def test_cancellation_frees_the_row():
     async with running_engine(max_batch=2) as engine:
         handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=10_000, temperature=0.0))
