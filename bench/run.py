@@ -110,6 +110,8 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     for name in dict.fromkeys(dtypes + [serve_dtype]):
         out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
     log.info("%s: %.0fM parameters; transformers batch-1 (%s)", shape, n_params / 1e6, hf_dtype)
+    if device.type == "cuda":  # its first generate calls in a process run at a third of its speed
+        measure.hf_generate(hf, prompts[:1], new, 2)
     hf_before = measure.hf_decode_tok_s(hf, prompts[0], new, repeats)
     out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."), "tok_s": hf_before}
 

@@ -339,15 +339,18 @@ class Engine:
         seqs = self._state.rows[:B] + [None] * (B - len(self._state.rows[:B]))
         # Rows riding along write where nothing lives: free rows at 0, prefilling rows at their
         # next prefill position (past this step's chunk, which _plan_prefill already counted).
-        idx = [[s.pending[0] if s is not None and s.decodable else 0] for s in seqs]
+        idx = [s.pending[0] if s is not None and s.decodable else 0 for s in seqs]
         pos = [s.n_cached if s is not None else 0 for s in seqs]
-        logits = self._graphs.replay(idx, pos)  # None without a captured graph for this batch
-        if logits is None:  # eager: the chunks, then the decode, in one pass over the weights
-            decode = StepPart(torch.tensor(idx, device=self._device), torch.tensor(pos, device=self._device),
-                              kv_len=max(pos) + 1)
-            logits = self.model.step_parts(prefill + [decode], self._cache)[-1]
+        steps = [len(s.generated) if s is not None else 0 for s in seqs]
         bp = self._sampling_params(seqs)
-        step = torch.tensor([len(s.generated) if s is not None else 0 for s in seqs], device=self._device)
+        if self._graphs:
+            step = self._graphs.load(idx, pos, steps)
+            logits = self._graphs.replay(B, max(pos) + 1)
+        else:  # eager: the chunks, then the decode, in one pass over the weights
+            decode = StepPart(torch.tensor(idx, device=self._device).unsqueeze(1),
+                              torch.tensor(pos, device=self._device), kv_len=max(pos) + 1)
+            step = torch.tensor(steps, device=self._device)
+            logits = self.model.step_parts(prefill + [decode], self._cache)[-1]
         tokens = sample(logits[:, -1], bp, step, self._n_vocab).tolist()
         dt = time.perf_counter() - t0
         self._tps = 0.8 * self._tps + 0.2 * (len(rows) / dt) if self._tps else len(rows) / dt

@@ -2,7 +2,7 @@
 device-agnostic.
 
 - CUDA: `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch
-  buckets with static shapes, and replays the smallest bucket that holds a batch.
+  and cache-length buckets with static shapes, and replays the smallest that holds a step.
 - CPU: `choose_cpu_linear` picks what runs nn.Linear, whichever of our matrix-vector
   kernel (model/cpukernels.py) and torch's F.linear in either weight layout decodes fastest
   on this machine and dtype; `choose_cpu_attention` gives one-token steps a fused attention
@@ -26,12 +26,23 @@ log = logging.getLogger(__name__)
 
 # --- CUDA graphs for decode --------------------------------------------------------
 
+def kv_buckets(block_size: int, n: int = 4) -> list[int]:
+    """Cache lengths that decode graphs are captured for: block_size and its halves, n in all
+    (1024 -> 128, 256, 512, 1024). Attention reads the whole bucket, so a batch of short
+    sequences should not read a full block's worth of keys at every step."""
+    return sorted({max(block_size >> i, 1) for i in range(n)})
+
+
 class DecodeGraphs:
-    """CUDA graphs of the decode step, one per batch bucket: bucket -> (graph, idx, pos, logits).
-    Empty (falsy) on CPU or with graphs off: then the engine runs eager decode."""
+    """CUDA graphs of the decode step, one per (batch bucket, cache-length bucket):
+    (B, L) -> (graph, logits). Every graph reads its inputs from one device buffer, filled
+    from pinned memory by one asynchronous copy per step (`load`), so preparing a step never
+    waits for the device. Empty (falsy) on CPU or with graphs off: the engine runs eager."""
 
     def __init__(self):
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.batches: list[int] = []
+        self.lengths: list[int] = []
 
     def __bool__(self) -> bool:
         return bool(self.graphs)
@@ -40,41 +51,49 @@ class DecodeGraphs:
         """Round a batch of n rows up to the next captured size (n itself without graphs)."""
         if not self.graphs:
             return n
-        return min(b for b in self.graphs if b >= n)
+        return min(b for b in self.batches if b >= n)
 
-    def replay(self, idx: list, pos: list) -> torch.Tensor | None:
-        """Logits (B, 1, V) for a batch of exactly a bucket's size, or None if not captured."""
-        graph = self.graphs.get(len(idx))
-        if graph is None:
-            return None
-        g, idx_s, pos_s, logits_s = graph
-        idx_s.copy_(torch.tensor(idx), non_blocking=True)
-        pos_s.copy_(torch.tensor(pos), non_blocking=True)
+    def load(self, idx: list[int], pos: list[int], steps: list[int]) -> torch.Tensor:
+        """Stage one decode's inputs (B = a captured bucket): token and position of each row,
+        and each row's generation step, which is returned on the device for the sampler."""
+        B = len(idx)
+        self._staging[:, :B] = torch.tensor([idx, pos, steps], dtype=torch.long)
+        self._inputs[:, :B].copy_(self._staging[:, :B], non_blocking=True)
+        return self._inputs[2, :B]
+
+    def replay(self, batch: int, kv_needed: int) -> torch.Tensor:
+        """Logits (B, 1, V) of the loaded batch, reading the smallest captured cache length
+        that holds kv_needed positions."""
+        L = min(n for n in self.lengths if n >= kv_needed)
+        g, logits = self.graphs[(batch, L)]
         g.replay()
-        return logits_s
+        return logits
 
     def capture(self, model: GPT, cache: KVCache, buckets, max_batch: int) -> None:
-        """Capture GPT.step for T=1 at each batch bucket with static shapes (kv_len =
-        block_size), warmed up on a side stream first as CUDA graphs require."""
+        """Capture GPT.step for T=1 at each batch and cache-length bucket with static shapes,
+        warmed up on a side stream first as CUDA graphs require."""
         device, block_size = cache.k.device, model.config.block_size
-        buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.batches = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.lengths = kv_buckets(block_size)
+        self._inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)
+        self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
         pool = None
-        for B in reversed(buckets):  # largest first, so smaller graphs reuse its memory pool
-            idx = torch.zeros(B, 1, dtype=torch.long, device=device)
-            pos = torch.zeros(B, dtype=torch.long, device=device)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model.step(idx, pos, cache, kv_len=block_size)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                logits = model.step(idx, pos, cache, kv_len=block_size)
-            pool = g.pool()
-            self.graphs[B] = (g, idx, pos, logits)
+        for B in reversed(self.batches):  # largest first, so smaller graphs reuse its memory pool
+            idx, pos = self._inputs[0, :B].view(B, 1), self._inputs[1, :B]
+            for L in reversed(self.lengths):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        model.step(idx, pos, cache, kv_len=L)
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    logits = model.step(idx, pos, cache, kv_len=L)
+                pool = g.pool()
+                self.graphs[(B, L)] = (g, logits)
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", buckets)
+        log.info("captured CUDA graphs for decode batch sizes %s x cache lengths %s", self.batches, self.lengths)
 
 
 # --- CPU matrix products ------------------------------------------

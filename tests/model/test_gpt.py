@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
+from model.fastpath import kv_buckets
 from model.gpt import StepPart
 
 CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
@@ -64,9 +65,11 @@ def test_prefill_then_decode_equals_full_recompute():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("static_kv_len", [False, True])
-def test_batched_decode_of_mixed_lengths_equals_full_recompute(static_kv_len):
-    """Rows of different lengths are prefilled one by one, then decoded together in one call."""
+@pytest.mark.parametrize("kv_len_from", ["positions", "bucket", "block"])
+def test_batched_decode_of_mixed_lengths_equals_full_recompute(kv_len_from):
+    """Rows of different lengths are prefilled one by one, then decoded together in one call,
+    attention reading as many cache positions as needed, the smallest CUDA-graph bucket
+    that holds them, or the whole block."""
     model = random_gpt(seed=1)
     g = torch.Generator().manual_seed(2)
     lengths = [5, 13, 1, 9]
@@ -78,11 +81,19 @@ def test_batched_decode_of_mixed_lengths_equals_full_recompute(static_kv_len):
     pos = torch.tensor(lengths)
     for step in range(6):
         idx = torch.stack([s[n + step] for n, s in zip(lengths, seqs)])[:, None]  # (B, 1)
-        kv_len = CFG.block_size if static_kv_len else None
+        needed = int((pos + step).max()) + 1
+        kv_len = {"positions": None, "block": CFG.block_size,
+                  "bucket": min(n for n in kv_buckets(CFG.block_size) if n >= needed)}[kv_len_from]
         logits = model.step(idx, pos + step, cache, kv_len=kv_len)  # (B, 1, V)
         for b, (n, s) in enumerate(zip(lengths, seqs)):
             want = model(s[None, : n + step + 1])[0][0, -1]
             torch.testing.assert_close(logits[b, 0], want, atol=1e-5, rtol=0)
+
+
+def test_kv_buckets_halve_the_block():
+    assert kv_buckets(1024) == [128, 256, 512, 1024]
+    assert kv_buckets(64) == [8, 16, 32, 64]
+    assert kv_buckets(2) == [1, 2]
 
 
 @torch.no_grad()
