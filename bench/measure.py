@@ -198,10 +198,11 @@ def server_available() -> str | None:
 
 
 async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_client: int,
-                       warmup: int = 0) -> ClientRun:
+                       warmup: int = 0, stream: bool = True) -> ClientRun:
     """The same load through server.app over real HTTP on 127.0.0.1, streaming (SSE) so the
-    first token's arrival is seen. The clients run in their own process (bench/load.py),
-    after `warmup` untimed requests each. The server owns (and finally stops) the engine."""
+    first token's arrival is seen, or not (then the time to first token is the latency).
+    The clients run in their own process (bench/load.py), after `warmup` untimed requests
+    each. The server owns (and finally stops) the engine."""
     from aiohttp import web
 
     from server.app import create_app
@@ -215,7 +216,8 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     try:
-        job = {"url": url, "texts": texts, "new_tokens": new_tokens, "per_client": per_client, "warmup": warmup}
+        job = {"url": url, "texts": texts, "new_tokens": new_tokens, "per_client": per_client, "warmup": warmup,
+               "stream": stream}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.load", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[1])
@@ -226,4 +228,4 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     finally:
         await runner.cleanup()
     return ClientRun(len(texts), len(run["latencies"]), run["tokens"], run["wall_s"], run["latencies"],
-                     run["ttfts"], "http")
+                     run["ttfts"], "http" if stream else "http, not streamed")

@@ -9,7 +9,9 @@ batch-1 decode tokens/s, ours in each dtype vs transformers' generate(use_cache=
 throughput with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP
 when server/ is importable, the clients in a process of their own (bench/load.py), else
 in-process (the table says which), vs transformers' static-batch generate and vs one request
-at a time; peak RSS and KV-cache bytes; and the demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
+at a time, and the largest count also in-process and over HTTP without streaming (what the
+server costs, and what an event per token adds to it); peak RSS and KV-cache bytes; and the
+demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
 
 --llama-cpp adds llama.cpp (llama-cpp-python) on the same random weights, converted to GGUF
 in f32, f16 and q8_0, batch 1, timed as ours is (see bench/llama.py). It needs, once:
@@ -186,6 +188,12 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         await engine.stop(drain=False)
         out["clients"][f"{max(clients)} in-process"] = run.summary()
         del engine
+        # the same over HTTP without streaming: what the server costs apart from an event per token
+        gc.collect()
+        engine = await measure.started_engine(model, max_batch=max(clients))
+        run = await measure.http_clients(engine, texts[:max(clients)], new, per_client, warmup, stream=False)
+        out["clients"][f"{max(clients)} not streamed"] = run.summary()
+        del engine
 
     hf = hf.to(DTYPES[serve_dtype])
     for c in clients:
@@ -233,6 +241,8 @@ def ratios(r: dict) -> dict:
     key = f"{top} in-process"
     if key in cl:
         out["server_overhead"] = 1 - cl[top]["tok_s"] / cl[key]["tok_s"]
+        if f"{top} not streamed" in cl:
+            out["server_overhead_not_streamed"] = 1 - cl[f"{top} not streamed"]["tok_s"] / cl[key]["tok_s"]
     return out
 
 
@@ -268,8 +278,9 @@ def table(report: dict) -> str:
                            f"({v['transformers_static_tok_s']:.0f})")
             if one and k != 1:
                 ref.append(f"{v['tok_s'] / one:.1f}x one-at-a-time")
-            lines.append(f"| {str(k).split()[0]} clients ({v['via']}): p50 {v['p50_latency_s']:.2f}s, p99 {v['p99_latency_s']:.2f}s, "
-                         f"TTFT p50 {v['p50_ttft_s']:.2f}s | {v['tok_s']:.1f} | {'; '.join(ref)} | "
+            ttft = "" if "not streamed" in v["via"] else f", TTFT p50 {v['p50_ttft_s']:.2f}s"
+            lines.append(f"| {str(k).split()[0]} clients ({v['via']}): p50 {v['p50_latency_s']:.2f}s, "
+                         f"p99 {v['p99_latency_s']:.2f}s{ttft} | {v['tok_s']:.1f} | {'; '.join(ref)} | "
                          f"{v['of_matmul_ceiling']:.0%} of GEMM |")
         lines += ["", f"Ceilings: copy {c['copy_GB_s']:.1f} GB/s; GEMM " +
                   ", ".join(f"{k.split('_')[1]} {v:.0f} GFLOP/s" for k, v in c.items() if k.startswith("matmul")) +
