@@ -59,29 +59,40 @@ void rows_of_w(const float* x, const T* w, const T* bias, T* y, int64_t n0, int6
   }
 }
 
-template <typename T, int M>
-void matvec(const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
+template <typename T>
+void row_block(int64_t M, const float* x, const T* w, const T* bias, T* y, int64_t n0, int64_t n1, int64_t N,
+               int64_t K) {
+  switch (M) {
+    case 1: return rows_of_w<T, 1>(x, w, bias, y, n0, n1, N, K);
+    case 2: return rows_of_w<T, 2>(x, w, bias, y, n0, n1, N, K);
+    case 3: return rows_of_w<T, 3>(x, w, bias, y, n0, n1, N, K);
+    case 4: return rows_of_w<T, 4>(x, w, bias, y, n0, n1, N, K);
+    case 5: return rows_of_w<T, 5>(x, w, bias, y, n0, n1, N, K);
+    case 6: return rows_of_w<T, 6>(x, w, bias, y, n0, n1, N, K);
+    case 7: return rows_of_w<T, 7>(x, w, bias, y, n0, n1, N, K);
+    default: return rows_of_w<T, 8>(x, w, bias, y, n0, n1, N, K);
+  }
+}
+
+// Threads split the output rows. With more than one block of x's rows, each thread takes its
+// outputs a panel at a time (about 64 KiB of weights, which stays in L2) and runs every block
+// over the panel before moving on: the weights cross the memory bus once per call rather than
+// once per block, which is what bounds a block-at-a-time loop (at 32 rows, four passes over
+// every weight per step).
+template <typename T>
+void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
   // Enough output rows per task that each thread streams long runs of weights, and at
   // least 64K weights per task: below that, waking a second thread costs more than it saves.
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_of_w<T, M>(x, w, bias, y, n0, n1, N, K); });
-}
-
-template <typename T>
-void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
-  for (; M > kBlockRows; M -= kBlockRows, x += kBlockRows * K, y += kBlockRows * N) {
-    matvec<T, kBlockRows>(x, w, bias, y, N, K);  // one pass over the weights per block
-  }
-  switch (M) {
-    case 1: return matvec<T, 1>(x, w, bias, y, N, K);
-    case 2: return matvec<T, 2>(x, w, bias, y, N, K);
-    case 3: return matvec<T, 3>(x, w, bias, y, N, K);
-    case 4: return matvec<T, 4>(x, w, bias, y, N, K);
-    case 5: return matvec<T, 5>(x, w, bias, y, N, K);
-    case 6: return matvec<T, 6>(x, w, bias, y, N, K);
-    case 7: return matvec<T, 7>(x, w, bias, y, N, K);
-    default: return matvec<T, 8>(x, w, bias, y, N, K);
-  }
+  const int64_t panel = std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)}));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel) {
+      const int64_t p1 = std::min(p0 + panel, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+        row_block<T>(std::min(kBlockRows, M - m0), x + m0 * K, w, bias, y + m0 * N, p0, p1, N, K);
+      }
+    }
+  });
 }
 
 template <typename T>
