@@ -58,7 +58,7 @@ class DecodeGraphs:
         and each row's generation step, which is returned on the device for the sampler."""
         B = len(idx)
         self._staging[:, :B] = torch.tensor([idx, pos, steps], dtype=torch.long)
-        self._inputs[:, :B].copy_(self._staging[:, :B], non_blocking=True)
+        self._inputs.copy_(self._staging, non_blocking=True)  # whole (contiguous): truly asynchronous
         return self._inputs[2, :B]
 
     def replay(self, batch: int, kv_needed: int) -> torch.Tensor:
