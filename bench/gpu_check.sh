@@ -2,8 +2,9 @@
 # On a CUDA machine: the CUDA tests, then the benchmark on GPT-2 124M and 355M shapes and a profile
 # of the decode step (about 3 minutes in all). Run bench/gpu_prepare.sh here first, then (device tool):
 #   run(command="bash bench/gpu_check.sh", carry=[".gpu-carry"], timeout_s=420)
-# The JSON and the log land in $OUT when the tool sets it. DEVICE=cpu is a dry run of this
-# script on a machine without a GPU (the CUDA tests skip; a quick benchmark on the CPU).
+# SHAPES=gpt2-124M narrows the benchmark. The JSON and the log land in $OUT when the tool sets it.
+# DEVICE=cpu is a dry run of this script on a machine without a GPU (the CUDA tests skip; a quick
+# benchmark on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -19,7 +20,7 @@ mkdir -p "$OUTDIR"
 if [ "$DEVICE" = cuda ]; then
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: nothing to check")'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    BENCH=(--device cuda --shapes gpt2-124M,gpt2-355M --clients 1,8,32 --no-demo)
+    BENCH=(--device cuda --shapes "${SHAPES:-gpt2-124M,gpt2-355M}" --clients 1,8,32 --no-demo)
 else
     BENCH=(--device cpu --quick --shapes gpt2-124M --dtypes float32 --clients 1,4 --no-demo)
 fi

@@ -77,6 +77,14 @@ class _Sequence:
 
 
 @dataclass
+class _Chunk:
+    """Prompt tokens prefilled together in one step: rows (sorted), each row's first position, its tokens."""
+    rows: list[int]
+    pos: list[int]
+    ids: list[list[int]]  # all of one length
+
+
+@dataclass
 class _State:
     """Everything the scheduler owns. `waiting` and the flags are shared with submit()
     under Engine._cv; `rows` and `free` belong to the worker thread alone."""
@@ -230,7 +238,8 @@ class Engine:
             log.info("KV cache: %d rows x %d positions, %s, %.1f MiB", self.config.max_batch,
                      self._block_size, str(self._cache_dtype).removeprefix("torch."), self._cache.nbytes / 2**20)
             if self._device.type == "cuda" and self.config.cuda_graphs:
-                self._graphs.capture(self.model, self._cache, self.config.batch_buckets, self.config.max_batch)
+                self._graphs.capture(self.model, self._cache, self.config.batch_buckets, self.config.max_batch,
+                                     self.config.prefill_chunk)
             # a prefill chunk, a decode and both samplers, so that the first request does not pay for
             # allocation, the BLAS's choice of kernels or CUDA's lazy loading of them (writes to row 0, free)
             zero = torch.zeros(1, dtype=torch.long, device=self._device)
@@ -290,7 +299,7 @@ class Engine:
                 seq.admitted = time.perf_counter()
                 st.rows[seq.row] = seq
 
-    def _plan_prefill(self) -> list[StepPart]:
+    def _plan_prefill(self) -> list[_Chunk]:
         """Choose up to prefill_chunk prompt tokens in all (idle_prefill_chunk while no row is
         decoding), oldest admission first, as step batches: rows given chunks of the same
         length share one. Only the oldest row may take a partial chunk: a sliver of a later
@@ -307,27 +316,33 @@ class Engine:
                 break
             groups[n].append(seq)
             budget -= n
-        parts = []
+        chunks = []
         for n, seqs in groups.items():
             seqs.sort(key=lambda s: s.row)
-            rows = [s.row for s in seqs]
-            contiguous = rows[-1] - rows[0] == len(rows) - 1  # rows are distinct and sorted
-            parts.append(StepPart(
-                idx=torch.tensor([s.pending[:n] for s in seqs], device=self._device),
-                pos=torch.tensor([s.n_cached for s in seqs], device=self._device), row0=rows[0],
-                kv_len=max(s.n_cached for s in seqs) + n, logits=None,
-                rows=None if contiguous else torch.tensor(rows, device=self._device)))
+            chunks.append(_Chunk([s.row for s in seqs], [s.n_cached for s in seqs], [s.pending[:n] for s in seqs]))
             for seq in seqs:
                 seq.n_cached += n
                 del seq.pending[:n]
-        return parts
+        return chunks
 
-    def _forward(self, prefill: list[StepPart]) -> tuple[list[int], list[int]]:
+    def _step_part(self, c: _Chunk) -> StepPart:
+        """A chunk as GPT.step_parts' batch (no logits: the decode produces the last token's)."""
+        contiguous = c.rows[-1] - c.rows[0] == len(c.rows) - 1  # rows are distinct and sorted
+        return StepPart(idx=torch.tensor(c.ids, device=self._device), pos=torch.tensor(c.pos, device=self._device),
+                        row0=c.rows[0], kv_len=max(c.pos) + len(c.ids[0]), logits=None,
+                        rows=None if contiguous else torch.tensor(c.rows, device=self._device))
+
+    def _forward(self, prefill: list[_Chunk]) -> tuple[list[int], list[int]]:
         """The step's forward: the prompt chunks, and one token for rows 0..n-1 (n = highest
         decodable row + 1), then sampling on the device. Eager, it is one pass over the
-        weights for both; with CUDA graphs the chunks run first and the captured decode is
-        replayed. Returns (decodable rows, their sampled tokens): the step's one host sync."""
+        weights for both; with CUDA graphs the chunks run first (a one-row chunk as a captured
+        prefill where one fits it: eager, a chunk costs milliseconds of launches, and clients
+        that arrive one by one bring one chunk per step) and the captured decode is replayed.
+        Returns (decodable rows, their sampled tokens): the step's one host sync."""
         rows = [r for r, s in enumerate(self._state.rows) if s is not None and s.decodable]
+        if self._graphs:
+            prefill = [c for c in prefill if len(c.rows) > 1 or not self._graphs.prefill(c.rows[0], c.pos[0], c.ids[0])]
+        prefill = [self._step_part(c) for c in prefill]
         if prefill and (not rows or self._graphs):  # no decode to share the pass, or a captured one
             self.model.step_parts(prefill, self._cache)
             prefill = []

@@ -73,6 +73,19 @@ async def test_cuda_engine_equals_cpu_engine_and_graphs_equal_eager():
     assert graphs == eager == on_cpu
 
 
+async def test_prompts_over_several_chunks_prefill_through_graphs_like_eager():
+    """Small chunks: prompts take several captured one-row prefills at growing positions
+    while other rows decode."""
+    cpu, gpu = gpu_model()
+    tok = cpu.tokenizer
+    prompts = ["the quick brown fox jumps over the lazy dog", "a", "zebras graze on the plain at dawn"]
+    requests = [(tok.encode(p), SamplingParams(max_new_tokens=15, temperature=0.0)) for p in prompts]
+    on_cpu = await run_requests(cpu, requests, prefill_chunk=16)
+    graphs = await run_requests(gpu, requests, prefill_chunk=16, cuda_graphs=True)
+    eager = await run_requests(gpu, requests, prefill_chunk=16, cuda_graphs=False)
+    assert graphs == eager == on_cpu
+
+
 async def test_bfloat16_engine_with_graphs_runs_batched_like_solo():
     cpu, gpu = gpu_model(torch.bfloat16)
     requests = requests_for(cpu.tokenizer)
