@@ -340,9 +340,11 @@ class Engine:
         that arrive one by one bring one chunk per step) and the captured decode is replayed.
         Returns (decodable rows, their sampled tokens): the step's one host sync."""
         rows = [r for r, s in enumerate(self._state.rows) if s is not None and s.decodable]
-        if self._graphs:
-            prefill = [c for c in prefill if len(c.rows) > 1 or not self._graphs.prefill(c.rows[0], c.pos[0], c.ids[0])]
-        prefill = [self._step_part(c) for c in prefill]
+        eager = []
+        for c in prefill:
+            if not (self._graphs and len(c.rows) == 1 and self._graphs.prefill(c.rows[0], c.pos[0], c.ids[0])):
+                eager.append(self._step_part(c))
+        prefill = eager
         if prefill and (not rows or self._graphs):  # no decode to share the pass, or a captured one
             self.model.step_parts(prefill, self._cache)
             prefill = []

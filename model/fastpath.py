@@ -79,17 +79,20 @@ class DecodeGraphs:
     def replay(self, batch: int, kv_needed: int) -> torch.Tensor:
         """Logits (B, 1, V) of the loaded batch, reading the smallest captured cache length
         that holds kv_needed positions."""
-        L = min(n for n in self.lengths if n >= kv_needed)
-        g, logits = self.graphs[(batch, L)]
+        g, logits = self.graphs[(batch, self._length(kv_needed))]
         g.replay()
         return logits
+
+    def _length(self, kv_needed: int) -> int:
+        """The smallest captured cache length that holds kv_needed positions."""
+        return min(L for L in self.lengths if L >= kv_needed)
 
     def prefill_shape(self, n: int, pos: int) -> tuple[int, int] | None:
         """(chunk bucket, cache length) of the captured prefill for n tokens at pos, or None."""
         T = next((t for t in self.chunks if t >= n), None)
         if T is None or pos + T > self.block_size:  # padding must stay inside the block
             return None
-        return T, min(L for L in self.lengths if L >= pos + T)
+        return T, self._length(pos + T)
 
     def prefill(self, row: int, pos: int, ids: list[int]) -> bool:
         """Write one row's prompt chunk into the cache by replaying a captured prefill, padded
