@@ -112,8 +112,6 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     for name in dict.fromkeys(dtypes + [serve_dtype]):
         out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
     log.info("%s: %.0fM parameters; transformers batch-1 (%s)", shape, n_params / 1e6, hf_dtype)
-    if device.type == "cuda":  # its first generate calls in a process run at a third of its speed
-        measure.hf_generate(hf, prompts[:1], new, 2)
     hf_before = measure.hf_decode_tok_s(hf, prompts[0], new, repeats)
     out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."), "tok_s": hf_before}
 
@@ -169,31 +167,26 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     # a GPU finishes 2 requests per client in a fraction of a second: more, after a warm-up round
     per_client = 1 if args.quick else 2 if device.type == "cpu" else 8
     warmup = 0 if device.type == "cpu" else 1
-    for c in clients:
+    async def serve(c: int, via: str) -> tuple[dict, int]:
+        """c clients on an engine of their own: over HTTP, streamed ("http") or not ("not
+        streamed"), or "in-process". Returns the run's summary and the engine's KV-cache bytes."""
         gc.collect()  # the previous engine's KV cache goes before the next one is allocated
         engine = await measure.started_engine(model, max_batch=c)
-        if why_not_http is None:
-            run = await measure.http_clients(engine, texts[:c], new, per_client, warmup)  # the server stops the engine
-        else:
+        if via == "in-process":
             run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup)
             await engine.stop(drain=False)
-        out["clients"][c] = run.summary()
-        out["kv_cache_bytes"] = engine.kv_cache_bytes  # the largest run's, max_batch rows of block_size
-        del engine
-        log.info("%d clients (%s): %.1f tok/s", c, run.via, out["clients"][c]["tok_s"])
-    if why_not_http is None and max(clients) > 1:  # server overhead against the engine in-process
-        gc.collect()
-        engine = await measure.started_engine(model, max_batch=max(clients))
-        run = await measure.in_process_clients(engine, prompts[:max(clients)], new, per_client, warmup)
-        await engine.stop(drain=False)
-        out["clients"][f"{max(clients)} in-process"] = run.summary()
-        del engine
-        # the same over HTTP without streaming: what the server costs apart from an event per token
-        gc.collect()
-        engine = await measure.started_engine(model, max_batch=max(clients))
-        run = await measure.http_clients(engine, texts[:max(clients)], new, per_client, warmup, stream=False)
-        out["clients"][f"{max(clients)} not streamed"] = run.summary()
-        del engine
+        else:  # the server stops the engine
+            run = await measure.http_clients(engine, texts[:c], new, per_client, warmup, stream=via == "http")
+        return run.summary(), engine.kv_cache_bytes
+
+    for c in clients:  # KV-cache bytes: the largest run's, max_batch rows of block_size
+        out["clients"][c], out["kv_cache_bytes"] = await serve(c, "http" if why_not_http is None else "in-process")
+        log.info("%d clients (%s): %.1f tok/s", c, out["clients"][c]["via"], out["clients"][c]["tok_s"])
+    if why_not_http is None and max(clients) > 1:
+        # server overhead against the engine in-process, and without an event per token
+        top = max(clients)
+        out["clients"][f"{top} in-process"], _ = await serve(top, "in-process")
+        out["clients"][f"{top} not streamed"], _ = await serve(top, "not streamed")
 
     hf = hf.to(DTYPES[serve_dtype])
     for c in clients:
@@ -263,7 +256,7 @@ def table(report: dict) -> str:
                 note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
                 lines.append(f"| batch 1, ours {d}, {v['cpu_linear'] or 'torch'}{note} | {v['tok_s']:.1f} | "
                              f"{v['tok_s'] / hf:.2f}x | {v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} "
-                             f"({v.get('ceiling_bound', 'its path')}; torch F.linear pass: "
+                             f"({v['ceiling_bound']}; torch F.linear pass: "
                              f"{v['torch_ceiling_tok_s']:.0f}) |")
         for k, v in r.get("llama_cpp", {}).get("rows", {}).items():
             agree = v["greedy_agrees_with_fp32_for"]
