@@ -6,7 +6,8 @@ thirds of the memory bandwidth. `linear_rows` (matvec.cpp) streams each weight r
 (float32, float16 or bfloat16 weights, float32 accumulation) for up to `BLOCK_ROWS` rows
 of input per pass, which also beats torch's matrix products for skinny inputs (a decode
 batch; in half precision, prefill too). `decode_attention` (attention.cpp) does a decode
-step's cache writes and attention in one op per layer instead of a dozen small ones.
+step's cache writes and attention in one op per layer instead of a dozen small ones, and
+`decode_block` (block.cpp) a whole block's decode step in one op, around those two.
 
 Both are built on first use by torch's extension builder (a C++ compiler and ninja; about
 20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
@@ -27,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h")]
 
 _lock = threading.Lock()
 _error: str | None = None  # why the kernel is unavailable, once a load has failed
@@ -69,16 +71,17 @@ def load() -> None:
                 from torch.utils import cpp_extension
                 # -fopenmp: at::parallel_for is inlined from ATen's headers, and without the flag
                 # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
-                # The header's hash is a flag because torch rebuilds when sources or flags change.
-                header = hashlib.sha256((SOURCES[0].parent / "simd.h").read_bytes()).hexdigest()[:16]
+                # The headers' hash is a flag because torch rebuilds when sources or flags change.
+                header = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
                 cpp_extension.load(name="nanogpt_cpu", sources=[str(p) for p in SOURCES], is_python_module=False,
                                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
                                                  f"-DNANOGPT_SIMD_H={header}"])
                 _loaded = True
                 return
-            except Exception as err:  # the compiler's own output is in err; keep its gist
+            except Exception as err:  # the compiler's own output is in err; keep its first error
                 lines = [ln for ln in str(err).splitlines() if ln.strip()]
-                _error = f"building model/csrc failed: {type(err).__name__}: {lines[-1] if lines else ''}"
+                gist = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
+                _error = f"building model/csrc failed: {type(err).__name__}: {gist.strip()}"
         raise KernelUnavailable(f"CPU kernels unavailable: {_error}")
 
 
@@ -129,13 +132,40 @@ def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | Non
     return torch.ops.nanogpt.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
 
 
+class DecodeBlock:
+    """A Block's one-token step for rows 0..B-1 of the caches (model/gpt.py's Block.step_parts,
+    same arguments, same numbers) as one op: x (B, 1, C) -> (B, 1, C). Returns None (nothing
+    done) unless the block's attention has `decode_attention` and its linear layers send B
+    rows to the kernel. Holds the block's modules and Parameter objects, gathered once
+    (gathering them per call took 35 us a block); call load() first."""
+
+    def __init__(self, block: nn.Module):
+        attn, mlp = block.attn, block.mlp
+        self.attn = attn
+        self.linears = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        self.params = [p for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)
+                       for p in (m.weight, m.bias)]
+        self.gelu_tanh = mlp.gelu.approximate == "tanh"
+
+    def __call__(self, x, t, mask, k_cache, v_cache, rows) -> torch.Tensor | None:
+        B = x.shape[0]
+        if (x.shape[1] != 1 or rows is not None or self.attn.decode_attention is None or not k_cache.is_cpu
+                or not all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
+                or (torch.is_grad_enabled() and self.params[2].requires_grad)):
+            return None
+        return torch.ops.nanogpt.decode_block(x, self.params, k_cache, v_cache, t[:, 0], self.gelu_tanh)
+
+
 def use_decode_attention(model: nn.Module, on: bool = True) -> None:
     """Give (or take back from) the model's attention layers `decode_attention` for their
-    one-token steps (GPT.step with T == 1). Raises KernelUnavailable, changing nothing,
-    where the kernels cannot be loaded."""
-    from model.gpt import CausalSelfAttention
+    one-token steps (GPT.step with T == 1), and its blocks a DecodeBlock (which applies
+    where their linear layers run on the kernel, see use_kernel; install it again after
+    replacing a block's modules or Parameter objects). Raises KernelUnavailable, changing
+    nothing, where the kernels cannot be loaded."""
+    from model.gpt import Block
     if on:
         load()
     for m in model.modules():
-        if isinstance(m, CausalSelfAttention) and m.head_dim % 8 == 0:
-            m.decode_attention = decode_attention if on else None
+        if isinstance(m, Block) and m.attn.head_dim % 8 == 0:
+            m.attn.decode_attention = decode_attention if on else None
+            m.decode_block = DecodeBlock(m) if on else None

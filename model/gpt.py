@@ -152,6 +152,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # A device may supply the whole one-token step of a block as one op (called as
+    # model/cpukernels.DecodeBlock is, returning None where it does not apply); None: the
+    # modules below, one by one.
+    decode_block = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
@@ -164,6 +169,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def step_parts(self, xs, contexts):
+        if len(xs) == 1 and self.decode_block is not None:
+            y = self.decode_block(xs[0], *contexts[0])
+            if y is not None:
+                return [y]
         xs = [x + y for x, y in zip(xs, self.attn.step_parts([self.ln_1(x) for x in xs], contexts))]
         return [x + y for x, y in zip(xs, joint(self.mlp, [self.ln_2(x) for x in xs]))]
 

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -82,6 +83,10 @@ void scatter(const float* in, at::Tensor& t, int64_t i, int64_t hs) {
   T* p = t.data_ptr<T>() + i * hs;
   for (int64_t d = 0; d < hs; ++d) p[d] = static_cast<T>(in[d]);
 }
+
+}  // namespace
+
+namespace nanogpt {
 
 // q, k, v: (B, nh, 1, hs) this step's projections, one float dtype, unit last stride;
 // k_cache, v_cache: (R, nh, S, hs) contiguous; rows: (B,) int64 cache rows, or None for
@@ -152,10 +157,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
-}  // namespace
+}  // namespace nanogpt
 
 TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? rows, "
         "Tensor pos) -> Tensor");
-  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
+  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(nanogpt::decode_attention));
 }

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -102,6 +103,10 @@ const float* widen(const T* src, int64_t n, std::vector<float>& dst) {
   return dst.data();
 }
 
+}  // namespace
+
+namespace nanogpt {
+
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_rows: weight must be a contiguous [out, in] matrix");
@@ -148,9 +153,9 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const Opti
   return y;
 }
 
-}  // namespace
+}  // namespace nanogpt
 
 TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));
+  m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(nanogpt::linear_rows));
 }

@@ -1,0 +1,19 @@
+// The CPU kernels' C++ entry points, for one kernel file to call another's (block.cpp
+// composes the other two). Each is also a torch op: torch.ops.nanogpt.<name>.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+
+#include "simd.h"
+
+namespace nanogpt {
+
+// matvec.cpp: y = x W^T + b for the few rows of decoding; weight a contiguous [out, in] matrix.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const nanogpt_simd::OptionalTensor& bias);
+
+// attention.cpp: a decode step's cache writes and attention, (B, nh, 1, hs) q/k/v -> (B, nh, hs).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                            at::Tensor& v_cache, const nanogpt_simd::OptionalTensor& rows, const at::Tensor& pos);
+
+}  // namespace nanogpt
