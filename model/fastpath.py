@@ -13,6 +13,7 @@ device-agnostic.
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 
 import torch
@@ -181,6 +182,9 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
                  ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()))
         choice = min(times, key=times.get)
     _set_cpu_linear(model, choice)
+    packed = pack_in_huge_pages(model)
+    if packed:
+        log.info("CPU linear weights: %.0f MiB in one arena of 2 MiB pages", packed / 2**20)
     if choice == "kernel":
         max_rows = _kernel_max_rows(model)
         cpukernels.use_kernel(model, max_rows=max_rows)
@@ -200,6 +204,36 @@ def _set_cpu_linear(model: GPT, choice: str) -> None:
                     w.data = w.data.t().contiguous().t()
                 elif choice != "in_out" and not w.is_contiguous():
                     w.data = w.data.contiguous()
+
+
+def pack_in_huge_pages(model: GPT) -> int:
+    """Move every linear layer's weight storage (in its current layout) into one anonymous
+    mapping that asks the OS for 2 MiB pages (madvise MADV_HUGEPAGE: honoured where
+    transparent huge pages are "always" or "madvise", the usual settings). A decode step streams
+    every weight once; in 4 KiB pages that is some 60,000 TLB misses per token for GPT-2
+    124M in half precision, and here it measured 5-7% slower. Values, Parameter objects and
+    tying stay. Returns the bytes moved (0 where the OS has no such advice: nothing moves)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    weights = list({id(m.weight): m.weight for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu"}.values())
+    # each matrix's storage: the weight itself, or for the [in, out] layout its transpose
+    bases = [w.data if w.is_contiguous() else w.data.t() for w in weights]
+    if not weights or not all(b.is_contiguous() for b in bases):
+        return 0
+    align = 4096  # each matrix starts on its own page
+    offsets, total = [], 0
+    for b in bases:
+        offsets.append(total)
+        total += -(-b.nbytes // align) * align
+    arena = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)  # before the first write, which is when pages are chosen
+    memory = torch.frombuffer(arena, dtype=torch.uint8)  # the tensors keep the mapping alive
+    with torch.no_grad():
+        for w, b, at in zip(weights, bases, offsets):
+            new = memory[at:at + b.nbytes].view(b.dtype).view(b.shape).copy_(b)
+            w.data = new if w.is_contiguous() else new.t()
+    return total
 
 
 def _kernel_max_rows(model: GPT, limit: int = 512) -> int:

@@ -370,3 +370,27 @@ def test_decode_block_refuses_bad_parameters_with_the_reason():
         torch.ops.nanogpt.decode_block(x, [torch.ones(32), None, None] + [torch.ones(32)] * 9, cache, cache.clone(),
                                        pos, False)
 
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_weights_move_into_one_arena_keeping_values_parameters_and_tying(layout):
+    model = small_gpt()
+    fastpath._set_cpu_linear(model, layout)
+    params = {name: (p, p.detach().clone(), p.stride()) for name, p in model.named_parameters()}
+    x = torch.randint(0, 97, (1, 5))
+    logits = model(x)[0]
+    moved = fastpath.pack_in_huge_pages(model)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert moved >= sum(w.nbytes for w in set(linears))
+    starts = sorted(w.data_ptr() for w in set(linears))
+    assert starts[-1] - starts[0] < moved  # all inside one mapping
+    for name, p in model.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]) and p.stride() == params[name][2]
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model(x)[0], logits)
+
+
+def test_weights_stay_where_the_os_has_no_huge_page_advice(monkeypatch):
+    model = small_gpt()
+    monkeypatch.delattr(fastpath.mmap, "MADV_HUGEPAGE")
+    before = model.lm_head.weight.data_ptr()
+    assert fastpath.pack_in_huge_pages(model) == 0 and model.lm_head.weight.data_ptr() == before
