@@ -131,6 +131,7 @@ class ClientRun:
     latencies: list
     ttfts: list
     via: str  # "http" or "in-process"
+    client_cpu_s: float | None = None  # CPU seconds of the HTTP clients' own process
 
     def summary(self) -> dict:
         q = statistics.quantiles
@@ -141,6 +142,7 @@ class ClientRun:
             "p50_latency_s": statistics.median(lat),
             "p99_latency_s": q(lat, n=100)[98] if len(lat) > 1 else lat[0],
             "p50_ttft_s": statistics.median(self.ttfts),
+            "client_cpu_cores": None if self.client_cpu_s is None else self.client_cpu_s / self.wall_s,
         }
 
 
@@ -229,4 +231,4 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     finally:
         await runner.cleanup()
     return ClientRun(len(texts), len(run["latencies"]), run["tokens"], run["wall_s"], run["latencies"],
-                     run["ttfts"], "http" if stream else "http, not streamed")
+                     run["ttfts"], "http" if stream else "http, not streamed", run["cpu_s"])

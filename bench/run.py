@@ -125,16 +125,18 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         finally:
             await engine.stop(drain=False)
         torch_ceiling = measure.batch1_ceiling(model, via="torch")
+        bandwidth = measure.bandwidth_ceiling(model, out["ceilings"]["copy_GB_s"] * 1e9)
         if device.type == "cpu":  # the matrix-vector path the engine chose for this copy
             ceiling, bound = measure.batch1_ceiling(model, via="model"), "its path"
         else:  # torch's eager pass is bound by kernel launches there, not by the GPU
-            ceiling, bound = measure.bandwidth_ceiling(model, out["ceilings"]["copy_GB_s"] * 1e9), "bandwidth"
+            ceiling, bound = bandwidth, "bandwidth"
         if reference_tokens is None and name == "float32":
             reference_tokens = tokens
         agree = None if reference_tokens is None else next(
             (i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
         out["batch1"][name] = {"tok_s": rate, "cpu_linear": engine.cpu_linear, "ceiling_tok_s": ceiling,
                                "ceiling_bound": bound, "torch_ceiling_tok_s": torch_ceiling, "of_ceiling": rate / ceiling,
+                               "bandwidth_bound_tok_s": bandwidth,
                                "weight_GB_s": rate * measure.weight_bytes(model) / 1e9,
                                "greedy_agrees_with_fp32_for": agree}
         log.info("batch-1 %s: %.1f tok/s (%s; ceiling %.1f, torch's %.1f)", name, rate, engine.cpu_linear,
@@ -172,12 +174,17 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         streamed"), or "in-process". Returns the run's summary and the engine's KV-cache bytes."""
         gc.collect()  # the previous engine's KV cache goes before the next one is allocated
         engine = await measure.started_engine(model, max_batch=c)
+        steps = engine.stats().total_steps
         if via == "in-process":
             run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup)
             await engine.stop(drain=False)
         else:  # the server stops the engine
             run = await measure.http_clients(engine, texts[:c], new, per_client, warmup, stream=via == "http")
-        return run.summary(), engine.kv_cache_bytes
+        summary = run.summary()
+        if not warmup:  # steps and time per step: arrivals spread over more steps, or slower steps
+            steps = engine.stats().total_steps - steps
+            summary.update(engine_steps=steps, ms_per_step=1e3 * run.wall_s / max(steps, 1))
+        return summary, engine.kv_cache_bytes
 
     for c in clients:  # KV-cache bytes: the largest run's, max_batch rows of block_size
         out["clients"][c], out["kv_cache_bytes"] = await serve(c, "http" if why_not_http is None else "in-process")
@@ -280,10 +287,18 @@ def table(report: dict) -> str:
             if one and k != 1:
                 ref.append(f"{v['tok_s'] / one:.1f}x one-at-a-time")
             ttft = "" if "not streamed" in v["via"] else f", TTFT p50 {v['p50_ttft_s']:.2f}s"
+            if "engine_steps" in v:
+                ttft += f", {v['engine_steps']} steps of {v['ms_per_step']:.0f} ms"
+            if v.get("client_cpu_cores") is not None:  # what the load generator took from the server
+                ttft += f", clients' CPU {v['client_cpu_cores']:.2f} cores"
             runs = f", mean of {' and '.join(f'{x:.1f}' for x in v['tok_s_runs'])}" if "tok_s_runs" in v else ""
             lines.append(f"| {str(k).split()[0]} clients ({v['via']}{runs}): p50 {v['p50_latency_s']:.2f}s, "
                          f"p99 {v['p99_latency_s']:.2f}s{ttft} | {v['tok_s']:.1f} | {'; '.join(ref)} | "
                          f"{v['of_matmul_ceiling']:.0%} of GEMM |")
+        # what no batch-1 path can pass: every weight read once per token at the copy bandwidth
+        lines += ["", "Batch-1 bound at the copy bandwidth: " + ", ".join(
+            f"{d} {v['bandwidth_bound_tok_s']:.0f} tok/s = {v['bandwidth_bound_tok_s'] / hf:.2f}x transformers"
+            for d, v in b1.items() if "bandwidth_bound_tok_s" in v) + "."]
         lines += ["", f"Ceilings: copy {c['copy_GB_s']:.1f} GB/s; GEMM " +
                   ", ".join(f"{k.split('_')[1]} {v:.0f} GFLOP/s" for k, v in c.items() if k.startswith("matmul")) +
                   f". Clients via: {r['clients_via']}. KV cache {r.get('kv_cache_bytes', 0) / 2**20:.0f} MiB.", ""]
