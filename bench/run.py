@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     device = torch.device(args.device)
     new = 16 if args.quick else 64
     repeats = 1 if args.quick else 2
+    rounds = 1 if args.quick else 3
     clients = [int(c) for c in args.clients.split(",")]
     dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cpu" else "bfloat16,float16")).split(",")
     serve_dtype = args.serve_dtype or ("float32" if device.type == "cpu" else "bfloat16")
@@ -112,42 +114,47 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     for name in dict.fromkeys(dtypes + [serve_dtype]):
         out["ceilings"][f"matmul_{name}_GFLOP_s"] = measure.matmul_flops(DTYPES[name], device) / 1e9
     log.info("%s: %.0fM parameters; transformers batch-1 (%s)", shape, n_params / 1e6, hf_dtype)
-    hf_before = measure.hf_decode_tok_s(hf, prompts[0], new, repeats)
-    out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."), "tok_s": hf_before}
-
-    reference_tokens = None
-    for name in dtypes:
-        model = ours if DTYPES[name] == torch.float32 else in_dtype(ours, DTYPES[name])
-        engine = await measure.started_engine(model, max_batch=1)
-        try:
-            rate = await measure.engine_decode_tok_s(engine, prompts[0], new, repeats)
-            tokens = await measure.engine_greedy(engine, prompts[0], 32)
-        finally:
+    # Batch 1 in rounds: transformers, then ours in each dtype, then transformers again, and
+    # so on; each of our rates is divided by the mean of the two transformers runs around it,
+    # and the ratio reported is the median over rounds. This host's speed drifts by 10-30%
+    # within minutes, and neighbours' ratios move far less than either rate alone.
+    models = {name: ours if DTYPES[name] == torch.float32 else in_dtype(ours, DTYPES[name]) for name in dtypes}
+    engines = {}
+    try:
+        for name, model in models.items():
+            engines[name] = await measure.started_engine(model, max_batch=1)
+        hf_rates, rates = [measure.hf_decode_tok_s(hf, prompts[0], new, repeats)], {name: [] for name in dtypes}
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                rates[name].append(await measure.engine_decode_tok_s(engine, prompts[0], new, repeats))
+            hf_rates.append(measure.hf_decode_tok_s(hf, prompts[0], new, repeats))
+        tokens = {name: await measure.engine_greedy(engine, prompts[0], 32) for name, engine in engines.items()}
+    finally:
+        for engine in engines.values():
             await engine.stop(drain=False)
+    out["batch1"]["transformers"] = {"dtype": str(hf_dtype).removeprefix("torch."),
+                                     "tok_s": statistics.median(hf_rates), "tok_s_runs": hf_rates}
+    reference_tokens = tokens.get("float32")
+    for name, model in models.items():
+        rate = statistics.median(rates[name])
+        vs_hf = statistics.median(r / ((a + b) / 2) for r, a, b in zip(rates[name], hf_rates, hf_rates[1:]))
         torch_ceiling = measure.batch1_ceiling(model, via="torch")
         bandwidth = measure.bandwidth_ceiling(model, out["ceilings"]["copy_GB_s"] * 1e9)
         if device.type == "cpu":  # the matrix-vector path the engine chose for this copy
             ceiling, bound = measure.batch1_ceiling(model, via="model"), "its path"
         else:  # torch's eager pass is bound by kernel launches there, not by the GPU
             ceiling, bound = bandwidth, "bandwidth"
-        if reference_tokens is None and name == "float32":
-            reference_tokens = tokens
         agree = None if reference_tokens is None else next(
-            (i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
-        out["batch1"][name] = {"tok_s": rate, "cpu_linear": engine.cpu_linear, "ceiling_tok_s": ceiling,
+            (i for i, (a, b) in enumerate(zip(tokens[name], reference_tokens)) if a != b), len(tokens[name]))
+        out["batch1"][name] = {"tok_s": rate, "tok_s_runs": rates[name], "vs_transformers": vs_hf,
+                               "cpu_linear": engines[name].cpu_linear, "ceiling_tok_s": ceiling,
                                "ceiling_bound": bound, "torch_ceiling_tok_s": torch_ceiling, "of_ceiling": rate / ceiling,
                                "bandwidth_bound_tok_s": bandwidth,
                                "weight_GB_s": rate * measure.weight_bytes(model) / 1e9,
                                "greedy_agrees_with_fp32_for": agree}
-        log.info("batch-1 %s: %.1f tok/s (%s; ceiling %.1f, torch's %.1f)", name, rate, engine.cpu_linear,
-                 ceiling, torch_ceiling)
-        if model is not ours:
-            del model
-    # transformers again after ours: on a shared host the speed drifts within minutes, and
-    # ratios against the mean of both sides of our runs are steadier than against one side.
-    hf_after = measure.hf_decode_tok_s(hf, prompts[0], new, repeats)
-    out["batch1"]["transformers"].update(tok_s=(hf_before + hf_after) / 2, tok_s_before=hf_before,
-                                         tok_s_after=hf_after)
+        log.info("batch-1 %s: %.1f tok/s, %.2fx transformers (%s; ceiling %.1f, torch's %.1f)", name, rate, vs_hf,
+                 engines[name].cpu_linear, ceiling, torch_ceiling)
+    del models, engines, model
 
     if args.llama_cpp:  # the CPU peer, on the same weights, batch 1
         gc.collect()
@@ -236,10 +243,10 @@ def ratios(r: dict) -> dict:
     hf = b1["transformers"]["tok_s"]
     out = {}
     if "float32" in b1:
-        out["b1_fp32_vs_hf"] = b1["float32"]["tok_s"] / hf
-    half = [b1[d]["tok_s"] for d in ("bfloat16", "float16") if d in b1]
+        out["b1_fp32_vs_hf"] = b1["float32"]["vs_transformers"]
+    half = [b1[d]["vs_transformers"] for d in ("bfloat16", "float16") if d in b1]
     if half:
-        out["b1_best_half_vs_hf"] = max(half) / hf
+        out["b1_best_half_vs_hf"] = max(half)
     cl = r["clients"]
     top = max(k for k in cl if isinstance(k, int))
     if "transformers_static_tok_s" in cl[top]:
@@ -263,14 +270,14 @@ def table(report: dict) -> str:
                   "| measurement | tok/s | vs reference | of ceiling |", "|---|---:|---:|---:|"]
         b1, hf = r["batch1"], r["batch1"]["transformers"]["tok_s"]
         t = b1["transformers"]
-        lines.append(f"| batch 1, transformers generate ({t['dtype']}; mean of {t['tok_s_before']:.1f} before ours "
-                     f"and {t['tok_s_after']:.1f} after) | {hf:.1f} | 1.00x | |")
+        lines.append(f"| batch 1, transformers generate ({t['dtype']}; median of "
+                     f"{', '.join(f'{x:.1f}' for x in t['tok_s_runs'])}, around ours) | {hf:.1f} | 1.00x | |")
         for d, v in b1.items():
             if d != "transformers":
                 agree = v["greedy_agrees_with_fp32_for"]
                 note = "" if d == "float32" or agree is None else f" (greedy = fp32 for {agree}/32 tokens)"
                 lines.append(f"| batch 1, ours {d}, {v['cpu_linear'] or 'torch'}{note} | {v['tok_s']:.1f} | "
-                             f"{v['tok_s'] / hf:.2f}x | {v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} "
+                             f"{v['vs_transformers']:.2f}x | {v['of_ceiling']:.0%} of {v['ceiling_tok_s']:.0f} "
                              f"({v['ceiling_bound']}; torch F.linear pass: "
                              f"{v['torch_ceiling_tok_s']:.0f}) |")
         for k, v in r.get("llama_cpp", {}).get("rows", {}).items():
@@ -296,7 +303,7 @@ def table(report: dict) -> str:
                          f"p99 {v['p99_latency_s']:.2f}s{ttft} | {v['tok_s']:.1f} | {'; '.join(ref)} | "
                          f"{v['of_matmul_ceiling']:.0%} of GEMM |")
         # what no batch-1 path can pass: every weight read once per token at the copy bandwidth
-        lines += ["", "Batch-1 bound at the copy bandwidth: " + ", ".join(
+        lines += ["", "Batch-1 bound at the copy bandwidth (read + write; a read-only stream may pass it a little): " + ", ".join(
             f"{d} {v['bandwidth_bound_tok_s']:.0f} tok/s = {v['bandwidth_bound_tok_s'] / hf:.2f}x transformers"
             for d, v in b1.items() if "bandwidth_bound_tok_s" in v) + "."]
         lines += ["", f"Ceilings: copy {c['copy_GB_s']:.1f} GB/s; GEMM " +
