@@ -1,15 +1,16 @@
 """CPU kernels for decoding (model/csrc/): matrix-vector products and decode attention.
 
 Batch-1 decode on CPU is one pass over every weight per token, so it runs at the speed
-of the matrix-vector products; on this project's machines torch's own reach about two
-thirds of the memory bandwidth. `linear_rows` (matvec.cpp) streams each weight row once
-(float32, float16 or bfloat16 weights, float32 accumulation) for up to `BLOCK_ROWS` rows
-of input per pass, which also beats torch's matrix products for skinny inputs (a decode
-batch; in half precision, prefill too). `decode_attention` (attention.cpp) does a decode
+of the matrix-vector products; on some of this project's machines torch's own reach about
+two thirds of the memory bandwidth. `linear_rows` (matvec.cpp) streams each weight row once
+(float32, float16 or bfloat16 weights, float32 accumulation; AVX2, or AVX-512 where the CPU
+has it: `isa()`) for up to `BLOCK_ROWS` rows of input per pass, which on CPUs without
+AVX-512 GEMMs also beats torch's matrix products for skinny inputs (a decode batch; in half
+precision, prefill too). `decode_attention` (attention.cpp) does a decode
 step's cache writes and attention in one op per layer instead of a dozen small ones, and
 `decode_block` (block.cpp) a whole block's decode step in one op, around those two.
 
-Both are built on first use by torch's extension builder (a C++ compiler and ninja; about
+They are built on first use by torch's extension builder (a C++ compiler and ninja; about
 20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
 need an x86-64 CPU with AVX2. Where they cannot be built, `load()` says which of those
 was missing and the engine keeps torch's kernels.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc")]
 
 _lock = threading.Lock()
 _error: str | None = None  # why the kernel is unavailable, once a load has failed
@@ -120,6 +121,12 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
             m.__class__ = KernelLinear if on else nn.Linear
             if on:
                 m.kernel_max_rows = max_rows
+
+
+def isa() -> str:
+    """The vector instructions linear_rows uses on this CPU: "avx512" where it has AVX-512F/BW
+    (unless NANOGPT_CPU_ISA=avx2), else "avx2". Call load() first."""
+    return torch.ops.nanogpt.kernel_isa()
 
 
 def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | None:

@@ -188,7 +188,8 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     if choice == "kernel":
         max_rows = _kernel_max_rows(model)
         cpukernels.use_kernel(model, max_rows=max_rows)
-        log.info("CPU linear layers: the kernel for inputs of up to %d rows, torch's F.linear beyond", max_rows)
+        log.info("CPU linear layers: the kernel (%s) for inputs of up to %d rows, torch's F.linear beyond",
+                 cpukernels.isa(), max_rows)
     else:
         log.info("CPU linear layers: torch's F.linear, weights %s", choice)
     return choice

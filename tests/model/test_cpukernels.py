@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "am
                                 reason="the kernel is x86-64 (AVX2) only")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CPUINFO = Path("/proc/cpuinfo")
+CPU_FLAGS = next((line.split(":", 1)[1].split() for line in (CPUINFO.read_text() if CPUINFO.exists() else "").splitlines()
+                  if line.startswith("flags")), [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the largest output
 
 
@@ -34,10 +38,26 @@ def reference(x, w, b):
     return F.linear(x.float(), w.float(), None if b is None else b.float())
 
 
+@pytest.fixture(params=["native", "avx2"])
+def isa(request, monkeypatch):
+    """Each kernel test on the CPU's own vector instructions (AVX-512 where it has them) and on
+    AVX2, which the kernel reads from NANOGPT_CPU_ISA at each call."""
+    if request.param == "avx2":
+        monkeypatch.setenv("NANOGPT_CPU_ISA", "avx2")
+    else:
+        monkeypatch.delenv("NANOGPT_CPU_ISA", raising=False)
+    return request.param
+
+
+def test_the_kernel_says_which_instructions_it_runs_on(isa):
+    assert cpukernels.isa() == ("avx2" if isa == "avx2" else
+                                "avx512" if "avx512f" in CPU_FLAGS and "avx512bw" in CPU_FLAGS else "avx2")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 24])  # 13, 24: several blocks of 8
 @pytest.mark.parametrize("n_out,n_in", [(97, 64), (130, 768), (33, 13)])  # 13: not a multiple of 8 or 16
-def test_matches_float32_reference(dtype, rows, n_out, n_in):
+def test_matches_float32_reference(isa, dtype, rows, n_out, n_in):
     g = torch.Generator().manual_seed(rows * 1000 + n_in)
     w = torch.randn(n_out, n_in, generator=g).to(dtype)
     b = torch.randn(n_out, generator=g).to(dtype)
@@ -50,7 +70,7 @@ def test_matches_float32_reference(dtype, rows, n_out, n_in):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_row_gives_the_same_bits_alone_or_among_others(dtype):
+def test_a_row_gives_the_same_bits_alone_or_among_others(isa, dtype):
     """Each output is summed in the same order whatever the number of rows, so batching a
     sequence with others does not change its numbers at all."""
     g = torch.Generator().manual_seed(1)
