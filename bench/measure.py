@@ -132,6 +132,8 @@ class ClientRun:
     ttfts: list
     via: str  # "http" or "in-process"
     client_cpu_s: float | None = None  # CPU seconds of the HTTP clients' own process
+    # when each client's first timed request reached the engine, seconds after the first did
+    arrivals: list | None = None
 
     def summary(self) -> dict:
         q = statistics.quantiles
@@ -169,14 +171,18 @@ async def engine_greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
 
 
 async def in_process_clients(engine: Engine, prompts: list[list[int]], new_tokens: int, per_client: int,
-                             warmup: int = 0) -> ClientRun:
+                             warmup: int = 0, arrivals: list[float] | None = None) -> ClientRun:
     """`len(prompts)` concurrent clients, each sending `per_client` requests back to back
-    (after `warmup` untimed ones each)."""
+    (after `warmup` untimed ones each): all at once, or client i's first timed request
+    `arrivals[i]` seconds after the first client's (to replay an HTTP run's arrivals)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
     lat, ttft, tokens = [], [], 0
+    t0 = 0.0
 
-    async def client(prompt, n, timed=True):
+    async def client(prompt, n, timed=True, start=0.0):
         nonlocal tokens
+        if start:  # an arrival schedule, not synchronisation: the client starts when its HTTP twin did
+            await asyncio.sleep(max(0.0, t0 + start - time.perf_counter()))
         for _ in range(n):
             r = await engine.submit(prompt, params).result()
             if timed:
@@ -185,9 +191,11 @@ async def in_process_clients(engine: Engine, prompts: list[list[int]], new_token
                 tokens += r.completion_tokens
 
     await asyncio.gather(*(client(p, warmup, timed=False) for p in prompts))
+    starts = arrivals or [0.0] * len(prompts)
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(p, per_client) for p in prompts))
-    return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft, "in-process")
+    await asyncio.gather(*(client(p, per_client, start=a) for p, a in zip(prompts, starts)))
+    return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft,
+                     "in-process" if arrivals is None else "in-process, HTTP's arrivals")
 
 
 def server_available() -> str | None:
@@ -213,6 +221,9 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
 
     config = load_config([], environ={"HOST": "127.0.0.1", "PORT": "0", "CACHE_TTL": "0", "LOG_LEVEL": "WARNING",
                                       "MAX_BATCH": str(engine.config.max_batch), "MAX_QUEUE": "1024"})
+    # when requests reach the engine (the first of each client's timed ones: its arrival)
+    submitted, submit = [], engine.submit
+    engine.submit = lambda *args, **kwargs: submitted.append(time.perf_counter()) or submit(*args, **kwargs)
     runner = web.AppRunner(create_app(config, engine=engine), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -230,5 +241,7 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
         run = json.loads(out)
     finally:
         await runner.cleanup()
+    first = sorted(submitted[warmup * len(texts):])[:len(texts)]  # after the warm-up round
     return ClientRun(len(texts), len(run["latencies"]), run["tokens"], run["wall_s"], run["latencies"],
-                     run["ttfts"], "http" if stream else "http, not streamed", run["cpu_s"])
+                     run["ttfts"], "http" if stream else "http, not streamed", run["cpu_s"],
+                     [t - first[0] for t in first])

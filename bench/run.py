@@ -9,8 +9,9 @@ batch-1 decode tokens/s, ours in each dtype vs transformers' generate(use_cache=
 throughput with 1/8/32 concurrent clients (64-token prompts, 64 new tokens, greedy) over HTTP
 when server/ is importable, the clients in a process of their own (bench/load.py), else
 in-process (the table says which), vs transformers' static-batch generate and vs one request
-at a time, and the largest count also in-process and over HTTP without streaming (what the
-server costs, and what an event per token adds to it); peak RSS and KV-cache bytes; and the
+at a time, and the largest count also in-process (with each client starting when its HTTP twin
+reached the engine: what the server costs; and all at once: what spread arrivals cost the
+scheduler) and over HTTP without streaming (what an event per token adds); peak RSS and KV-cache bytes; and the
 demo model's batch-1 speed. It prints a markdown table and writes bench/results/*.json.
 
 --llama-cpp adds llama.cpp (llama-cpp-python) on the same random weights, converted to GGUF
@@ -176,18 +177,21 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     # a GPU finishes 2 requests per client in a fraction of a second: more, after a warm-up round
     per_client = 1 if args.quick else 2 if device.type == "cpu" else 8
     warmup = 0 if device.type == "cpu" else 1
-    async def serve(c: int, via: str) -> tuple[dict, int]:
+    async def serve(c: int, via: str, arrivals: list[float] | None = None) -> tuple[dict, int]:
         """c clients on an engine of their own: over HTTP, streamed ("http") or not ("not
-        streamed"), or "in-process". Returns the run's summary and the engine's KV-cache bytes."""
+        streamed"), or "in-process" (all at once, or at `arrivals`). Returns the run's summary
+        (with "arrivals" over HTTP) and the engine's KV-cache bytes."""
         gc.collect()  # the previous engine's KV cache goes before the next one is allocated
         engine = await measure.started_engine(model, max_batch=c)
         steps = engine.stats().total_steps
         if via == "in-process":
-            run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup)
+            run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup, arrivals)
             await engine.stop(drain=False)
         else:  # the server stops the engine
             run = await measure.http_clients(engine, texts[:c], new, per_client, warmup, stream=via == "http")
         summary = run.summary()
+        if run.arrivals is not None:
+            summary["arrivals"] = run.arrivals
         if not warmup:  # steps and time per step: arrivals spread over more steps, or slower steps
             steps = engine.stats().total_steps - steps
             summary.update(engine_steps=steps, ms_per_step=1e3 * run.wall_s / max(steps, 1))
@@ -197,17 +201,23 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         out["clients"][c], out["kv_cache_bytes"] = await serve(c, "http" if why_not_http is None else "in-process")
         log.info("%d clients (%s): %.1f tok/s", c, out["clients"][c]["via"], out["clients"][c]["tok_s"])
     if why_not_http is None and max(clients) > 1:
-        # The server's overhead: the largest load in-process, over HTTP again, in-process again.
-        # Alternated, a host whose speed drifts within minutes moves both sides alike; the rows
-        # report the mean of each side's runs (latencies: their first run). Then HTTP without
+        # The server's overhead: the largest load over HTTP against the same load in-process with
+        # each client starting when its HTTP twin reached the engine (over HTTP the clients
+        # arrive spread over the first steps, which the scheduler serves differently from a
+        # simultaneous start), alternated twice so that the host's drift moves both sides
+        # alike; the rows report the mean of each side's runs (latencies: their first run).
+        # Then the load in-process all at once (the scheduler's best case), and HTTP without
         # an event per token.
         top = max(clients)
-        runs = {top: [out["clients"][top]], f"{top} in-process": []}
-        for key, via in ((f"{top} in-process", "in-process"), (top, "http"), (f"{top} in-process", "in-process")):
-            runs[key].append((await serve(top, via))[0])
+        replay = f"{top} in-process, HTTP's arrivals"
+        runs = {top: [out["clients"][top]], replay: []}
+        runs[replay].append((await serve(top, "in-process", runs[top][-1]["arrivals"]))[0])
+        runs[top].append((await serve(top, "http"))[0])
+        runs[replay].append((await serve(top, "in-process", runs[top][-1]["arrivals"]))[0])
         for key, summaries in runs.items():
             rates = [s["tok_s"] for s in summaries]
             out["clients"][key] = {**summaries[0], "tok_s": sum(rates) / len(rates), "tok_s_runs": rates}
+        out["clients"][f"{top} in-process"], _ = await serve(top, "in-process")
         out["clients"][f"{top} not streamed"], _ = await serve(top, "not streamed")
 
     hf = hf.to(DTYPES[serve_dtype])
@@ -253,11 +263,13 @@ def ratios(r: dict) -> dict:
         out["c32_vs_hf_static"] = cl[top]["tok_s"] / cl[top]["transformers_static_tok_s"]
     if 1 in cl and top != 1:
         out["c32_vs_one_at_a_time"] = cl[top]["tok_s"] / cl[1]["tok_s"]
-    key = f"{top} in-process"
+    key = f"{top} in-process, HTTP's arrivals"
     if key in cl:
         out["server_overhead"] = 1 - cl[top]["tok_s"] / cl[key]["tok_s"]
         if f"{top} not streamed" in cl:
             out["server_overhead_not_streamed"] = 1 - cl[f"{top} not streamed"]["tok_s"] / cl[key]["tok_s"]
+        if f"{top} in-process" in cl:  # what the spread arrivals cost the scheduler
+            out["spread_arrivals_cost"] = 1 - cl[key]["tok_s"] / cl[f"{top} in-process"]["tok_s"]
     return out
 
 
