@@ -184,6 +184,19 @@ def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkey
         torch.testing.assert_close(model(torch.arange(5)[None])[0], small_gpt()(torch.arange(5)[None])[0])
 
 
+@pytest.mark.parametrize("kernel_s,chosen", [(1.05, "kernel"), (1.2, "out_in")])
+def test_the_kernel_wins_near_ties_for_the_block_op_it_enables(monkeypatch, kernel_s, chosen):
+    """The timed pass leaves out what only the kernel gives (a block's decode step as one op):
+    torch's F.linear must be more than 10% faster to be chosen."""
+    def fake_pass(m, give_up):
+        w = m.lm_head.weight
+        return (kernel_s if isinstance(m.lm_head, cpukernels.KernelLinear) else
+                2.0 if w.stride() == (1, w.shape[0]) else 1.0)
+    monkeypatch.setattr(fastpath, "_decode_pass_seconds", fake_pass)
+    monkeypatch.setattr(fastpath, "_kernel_max_rows", lambda model: 8)
+    assert choose_cpu_linear(small_gpt(), "auto") == chosen
+
+
 def test_kernel_rows_double_while_the_kernel_wins(monkeypatch):
     """Timings (kernel, torch) per doubling: 16 rows kernel faster, 32 faster, 64 slower."""
     timings = iter([1.0, 2.0, 1.0, 1.5, 2.0, 1.0])
