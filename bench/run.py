@@ -315,7 +315,8 @@ def table(report: dict) -> str:
                          f"p99 {v['p99_latency_s']:.2f}s{ttft} | {v['tok_s']:.1f} | {'; '.join(ref)} | "
                          f"{v['of_matmul_ceiling']:.0%} of GEMM |")
         # what no batch-1 path can pass: every weight read once per token at the copy bandwidth
-        lines += ["", "Batch-1 bound at the copy bandwidth (read + write; a read-only stream may pass it a little): " + ", ".join(
+        lines += ["", "Batch-1 bound at the copy bandwidth (read + write; a read-only stream may pass it a little): "
+                  + ", ".join(
             f"{d} {v['bandwidth_bound_tok_s']:.0f} tok/s = {v['bandwidth_bound_tok_s'] / hf:.2f}x transformers"
             for d, v in b1.items() if "bandwidth_bound_tok_s" in v) + "."]
         lines += ["", f"Ceilings: copy {c['copy_GB_s']:.1f} GB/s; GEMM " +

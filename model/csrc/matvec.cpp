@@ -1,5 +1,5 @@
-// y = x W^T + b for the few rows of x of decoding on an x86-64 CPU with AVX2 (or AVX-512): matrix-vector products,
-// and skinny matrix products in blocks of up to kBlockRows rows. model/cpukernels.py builds
+// y = x W^T + b for the few rows of x of decoding on an x86-64 CPU with AVX2 (or AVX-512):
+// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows. model/cpukernels.py builds
 // this file with torch's extension builder and routes small nn.Linear calls here.
 //
 // Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
@@ -10,7 +10,7 @@
 // block and used for every row of x in it, so a block of kBlockRows rows costs little
 // more than one row; on the EPYC that also beats torch's float32 GEMM up to a few dozen
 // rows and its half-precision GEMM far beyond, while on a Xeon with AVX-512 and AMX
-// torch's GEMMs win from 8 rows on (model/fastpath.py measures where the crossover lies).
+// torch's GEMMs win from 8-16 rows on (model/fastpath.py measures where the crossover lies).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -85,6 +85,8 @@ bool use_avx512() {
   const char* isa = std::getenv("NANOGPT_CPU_ISA");
   return has && !(isa != nullptr && std::strcmp(isa, "avx2") == 0);
 }
+
+std::string kernel_isa() { return use_avx512() ? "avx512" : "avx2"; }
 
 // Threads split the output rows. With more than one block of x's rows, each thread takes its
 // outputs a panel at a time (about 64 KiB of weights, which stays in L2) and runs every block
@@ -166,10 +168,6 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const Opti
 }
 
 }  // namespace nanogpt
-
-namespace {
-std::string kernel_isa() { return use_avx512() ? "avx512" : "avx2"; }
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
   m.def("kernel_isa() -> str", TORCH_FN(kernel_isa));  // what linear_rows runs on here, now

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "am
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CPUINFO = Path("/proc/cpuinfo")
-CPU_FLAGS = next((line.split(":", 1)[1].split() for line in (CPUINFO.read_text() if CPUINFO.exists() else "").splitlines()
+CPU_FLAGS = next((line.split(":", 1)[1].split()
+                  for line in (CPUINFO.read_text() if CPUINFO.exists() else "").splitlines()
                   if line.startswith("flags")), [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the largest output
 
@@ -163,14 +164,19 @@ def test_decode_with_the_kernel_tracks_torch(dtype):
     assert (logits[0].float() - logits[1].float()).abs().max() <= 4 * TOL[dtype] * scale
 
 
+def candidate_being_timed(model) -> str:
+    """Which of choose_cpu_linear's options the model is set up as while it is timed."""
+    w = model.lm_head.weight
+    return ("kernel" if isinstance(model.lm_head, cpukernels.KernelLinear) else
+            "in_out" if w.stride() == (1, w.shape[0]) else "out_in")
+
+
 def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkeypatch, caplog):
     model = small_gpt()
     timed = []
 
-    def fake_pass(m, give_up):  # what each candidate looks like while it is timed; "in_out" wins
-        w = m.lm_head.weight
-        kind = ("kernel" if isinstance(m.lm_head, cpukernels.KernelLinear) else
-                "in_out" if w.stride() == (1, w.shape[0]) else "out_in")
+    def fake_pass(m, give_up):  # "in_out" wins
+        kind = candidate_being_timed(m)
         timed.append(kind)
         return {"out_in": 3.0, "in_out": 1.0, "kernel": 2.0}[kind]
     monkeypatch.setattr(fastpath, "_decode_pass_seconds", fake_pass)
@@ -188,11 +194,8 @@ def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkey
 def test_the_kernel_wins_near_ties_for_the_block_op_it_enables(monkeypatch, kernel_s, chosen):
     """The timed pass leaves out what only the kernel gives (a block's decode step as one op):
     torch's F.linear must be more than 10% faster to be chosen."""
-    def fake_pass(m, give_up):
-        w = m.lm_head.weight
-        return (kernel_s if isinstance(m.lm_head, cpukernels.KernelLinear) else
-                2.0 if w.stride() == (1, w.shape[0]) else 1.0)
-    monkeypatch.setattr(fastpath, "_decode_pass_seconds", fake_pass)
+    seconds = {"out_in": 1.0, "in_out": 2.0, "kernel": kernel_s}
+    monkeypatch.setattr(fastpath, "_decode_pass_seconds", lambda m, give_up: seconds[candidate_being_timed(m)])
     monkeypatch.setattr(fastpath, "_kernel_max_rows", lambda model: 8)
     assert choose_cpu_linear(small_gpt(), "auto") == chosen
 
