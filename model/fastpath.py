@@ -168,9 +168,18 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     decode passes over all of the model's weights at batch 1 and 8 (a few matrices alone
     would sit in the CPU's cache and mislead), then keeps the fastest, the kernel winning
     near ties (KERNEL_CREDIT). A kernel that cannot be built is
-    logged and skipped by "auto", and an error when asked for by name."""
+    logged and skipped by "auto", and an error when asked for by name. A model this function
+    has set up before, unchanged since, keeps that set-up (for "auto", or for what it chose)."""
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {choice!r}")
+    asked = choice
+    kept = getattr(model, "_cpu_linear_setup", None)
+    if kept is not None and kept[0] == _linear_state(model) and (asked == kept[1] == "auto" or asked == kept[2]):
+        # set up before, by this function, and untouched since (same storage, dtype, layout and
+        # classes): timing again would lay every weight out three more times and copy it into a
+        # fresh arena, a second or more per engine started on a model that is already served
+        log.info("CPU linear layers: kept as set up before (%s)", kept[2])
+        return kept[2]
     if choice == "auto":
         candidates = ["out_in", "in_out"]
         try:
@@ -201,7 +210,16 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
                  cpukernels.isa(), max_rows)
     else:
         log.info("CPU linear layers: torch's F.linear, weights %s", choice)
+    model._cpu_linear_setup = (_linear_state(model), asked, choice)
     return choice
+
+
+def _linear_state(model: GPT) -> tuple:
+    """What choose_cpu_linear set up, as it stands: each linear layer's class, row limit and
+    weight (storage address, dtype, layout). A later change (model.to, new weights, a
+    layer switched by hand) makes it differ."""
+    return tuple((type(m), getattr(m, "kernel_max_rows", None), m.weight.data_ptr(), m.weight.dtype,
+                  m.weight.stride(), m.weight.device) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _set_cpu_linear(model: GPT, choice: str) -> None:

@@ -430,3 +430,29 @@ def test_weights_stay_where_the_os_has_no_huge_page_advice(monkeypatch):
     monkeypatch.delattr(fastpath.mmap, "MADV_HUGEPAGE")
     before = model.lm_head.weight.data_ptr()
     assert fastpath.pack_in_huge_pages(model) == 0 and model.lm_head.weight.data_ptr() == before
+
+
+def test_a_model_set_up_before_keeps_its_set_up_until_it_changes(monkeypatch):
+    """A second engine on the same model neither times the layouts again nor copies the
+    weights into a new arena; a model whose weights changed since is set up afresh."""
+    model = small_gpt()
+    timed = []
+
+    def fake_pass(m, give_up):
+        timed.append(candidate_being_timed(m))
+        return {"out_in": 1.0, "in_out": 2.0, "kernel": 3.0}[timed[-1]]
+    monkeypatch.setattr(fastpath, "_decode_pass_seconds", fake_pass)
+    assert choose_cpu_linear(model, "auto") == "out_in" and len(timed) == 3
+    where = [m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert choose_cpu_linear(model, "auto") == "out_in" and choose_cpu_linear(model, "out_in") == "out_in"
+    assert len(timed) == 3 and [m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)] == where
+    # asked by name for something else: set up as asked; then "auto" times again
+    assert choose_cpu_linear(model, "in_out") == "in_out" and model.lm_head.weight.stride() == (1, 97)
+    assert choose_cpu_linear(model, "auto") == "out_in" and len(timed) == 6
+    # the same model in another dtype (new storage): timed again
+    model.to(torch.bfloat16)
+    assert choose_cpu_linear(model, "auto") == "out_in" and len(timed) == 9
+    # a layer switched by hand since: set up again, not trusted
+    cpukernels.use_kernel(model, on=True)
+    assert choose_cpu_linear(model, "auto") == "out_in" and len(timed) == 12
+    assert not any(isinstance(m, cpukernels.KernelLinear) for m in model.modules())
