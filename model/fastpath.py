@@ -164,7 +164,7 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
       which reaches another BLAS kernel (faster in float32 on some CPUs, far slower in
       half precision).
     All three keep the same Parameter objects and values, so forward(), state_dict() and
-    weight tying are unchanged. "auto" sets up each available option in turn and times
+    weight tying are unchanged. "auto" sets up each available option in turn, twice, and times
     decode passes over all of the model's weights at batch 1 and 8 (a few matrices alone
     would sit in the CPU's cache and mislead), then keeps the fastest, the kernel winning
     near ties (KERNEL_CREDIT). A kernel that cannot be built is
@@ -184,13 +184,17 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
         candidates = ["out_in", "in_out"]
         try:
             cpukernels.load()
-            candidates.append("kernel")
+            candidates.insert(1, "kernel")  # beside out_in: the same layout, only the class changes
         except cpukernels.KernelUnavailable as err:
             log.warning("%s; using torch's kernels", err)
-        times = {}
-        for candidate in candidates:
+        # Two rounds, the second in reverse order (no extra re-layout at the turn), each
+        # option keeping its best: a burst of the host's noise during one option's timing
+        # once made the kernel look 3x slower than it is and put bfloat16 on F.linear.
+        times: dict[str, float] = {}
+        for candidate in candidates + candidates[::-1]:
             _set_cpu_linear(model, candidate)
-            times[candidate] = _decode_pass_seconds(model, give_up=2 * min(times.values(), default=float("inf")))
+            t = _decode_pass_seconds(model, give_up=2 * min(times.values(), default=float("inf")))
+            times[candidate] = min(t, times.get(candidate, t))
         log.info("CPU decode pass over all weights (batch 1 + batch 8 per row), ms: %s",
                  ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()))
         # The pass times the products alone, but only under the kernel does a block's whole
