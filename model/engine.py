@@ -3,7 +3,7 @@
 One worker thread owns the model, the KV cache and one `_State`. Each `step()`:
 
     admit waiting requests into free cache rows (lowest row first)
-    -> prefill at most `prefill_chunk` prompt tokens (equal-length chunks in one forward)
+    -> prefill a budget of prompt tokens (equal-length chunks in one forward; see _prefill_budget)
     -> decode every running row in one batched forward, sample on the device
     -> emit tokens to the request streams and retire finished rows
 
@@ -274,7 +274,7 @@ class Engine:
         out = Outbox()
         try:
             self._admit_waiting(out)  # waiting requests take the lowest free cache rows
-            prefill = self._plan_prefill()  # at most prefill_chunk prompt tokens, as step batches
+            prefill = self._plan_prefill()  # the step's budget of prompt tokens, as step batches
             rows, tokens = self._forward(prefill)  # prompt chunks + one token of every live row, sampled
             self._emit_and_retire(rows, tokens, out)  # push tokens to streams; free finished rows
         finally:  # even when a phase failed, what was finished before it gets delivered
@@ -300,17 +300,16 @@ class Engine:
                 st.rows[seq.row] = seq
 
     def _plan_prefill(self) -> list[_Chunk]:
-        """Choose up to prefill_chunk prompt tokens in all (idle_prefill_chunk while no row is
-        decoding), oldest admission first, as step batches: rows given chunks of the same
-        length share one. Only the oldest row may take a partial chunk: a sliver of a later
-        prompt would split equal-length prompts into groups that no longer match. Each
-        row's last pending token is left for the decode, which produces its logits. The
-        rows' bookkeeping advances here; the returned batches still hold the chunks."""
-        decoding = any(s.decodable for s in self._state.running())
-        budget = self.config.prefill_chunk if decoding else max(self.config.prefill_chunk,
-                                                                 self.config.idle_prefill_chunk)
+        """Choose the step's prompt tokens (`_prefill_budget`), oldest admission first, as step
+        batches: rows given chunks of the same length share one. Only the oldest row may take
+        a partial chunk: a sliver of a later prompt would split equal-length prompts into
+        groups that no longer match. Each row's last pending token is left for the decode,
+        which produces its logits. The rows' bookkeeping advances here; the returned batches
+        still hold the chunks."""
+        prefilling = sorted((s for s in self._state.running() if len(s.pending) > 1), key=lambda s: s.admitted)
+        budget = self._prefill_budget(len(prefilling), sum(s.decodable for s in self._state.running()))
         groups: dict[int, list[_Sequence]] = collections.defaultdict(list)  # chunk length -> rows
-        for seq in sorted((s for s in self._state.running() if len(s.pending) > 1), key=lambda s: s.admitted):
+        for seq in prefilling:
             n = min(budget, len(seq.pending) - 1)
             if n <= 0 or (groups and n < len(seq.pending) - 1):
                 break
@@ -324,6 +323,20 @@ class Engine:
                 seq.n_cached += n
                 del seq.pending[:n]
         return chunks
+
+    def _prefill_budget(self, prefilling: int, decoding: int) -> int:
+        """Prompt tokens this step may prefill: idle_prefill_chunk while no row decodes (nobody
+        to stall); else prefill_chunk for each decoding row's worth of rows waiting on their
+        prompts, up to idle_prefill_chunk. A step's prefill delays every decoding row's next
+        token; it is worth a longer delay when it starts more rows than it delays. So clients
+        that arrive a few milliseconds apart, just after the first began decoding, start
+        together as they would have arriving at once, instead of a few per step behind a
+        decode that soon carries them all (32 clients over HTTP took 145 steps for 128
+        steps' worth of tokens with one prefill_chunk per step)."""
+        top = max(self.config.prefill_chunk, self.config.idle_prefill_chunk)
+        if not decoding:
+            return top
+        return min(top, self.config.prefill_chunk * max(1, prefilling // decoding))
 
     def _step_part(self, c: _Chunk) -> StepPart:
         """A chunk as GPT.step_parts' batch (no logits: the decode produces the last token's)."""

@@ -52,8 +52,9 @@ class EngineConfig:
     max_batch: int = 32  # cache rows = sequences decoded together
     max_queue: int = 256  # waiting requests beyond this are rejected with Overloaded
     prefill_chunk: int = 128  # prompt tokens prefilled per step, so a long prompt cannot stall decode
-    # ... while some row is decoding. With none decoding there is nobody to stall, and a burst
-    # of prompts prefills in a few big forwards instead of many small ones.
+    # ... while some row is decoding (times the rows waiting on their prompts per decoding row,
+    # when they outnumber it). With none decoding there is nobody to stall, and a burst of
+    # prompts prefills in a few big forwards of up to this many tokens instead of many small ones.
     idle_prefill_chunk: int = 2048
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)

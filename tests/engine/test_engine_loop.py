@@ -139,6 +139,27 @@ async def test_prefill_budget_is_large_only_while_no_row_decodes():
     assert max(prefills) > 0 and max(prefills) <= 4
 
 
+@pytest.mark.parametrize("idle_prefill_chunk, first_chunk", [(64, (4, 3)), (6, (2, 3))])
+async def test_prompts_that_outnumber_the_decoding_rows_start_together(idle_prefill_chunk, first_chunk):
+    """Four prompts arrive while one row decodes: the step's budget is prefill_chunk per
+    decoding row for each of them (4 x 3 tokens), so all four prefill in one forward rather
+    than one per step behind the decoder; never past idle_prefill_chunk (6: two of them)."""
+    model = tiny_model()
+    prompts = [model.tokenizer.encode(t) for t in ("abcd", "efgh", "ijkl", "mnop")]
+    async with running_engine(model, max_batch=5, prefill_chunk=3, idle_prefill_chunk=idle_prefill_chunk) as engine:
+        long = engine.submit(model.tokenizer.encode("the cat"), SamplingParams(max_new_tokens=10_000, temperature=0.0))
+        await long.__aiter__().__anext__()  # decoding from now on
+        calls = spy_forwards(model)
+        with engine._cv:  # admitted by the same step
+            handles = [engine.submit(p, SamplingParams(max_new_tokens=2, temperature=0.0)) for p in prompts]
+        await asyncio.gather(*(collect(h) for h in handles))
+        long.cancel()
+        assert (await long.result()).finish_reason == "cancelled"
+        assert_no_leak(engine)
+    first = next(call for call in calls if any(t > 1 for (_, t), _ in call))
+    assert first[0][0] == first_chunk
+
+
 async def test_long_prompts_span_several_prefill_chunks_and_cross_block_size():
     model = tiny_model(block_size=32)
     tok = model.tokenizer
