@@ -132,6 +132,9 @@ class ClientRun:
     ttfts: list
     via: str  # "http" or "in-process"
     client_cpu_s: float | None = None  # CPU seconds of the HTTP clients' own process
+    # CPU seconds of the server's event-loop thread while the clients ran (their start-up too):
+    # what serving HTTP took from the engine's cores, whatever the host's noise did to the rates
+    server_cpu_s: float | None = None
     # when each client's first timed request reached the engine, seconds after the first did
     arrivals: list | None = None
 
@@ -145,6 +148,7 @@ class ClientRun:
             "p99_latency_s": q(lat, n=100)[98] if len(lat) > 1 else lat[0],
             "p50_ttft_s": statistics.median(self.ttfts),
             "client_cpu_cores": None if self.client_cpu_s is None else self.client_cpu_s / self.wall_s,
+            "server_loop_cpu_cores": None if self.server_cpu_s is None else self.server_cpu_s / self.wall_s,
         }
 
 
@@ -229,6 +233,7 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    loop_cpu = time.thread_time()  # this thread runs the server's event loop
     try:
         job = {"url": url, "texts": texts, "new_tokens": new_tokens, "per_client": per_client, "warmup": warmup,
                "stream": stream}
@@ -239,9 +244,10 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
         if proc.returncode != 0:
             raise RuntimeError(f"bench.load failed (exit {proc.returncode}); its error is above")
         run = json.loads(out)
+        loop_cpu = time.thread_time() - loop_cpu
     finally:
         await runner.cleanup()
     first = sorted(submitted[warmup * len(texts):])[:len(texts)]  # after the warm-up round
     return ClientRun(len(texts), len(run["latencies"]), run["tokens"], run["wall_s"], run["latencies"],
                      run["ttfts"], "http" if stream else "http, not streamed", run["cpu_s"],
-                     [t - first[0] for t in first])
+                     arrivals=[t - first[0] for t in first], server_cpu_s=loop_cpu)
