@@ -120,6 +120,8 @@ def load_engine(config: ServerConfig):
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
                                        tokenizer_path=config.tokenizer_path)
     return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
+                                      prefill_chunk=config.prefill_chunk,
+                                      idle_prefill_chunk=config.idle_prefill_chunk,
                                       cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention))
 
 

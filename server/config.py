@@ -70,6 +70,8 @@ class ServerConfig:
     cache_max_entries: int = 4096
     max_batch: int = 32
     max_queue: int = 256
+    prefill_chunk: int = 128  # prompt tokens per step while rows decode (model/engine_types.py)
+    idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
     log_prompts: bool = False
@@ -237,6 +239,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_max_entries", "CACHE_MAX_ENTRIES", _int(1), "in-memory cache size (LRU entries, default 4096)"),
     Setting("max_batch", "MAX_BATCH", _int(1, 4096), "requests decoded together by the engine (default 32)"),
     Setting("max_queue", "MAX_QUEUE", _int(1), "waiting requests before 503 (default 256)"),
+    Setting("prefill_chunk", "PREFILL_CHUNK", _int(1),
+            "prompt tokens a step prefills beside decoding rows, per decoding row's worth of prompts waiting "
+            "(default 128)"),
+    Setting("idle_prefill_chunk", "IDLE_PREFILL_CHUNK", _int(1),
+            "the most prompt tokens one step prefills (default 2048)"),
     Setting("cpu_linear", "CPU_LINEAR", _choice("auto", "kernel", "out_in", "in_out"),
             "CPU decode matrix products: our kernel, torch's in either weight layout, or auto (time them; default)"),
     Setting("cpu_attention", "CPU_ATTENTION", _choice("auto", "kernel", "torch"),

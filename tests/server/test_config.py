@@ -36,6 +36,15 @@ def test_environment_then_flags():
     assert load_config([], {"CPU_ATTENTION": "torch"}).cpu_attention == "torch"
 
 
+def test_prefill_budgets_reach_the_engine():
+    from model.engine_types import EngineConfig
+    from server.app import load_engine
+    c = load_config([], {})  # the engine's own defaults (server/config.py does not import torch)
+    assert (c.prefill_chunk, c.idle_prefill_chunk) == (EngineConfig.prefill_chunk, EngineConfig.idle_prefill_chunk)
+    engine = load_engine(load_config(["--idle-prefill-chunk", "256"], {"PREFILL_CHUNK": "64", "DEVICE": "cpu"}))
+    assert (engine.config.prefill_chunk, engine.config.idle_prefill_chunk) == (64, 256)
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("10/minute", RateLimit(10, 60)), ("10 per minute", RateLimit(10, 60)), ("100 per 2 hours", RateLimit(100, 7200)),
     ("3/second", RateLimit(3, 1)), ("5 per day", RateLimit(5, 86400)), ("", None), ("off", None),
@@ -51,6 +60,7 @@ def test_rate_limit_spellings(raw, expected):
     ({"API_KEYS_FILE": "/nonexistent/keys"}, "API_KEYS_FILE"), ({"METRICS_AUTH": "1"}, "METRICS_AUTH"),
     ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"), ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT"),
     ({"CPU_LINEAR": "fast"}, "CPU_LINEAR"), ({"CPU_ATTENTION": "flash"}, "CPU_ATTENTION"),
+    ({"PREFILL_CHUNK": "0"}, "PREFILL_CHUNK"), ({"IDLE_PREFILL_CHUNK": "-5"}, "IDLE_PREFILL_CHUNK"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as e:
