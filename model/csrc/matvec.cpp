@@ -89,7 +89,7 @@ bool use_avx512() {
 std::string kernel_isa() { return use_avx512() ? "avx512" : "avx2"; }
 
 // Threads split the output rows. With more than one block of x's rows, each thread takes its
-// outputs a panel at a time (about 64 KiB of weights, which stays in L2) and runs every block
+// outputs a panel at a time (64-150 KiB of weights, which stays in L2) and runs every block
 // over the panel before moving on: the weights cross the memory bus once per call rather than
 // once per block, which is what bounds a block-at-a-time loop (at 32 rows, four passes over
 // every weight per step).
@@ -99,7 +99,9 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
   // Enough output rows per task that each thread streams long runs of weights, and at
   // least 64K weights per task: below that, waking a second thread costs more than it saves.
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
-  const int64_t panel = std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)}));
+  // Whole groups of output rows (matvec_rows.inc takes 1-4 together: 12 is a multiple of
+  // each); a panel of 5 rows of 3072 float32 weights left two of them to one-row loops.
+  const int64_t panel = (std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)})) + 11) / 12 * 12;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel) {
       const int64_t p1 = std::min(p0 + panel, n1);
