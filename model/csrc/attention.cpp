@@ -27,6 +27,29 @@ using nanogpt_simd::OptionalTensor;
 using nanogpt_simd::hsum;
 using nanogpt_simd::load8;
 
+// The scores of L positions from j on, scaled, into scores[j..j+L); returns the largest.
+// Each score is one chain of dependent multiply-adds, which alone waits on the adder's
+// latency: L = 4 independent chains keep it busy (5-11% at batch 32 on the Xeon), and each
+// score is summed in the very same order whatever L is.
+template <int L, typename C>
+float score(const float* q, const C* kc, int64_t j, int64_t hs, float scale, float* scores) {
+  __m256 acc[L];
+#pragma GCC unroll 4
+  for (int l = 0; l < L; ++l) acc[l] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hs; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) acc[l] = _mm256_fmadd_ps(load8(kc + (j + l) * hs + d), qd, acc[l]);
+  }
+  float top = -std::numeric_limits<float>::infinity();
+#pragma GCC unroll 4
+  for (int l = 0; l < L; ++l) {
+    scores[j + l] = hsum(acc[l]) * scale;
+    top = std::max(top, scores[j + l]);
+  }
+  return top;
+}
+
 // One (sequence, head): write key/value at `pos`, then y = softmax(q K^T * scale) V over
 // positions 0..pos. kc, vc: this row's and head's (S, hs) cache; q, k, v, y: hs floats.
 template <typename C>
@@ -38,31 +61,10 @@ void attend(const float* q, const float* k, const float* v, C* kc, C* vc, int64_
   }
   const int64_t n = pos + 1;
   float top = -std::numeric_limits<float>::infinity();
-  // Four positions at a time: each score is one chain of dependent multiply-adds, which
-  // alone waits on the adder's latency; four independent chains keep it busy (and each
-  // score is summed in the very same order as one at a time). 5-11% at batch 32 on the Xeon.
-  constexpr int kLanes = 4;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    __m256 acc[kLanes];
-#pragma GCC unroll 4
-    for (int l = 0; l < kLanes; ++l) acc[l] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hs; d += 8) {
-      const __m256 qd = _mm256_loadu_ps(q + d);
-#pragma GCC unroll 4
-      for (int l = 0; l < kLanes; ++l) acc[l] = _mm256_fmadd_ps(load8(kc + (j + l) * hs + d), qd, acc[l]);
-    }
-#pragma GCC unroll 4
-    for (int l = 0; l < kLanes; ++l) {
-      scores[j + l] = hsum(acc[l]) * scale;
-      top = std::max(top, scores[j + l]);
-    }
-  }
-  for (; j < n; ++j) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hs; d += 8) acc = _mm256_fmadd_ps(load8(kc + j * hs + d), _mm256_loadu_ps(q + d), acc);
-    scores[j] = hsum(acc) * scale;
-    top = std::max(top, scores[j]);
+  {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) top = std::max(top, score<4>(q, kc, j, hs, scale, scores));
+    for (; j < n; ++j) top = std::max(top, score<1>(q, kc, j, hs, scale, scores));
   }
   float total = 0.f;
   for (int64_t j = 0; j < n; ++j) {
