@@ -306,8 +306,9 @@ class Engine:
         groups that no longer match. Each row's last pending token is left for the decode,
         which produces its logits. The rows' bookkeeping advances here; the returned batches
         still hold the chunks."""
-        prefilling = sorted((s for s in self._state.running() if len(s.pending) > 1), key=lambda s: s.admitted)
-        budget = self._prefill_budget(len(prefilling), sum(s.decodable for s in self._state.running()))
+        running = self._state.running()
+        prefilling = sorted((s for s in running if len(s.pending) > 1), key=lambda s: s.admitted)
+        budget = self._prefill_budget(len(prefilling), sum(s.decodable for s in running))
         groups: dict[int, list[_Sequence]] = collections.defaultdict(list)  # chunk length -> rows
         for seq in prefilling:
             n = min(budget, len(seq.pending) - 1)

@@ -173,13 +173,13 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {choice!r}")
     asked = choice
-    kept = getattr(model, "_cpu_linear_setup", None)
-    if kept is not None and kept[0] == _linear_state(model) and (asked == kept[1] == "auto" or asked == kept[2]):
+    state, asked_before, chosen = getattr(model, "_cpu_linear_setup", (None, None, None))
+    if state == _linear_state(model) and (asked == asked_before == "auto" or asked == chosen):
         # set up before, by this function, and untouched since (same storage, dtype, layout and
         # classes): timing again would lay every weight out three more times and copy it into a
         # fresh arena, a second or more per engine started on a model that is already served
-        log.info("CPU linear layers: kept as set up before (%s)", kept[2])
-        return kept[2]
+        log.info("CPU linear layers: kept as set up before (%s)", chosen)
+        return chosen
     if choice == "auto":
         candidates = ["out_in", "in_out"]
         try:
