@@ -63,6 +63,21 @@ def copy_bandwidth(device="cpu", n_bytes: int = 256 * 2**20) -> float:
     return 2 * n_bytes / _best(lambda: dst.copy_(src), 3, device)
 
 
+def host_speed(device="cpu") -> float:
+    """Runs per second of a fixed workload of some 10 ms (a 512 x 512 float32 product and a
+    32 MiB copy, best of three): sampled around each client run, so that a run which this
+    host's neighbours slowed (2-8x on the shared Xeon, for seconds to minutes) can be told
+    from one that the code slowed."""
+    a = torch.randn(512, 512, device=device)
+    src = torch.empty(8 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+
+    def work():
+        a @ a
+        dst.copy_(src)
+    return 1.0 / _best(work, 3, device)
+
+
 def batch1_ceiling(model, repeats: int = 5, via: str = "torch") -> float:
     """Tokens/s of one batch-1 pass over all of the model's weight matrices, with nothing
     else: the decode ceiling of a matrix-vector path. via="torch": F.linear on the weights
