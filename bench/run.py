@@ -54,6 +54,7 @@ OVERHEAD_PAIRS = 3  # HTTP runs, each followed by its in-process replay (see ben
 # once more, keeping the run with the faster host: the 1-, 8- and 32-client runs are compared
 # with each other, and one run in a slump (2-8x slower here) made 32 clients "14.7x" one.
 SLUMP = 0.75
+SLUMP_ATTEMPTS = 3  # slumps last for minutes here: one retry of a 1-client run fell into the same one
 TARGETS = {"b1_fp32_vs_hf": 1.4, "b1_best_half_vs_hf": 3.0, "c32_vs_hf_static": 0.9, "c32_vs_one_at_a_time": 5.0}
 
 
@@ -238,12 +239,13 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     for c in clients:  # KV-cache bytes: the largest run's, max_batch rows of block_size
         via = "http" if why_not_http is None else "in-process"
         summary, out["kv_cache_bytes"] = await serve(c, via)
-        if slumped(summary.get("host_speed")):  # the ratios between these runs would measure the host: once more
+        for attempt in range(2, SLUMP_ATTEMPTS + 1):  # the ratios between these runs would measure the host
+            if not slumped(summary.get("host_speed")):
+                break
             log.info("%d clients (%s): %.1f tok/s with the host at %.0f%% of its best; again", c, via,
                      summary["tok_s"], 100 * summary["host_speed"] / max(probes))
             again, _ = await serve(c, via)
-            summary = max(summary, again, key=lambda s: s["host_speed"])
-            summary["runs_taken"] = 2
+            summary = {**max(summary, again, key=lambda s: s["host_speed"]), "runs_taken": attempt}
         out["clients"][c] = summary
         log.info("%d clients (%s): %.1f tok/s", c, out["clients"][c]["via"], out["clients"][c]["tok_s"])
     if why_not_http is None and max(clients) > 1:
