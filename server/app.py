@@ -73,18 +73,25 @@ async def redis_ctx(app: web.Application):
 
 
 def _engine_ctx(engine):
+    # Neither this closure nor the lifecycle keeps the engine once the app has stopped: aiohttp
+    # keeps every app it served in a module-level cache (up to 1024 middleware chains), and a
+    # stopped app would keep the engine, model and KV cache alive with it, gigabytes per app in
+    # a process that runs several (the benchmark, tests).
+    given = [engine]
+
     async def engine_ctx(app: web.Application):
         lifecycle = app[keys.LIFECYCLE]
         metrics = app[keys.METRICS]
         metrics.watch_engine(lambda: lifecycle.engine.stats() if lifecycle.engine else None,
                              lambda: lifecycle.ready)
-        task = asyncio.create_task(_load_and_start(app, engine), name="load-model")
+        task = asyncio.create_task(_load_and_start(app, given.pop()), name="load-model")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if lifecycle.engine is not None:
             await lifecycle.engine.stop(drain=True, timeout=app[keys.CONFIG].drain_seconds)
+            lifecycle.engine = None  # see above
 
     return engine_ctx
 

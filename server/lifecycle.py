@@ -49,7 +49,7 @@ class Lifecycle:
         """Liveness: False only when the model failed to load or the engine loop died."""
         if self.load_error is not None:
             return False
-        return not self.started or bool(self.engine.alive)
+        return not self.started or (self.engine is not None and bool(self.engine.alive))
 
     def engine_or_raise(self):
         if self.draining:

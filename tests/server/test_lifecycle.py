@@ -135,3 +135,23 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(server_process):
     assert all("prompts" not in a for a in access)  # prompts are not logged by default
     config_line = next(ln for ln in lines if ln["msg"] == "configuration")
     assert config_line["config"]["PORT"] == int(base.rsplit(":", 1)[1])
+
+
+async def test_a_stopped_app_lets_go_of_its_engine(aiohttp_client, make_engine, config):
+    """aiohttp caches every app it served (its middleware chains, module-level); the engine, and
+    with it the model and the KV cache, must not stay alive in that cache once the app stopped."""
+    import gc
+    import weakref
+
+    from server.app import create_app
+
+    engine = make_engine()
+    gone = weakref.ref(engine)
+    client = await aiohttp_client(create_app(config, engine))
+    await wait_for(lambda: engine.ready, what="engine ready")
+    assert (await client.post("/generate", json={"prompt": "a", "max_length": 2})).status == 200
+    await client.close()  # the app's cleanup: drain and stop the engine
+    assert not engine.alive
+    del engine
+    gc.collect()
+    assert gone() is None
