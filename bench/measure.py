@@ -65,7 +65,7 @@ def copy_bandwidth(device="cpu", n_bytes: int = 256 * 2**20) -> float:
 
 def host_speed(device="cpu") -> float:
     """Runs per second of a fixed workload of some 10 ms (a 512 x 512 float32 product and a
-    32 MiB copy, best of three): sampled around each client run, so that a run which this
+    32 MiB copy, best of three): sampled around each batch-1 round and client run, so that one this
     host's neighbours slowed (2-8x on the shared Xeon, for seconds to minutes) can be told
     from one that the code slowed."""
     a = torch.randn(512, 512, device=device)

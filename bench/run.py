@@ -51,8 +51,9 @@ WORDS = (" the of and to in is that for it as was with be by on not he this are 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OVERHEAD_PAIRS = 3  # HTTP runs, each followed by its in-process replay (see bench_shape)
 # A client run around which the host ran below this share of its best speed in the run is taken
-# once more, keeping the run with the faster host: the 1-, 8- and 32-client runs are compared
-# with each other, and one run in a slump (2-8x slower here) made 32 clients "14.7x" one.
+# again (up to SLUMP_ATTEMPTS runs in all), keeping the run with the faster host: the 1-, 8- and
+# 32-client runs are compared with each other, and one run in a slump (2-8x slower here) made 32
+# clients "14.7x" one. Batch-1 rounds in a slump are set aside alike (bench_shape).
 SLUMP = 0.75
 SLUMP_ATTEMPTS = 3  # slumps last for minutes here: one retry of a 1-client run fell into the same one
 TARGETS = {"b1_fp32_vs_hf": 1.4, "b1_best_half_vs_hf": 3.0, "c32_vs_hf_static": 0.9, "c32_vs_one_at_a_time": 5.0}
