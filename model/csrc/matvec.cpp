@@ -101,7 +101,10 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
   // Whole groups of output rows (matvec_rows.inc takes 1-4 together: 12 is a multiple of
   // each); a panel of 5 rows of 3072 float32 weights left two of them to one-row loops.
-  const int64_t panel = (std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)})) + 11) / 12 * 12;
+  // One block of x's rows (a batch of up to kBlockRows) has nothing to reuse: it takes the
+  // thread's whole range as one panel, since the kernel's prefetch of the next rows stops at
+  // a panel's end (at batch 1, 1-4% faster over GPT-2 124M, most in half precision).
+  const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)})) + 11) / 12 * 12;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel) {
       const int64_t p1 = std::min(p0 + panel, n1);
