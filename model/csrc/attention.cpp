@@ -50,6 +50,27 @@ float score(const float* q, const C* kc, int64_t j, int64_t hs, float scale, flo
   return top;
 }
 
+// e^x for x <= 0, 8 at a time (softmax's exponentials, after subtracting the largest score):
+// x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7 polynomial (about 1 ulp), times 2^n
+// through the exponent bits. Below -87.3 (2^-126) the result is held at that least normal
+// float, a weight no sum of ones notices. One std::exp per score cost more than the scores.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
 // One (sequence, head): write key/value at `pos`, then y = softmax(q K^T * scale) V over
 // positions 0..pos. kc, vc: this row's and head's (S, hs) cache; q, k, v, y: hs floats.
 template <typename C>
@@ -67,9 +88,20 @@ void attend(const float* q, const float* k, const float* v, C* kc, C* vc, int64_
     for (; j < n; ++j) top = std::max(top, score<1>(q, kc, j, hs, scale, scores));
   }
   float total = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - top);
-    total += scores[j];
+  {
+    const __m256 shift = _mm256_set1_ps(top);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), shift));
+      _mm256_storeu_ps(scores + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total = hsum(sum);
+    for (; j < n; ++j) {  // the tail through the same exp, one lane used
+      scores[j] = _mm256_cvtss_f32(exp_nonpositive(_mm256_set1_ps(scores[j] - top)));
+      total += scores[j];
+    }
   }
   const __m256 norm = _mm256_set1_ps(1.f / total);
   for (int64_t d0 = 0; d0 < hs; d0 += 64) {  // up to 8 accumulators in registers at a time
