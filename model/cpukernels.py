@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
+EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to the kernel
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc")]
 
@@ -130,10 +132,11 @@ def isa() -> str:
 
 
 def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | None:
-    """One decode step's attention for B sequences: writes k, v (B, nh, 1, hs) into the
-    contiguous caches (R, nh, S, hs) at row rows[b] (b itself when rows is None) and
-    position pos[b], and returns (B, nh, hs): each query attended over positions
-    0..pos[b] of its row. None (nothing done) off the CPU. Call load() first."""
+    """One step's attention for B sequences of T new tokens each: writes k, v (B, nh, T, hs)
+    into the contiguous caches (R, nh, S, hs) at row rows[b] (b itself when rows is None),
+    positions pos[b]..pos[b]+T-1, and returns (B, T, nh, hs): query t attended over positions
+    0..pos[b]+t of its row, with the same bits whatever T and the batch. None (nothing done)
+    off the CPU. Call load() first."""
     if not k_cache.is_cpu:
         return None
     return torch.ops.nanogpt.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
@@ -163,16 +166,17 @@ class DecodeBlock:
         return torch.ops.nanogpt.decode_block(x, self.params, k_cache, v_cache, t[:, 0], self.gelu_tanh)
 
 
-def use_decode_attention(model: nn.Module, on: bool = True) -> None:
+def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False) -> None:
     """Give (or take back from) the model's attention layers `decode_attention` for their
-    one-token steps (GPT.step with T == 1), and its blocks a DecodeBlock (which applies
-    where their linear layers run on the kernel, see use_kernel; install it again after
-    replacing a block's modules or Parameter objects). Raises KernelUnavailable, changing
-    nothing, where the kernels cannot be loaded."""
+    one-token steps (GPT.step with T == 1), with chunks for prompt chunks as well, and its
+    blocks a DecodeBlock (which applies where their linear layers run on the kernel, see
+    use_kernel; install it again after replacing a block's modules or Parameter objects).
+    Raises KernelUnavailable, changing nothing, where the kernels cannot be loaded."""
     from model.gpt import Block
     if on:
         load()
     for m in model.modules():
         if isinstance(m, Block) and m.attn.head_dim % 8 == 0:
             m.attn.decode_attention = decode_attention if on else None
+            m.attn.fused_chunks = on and chunks
             m.decode_block = DecodeBlock(m) if on else None

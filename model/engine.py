@@ -228,10 +228,13 @@ class Engine:
     # --- worker thread --------------------------------------------------------
     def _setup(self) -> None:
         """Runs once before the worker starts: layout, cache, warm-up / graph capture."""
+        invariant = self.config.batch_invariant
         if self._device.type == "cpu":  # outside inference_mode: parameters must stay normal tensors
             with torch.no_grad():
-                self.cpu_linear = choose_cpu_linear(self.model, self.config.cpu_linear)
-                self.cpu_attention = choose_cpu_attention(self.model, self.config.cpu_attention)
+                self.cpu_linear = choose_cpu_linear(self.model, self.config.cpu_linear, every_row=invariant)
+                self.cpu_attention = choose_cpu_attention(self.model, self.config.cpu_attention, chunks=invariant)
+        elif invariant:
+            raise ValueError(f"batch-invariant mode runs on CPU only so far; this model is on {self._device}")
         self._cache_dtype = kv_cache_dtype(self.model)
         with torch.inference_mode():
             self._cache = KVCache(self.model.config, self.config.max_batch, self._device, self._cache_dtype)

@@ -65,6 +65,12 @@ class EngineConfig:
     # What runs one-token attention on CPU: "kernel" (fused, model/cpukernels.py), "torch",
     # or "auto" (the kernel where it builds).
     cpu_attention: str = "auto"
+    # Batch-invariant mode (CPU): every matrix product and every attention, prompt chunks
+    # included, runs on model/cpukernels.py's kernels, which compute each token in one order
+    # whatever else is in the step, so a request's logits have the same bits alone, in any
+    # batch and under any chunking. Off: that holds for decode batches up to the kernel's
+    # measured row limit; prefill goes to torch's faster GEMMs (AMX in half precision).
+    batch_invariant: bool = False
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
 
     def validate(self) -> "EngineConfig":

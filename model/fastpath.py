@@ -154,7 +154,7 @@ class DecodeGraphs:
 KERNEL_CREDIT = 0.9  # the kernel's timed pass counts for 90%: see choose_cpu_linear
 
 
-def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
+def choose_cpu_linear(model: GPT, choice: str = "auto", every_row: bool = False) -> str:
     """Decide what runs the model's linear layers on CPU, and set it up.
 
     - "kernel": model/cpukernels.py's kernel (weights [out, in]) for inputs of up to as many
@@ -169,12 +169,22 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     would sit in the CPU's cache and mislead), then keeps the fastest, the kernel winning
     near ties (KERNEL_CREDIT). A kernel that cannot be built is
     logged and skipped by "auto", and an error when asked for by name. A model this function
-    has set up before, unchanged since, keeps that set-up (for "auto", or for what it chose)."""
+    has set up before, unchanged since, keeps that set-up (for "auto", or for what it chose).
+
+    every_row (batch-invariant mode): the kernel takes every product, whatever its rows (it
+    sums each output in one order whatever the batch; torch's GEMMs do not promise that).
+    It must be buildable, and choice "auto" or "kernel"."""
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {choice!r}")
-    asked = choice
-    state, asked_before, chosen = getattr(model, "_cpu_linear_setup", (None, None, None))
-    if state == _linear_state(model) and (asked == asked_before == "auto" or asked == chosen):
+    if every_row:
+        if choice not in ("auto", "kernel"):
+            raise ValueError(f"batch-invariant mode runs every linear layer on the kernel; cpu_linear {choice!r} "
+                             "contradicts it (use auto or kernel)")
+        choice = "kernel"
+    asked = (choice, every_row)
+    state, asked_before, chosen = getattr(model, "_cpu_linear_setup", (None, (None, None), None))
+    if state == _linear_state(model) and asked_before[1] == every_row and (
+            asked_before[0] == choice == "auto" or choice == chosen):
         # set up before, by this function, and untouched since (same storage, dtype, layout and
         # classes): timing again would lay every weight out three more times and copy it into a
         # fresh arena, a second or more per engine started on a model that is already served
@@ -207,7 +217,10 @@ def choose_cpu_linear(model: GPT, choice: str = "auto") -> str:
     packed = pack_in_huge_pages(model)
     if packed:
         log.info("CPU linear weights: %.0f MiB in one arena of 2 MiB pages", packed / 2**20)
-    if choice == "kernel":
+    if choice == "kernel" and every_row:
+        cpukernels.use_kernel(model, max_rows=cpukernels.EVERY_ROW)
+        log.info("CPU linear layers: the kernel (%s) for every product (batch-invariant mode)", cpukernels.isa())
+    elif choice == "kernel":
         max_rows = _kernel_max_rows(model)
         cpukernels.use_kernel(model, max_rows=max_rows)
         log.info("CPU linear layers: the kernel (%s) for inputs of up to %d rows, torch's F.linear beyond",
@@ -315,19 +328,27 @@ def _best_seconds(fn, repeats: int = 3, give_up: float = float("inf")) -> float:
     return best
 
 
-def choose_cpu_attention(model: GPT, choice: str = "auto") -> str:
+def choose_cpu_attention(model: GPT, choice: str = "auto", chunks: bool = False) -> str:
     """What runs one-token (decode) attention on CPU: "kernel", model/cpukernels.py's fused
     op (cache writes and attention in one op per layer; faster than torch's operators in
     every case measured here, 6x at batch 1 over 65 positions, 1.4-6x at batch 32 over
-    1000), or "torch". "auto" is the kernel where it can be built."""
+    1000), or "torch". "auto" is the kernel where it can be built. chunks (batch-invariant
+    mode): the kernel takes prompt chunks as well, so that each token's attention has the bits
+    of a one-token step; it must be buildable, and choice "auto" or "kernel"."""
     if choice not in CPU_ATTENTION_CHOICES:
         raise ValueError(f"cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, got {choice!r}")
+    if chunks and choice == "torch":
+        raise ValueError("batch-invariant mode runs attention on the kernel; cpu_attention 'torch' contradicts it "
+                         "(use auto or kernel)")
+    if chunks and model.config.head_dim % 8:
+        raise ValueError(f"batch-invariant mode needs a head_dim that is a multiple of 8 (the attention kernel's), "
+                         f"this model's is {model.config.head_dim}")
     if choice != "torch":
         try:
-            cpukernels.use_decode_attention(model)
+            cpukernels.use_decode_attention(model, chunks=chunks)
             return "kernel"
         except cpukernels.KernelUnavailable as err:
-            if choice == "kernel":
+            if choice == "kernel" or chunks:
                 raise
             log.warning("%s; decode attention uses torch's operators", err)
     cpukernels.use_decode_attention(model, on=False)

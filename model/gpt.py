@@ -90,8 +90,10 @@ class LayerNorm(nn.Module):
 class CausalSelfAttention(nn.Module):
     # A device may supply a fused one-token step (cache writes + attention in one op, with the
     # signature of model/cpukernels.decode_attention, returning None where it does not apply);
-    # None: the torch operators below.
+    # None: the torch operators below. With fused_chunks it takes prompt chunks too (whose
+    # tokens then get the very bits they would get one at a time: batch-invariant mode).
     decode_attention = None
+    fused_chunks = False
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -125,8 +127,8 @@ class CausalSelfAttention(nn.Module):
         then runs in the cache's dtype. Returns (B, T, C)."""
         B, T, C = qkv.shape[0], qkv.shape[1], self.n_embd
         q, k, v = self._heads(qkv)
-        if T == 1 and self.decode_attention is not None:
-            y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, nh, hs), or None
+        if self.decode_attention is not None and (T == 1 or self.fused_chunks):
+            y = self.decode_attention(q, k, v, k_cache, v_cache, rows, t[:, 0])  # (B, T, nh, hs), or None
             if y is not None:
                 return y.reshape(B, T, C)
         r = (torch.arange(B, device=qkv.device) if rows is None else rows).unsqueeze(1)  # (B, 1)

@@ -129,7 +129,8 @@ def load_engine(config: ServerConfig):
     return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
                                       prefill_chunk=config.prefill_chunk,
                                       idle_prefill_chunk=config.idle_prefill_chunk,
-                                      cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention))
+                                      cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention,
+                                      batch_invariant=config.batch_invariant))
 
 
 def model_info(engine, config: ServerConfig) -> ModelInfo:

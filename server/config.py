@@ -74,6 +74,7 @@ class ServerConfig:
     idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
+    batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine_types.py)
     log_prompts: bool = False
     log_level: str = "INFO"
 
@@ -248,6 +249,9 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU decode matrix products: our kernel, torch's in either weight layout, or auto (time them; default)"),
     Setting("cpu_attention", "CPU_ATTENTION", _choice("auto", "kernel", "torch"),
             "CPU decode attention: our fused kernel, torch's operators, or auto (the kernel where it builds; default)"),
+    Setting("batch_invariant", "BATCH_INVARIANT", _bool,
+            "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
+            "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
 )
@@ -298,6 +302,14 @@ def validate(config: ServerConfig) -> None:
         raise ConfigError("TOKENIZER_PATH", f"no such file: {config.tokenizer_path}")
     if config.metrics_auth and not config.auth_enabled:
         raise ConfigError("METRICS_AUTH", "needs API_KEY or API_KEYS_FILE")
+    if config.batch_invariant and config.cpu_linear not in ("auto", "kernel"):
+        raise ConfigError("BATCH_INVARIANT", f"runs every product on the kernel; CPU_LINEAR={config.cpu_linear} "
+                                             "contradicts it (auto or kernel)")
+    if config.batch_invariant and config.device and config.device.startswith("cuda"):
+        raise ConfigError("BATCH_INVARIANT", f"runs on CPU only so far; DEVICE={config.device} contradicts it")
+    if config.batch_invariant and config.cpu_attention == "torch":
+        raise ConfigError("BATCH_INVARIANT", "runs attention on the kernel; CPU_ATTENTION=torch contradicts it "
+                                             "(auto or kernel)")
 
 
 def log_config(config: ServerConfig) -> None:

@@ -2,6 +2,12 @@
 // new key and value into its own KV-cache row and attends its one query over its own
 // cached positions. model/cpukernels.py builds this file with matvec.cpp.
 //
+// It also takes several new tokens per sequence (a prompt chunk): they are written first,
+// then each query attends over the positions up to its own, by the very code a one-token
+// step runs. So a token's attention has the same bits whether it came in a chunk of any
+// length or alone, which torch's attention (blocked matrix products whose blocking follows
+// the chunk's length) does not promise; the engine's batch-invariant mode relies on it.
+//
 // Why: torch's version of this step is a dozen small operators per layer (cache writes
 // through advanced indexing, a mask, dtype casts, scaled_dot_product_attention), about
 // 0.2 ms per layer at batch 1 on this project's machines, as much as the layer's matrix
@@ -71,15 +77,10 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-// One (sequence, head): write key/value at `pos`, then y = softmax(q K^T * scale) V over
-// positions 0..pos. kc, vc: this row's and head's (S, hs) cache; q, k, v, y: hs floats.
+// One (sequence, head): y = softmax(q K^T * scale) V over positions 0..pos, whose keys and
+// values are in the cache. kc, vc: this row's and head's (S, hs) cache; q, y: hs floats.
 template <typename C>
-void attend(const float* q, const float* k, const float* v, C* kc, C* vc, int64_t pos, int64_t hs, float scale,
-            float* scores, float* y) {
-  for (int64_t d = 0; d < hs; ++d) {
-    kc[pos * hs + d] = static_cast<C>(k[d]);
-    vc[pos * hs + d] = static_cast<C>(v[d]);
-  }
+void attend(const float* q, const C* kc, const C* vc, int64_t pos, int64_t hs, float scale, float* scores, float* y) {
   const int64_t n = pos + 1;
   float top = -std::numeric_limits<float>::infinity();
   {
@@ -124,12 +125,19 @@ void attend(const float* q, const float* k, const float* v, C* kc, C* vc, int64_
   }
 }
 
-// hs values of head h of sequence b of a (B, nh, 1, hs) tensor with a unit last stride
-// (what splitting the fused q/k/v projection gives), widened to float32.
+// hs values of head h, token i of sequence b of a (B, nh, T, hs) tensor with a unit last
+// stride (what splitting the fused q/k/v projection gives), widened to float32.
 template <typename T>
-void gather(const at::Tensor& t, int64_t b, int64_t h, int64_t hs, float* out) {
-  const T* p = t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1);
+void gather(const at::Tensor& t, int64_t b, int64_t h, int64_t i, int64_t hs, float* out) {
+  const T* p = t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
   for (int64_t d = 0; d < hs; ++d) out[d] = static_cast<float>(p[d]);
+}
+
+// hs values of head h, token i of sequence b into the cache's (S, hs) slice at position pos.
+template <typename T, typename C>
+void store(const at::Tensor& t, int64_t b, int64_t h, int64_t i, int64_t hs, C* cache, int64_t pos) {
+  const T* p = t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
+  for (int64_t d = 0; d < hs; ++d) cache[pos * hs + d] = static_cast<C>(static_cast<float>(p[d]));
 }
 
 template <typename T>
@@ -142,20 +150,21 @@ void scatter(const float* in, at::Tensor& t, int64_t i, int64_t hs) {
 
 namespace nanogpt {
 
-// q, k, v: (B, nh, 1, hs) this step's projections, one float dtype, unit last stride;
-// k_cache, v_cache: (R, nh, S, hs) contiguous; rows: (B,) int64 cache rows, or None for
-// rows 0..B-1; pos: (B,) int64, the position each new token takes. Returns y (B, nh, hs)
-// in q's dtype. Everything is read and converted in place: no temporaries per call.
+// q, k, v: (B, nh, T, hs) this step's projections (T new tokens per sequence), one float
+// dtype, unit last stride; k_cache, v_cache: (R, nh, S, hs) contiguous; rows: (B,) int64
+// cache rows, or None for rows 0..B-1; pos: (B,) int64, the position each sequence's first
+// new token takes. Returns y (B, T, nh, hs) in q's dtype: token t of sequence b attended
+// over positions 0..pos[b]+t. Everything is read and converted in place: no temporaries per call.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const OptionalTensor& rows, const at::Tensor& pos) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, n_head, 1, head_dim)");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) >= 1, "decode_attention: q must be (B, n_head, T, head_dim)");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "decode_attention: q, k and v shapes differ");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "decode_attention: q, k and v dtypes differ");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode_attention: q, k and v need a unit last stride");
-  const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3);
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hs = q.size(3);
   TORCH_CHECK(hs % 8 == 0, "decode_attention: head_dim must be a multiple of 8, got ", hs);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == nh && k_cache.size(3) == hs &&
@@ -172,24 +181,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t b = 0; b < B; ++b) {
     row_of[b] = rows.has_value() ? rows_c.data_ptr<int64_t>()[b] : b;
     TORCH_CHECK(row_of[b] >= 0 && row_of[b] < R, "decode_attention: row ", row_of[b], " outside the cache's ", R);
-    TORCH_CHECK(pos_of[b] >= 0 && pos_of[b] < S, "decode_attention: position ", pos_of[b], " outside 0..", S - 1);
+    TORCH_CHECK(pos_of[b] >= 0 && pos_of[b] + T <= S, "decode_attention: positions ", pos_of[b], "..",
+                pos_of[b] + T - 1, " outside 0..", S - 1);
   }
-  at::Tensor y = at::empty({B, nh, hs}, q.options());
+  at::Tensor y = at::empty({B, T, nh, hs}, q.options());
   const float scale = 1.f / std::sqrt(static_cast<float>(hs));
 
+  // Each task is one (sequence, head): its T keys and values go into the cache before any
+  // of its queries reads them.
   auto run = [&](auto* kc, auto* vc, auto io) {
-    using T = decltype(io);
+    using T_ = decltype(io);
     at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores(S), buf(4 * hs);  // q, k, v, y of one head, in float32
-      float *qf = buf.data(), *kf = qf + hs, *vf = kf + hs, *yf = vf + hs;
+      std::vector<float> scores(S), buf(2 * hs);  // q and y of one head, in float32
+      float *qf = buf.data(), *yf = qf + hs;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / nh, h = i % nh;
-        gather<T>(q, b, h, hs, qf);
-        gather<T>(k, b, h, hs, kf);
-        gather<T>(v, b, h, hs, vf);
         const int64_t at_row = (row_of[b] * nh + h) * S * hs;
-        attend(qf, kf, vf, kc + at_row, vc + at_row, pos_of[b], hs, scale, scores.data(), yf);
-        scatter<T>(yf, y, i, hs);
+        for (int64_t t = 0; t < T; ++t) {
+          store<T_>(k, b, h, t, hs, kc + at_row, pos_of[b] + t);
+          store<T_>(v, b, h, t, hs, vc + at_row, pos_of[b] + t);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          gather<T_>(q, b, h, t, hs, qf);
+          attend(qf, kc + at_row, vc + at_row, pos_of[b] + t, hs, scale, scores.data(), yf);
+          scatter<T_>(yf, y, (b * T + t) * nh + h, hs);
+        }
       }
     });
   };

@@ -12,7 +12,7 @@ namespace nanogpt {
 // matvec.cpp: y = x W^T + b for the few rows of decoding; weight a contiguous [out, in] matrix.
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const nanogpt_simd::OptionalTensor& bias);
 
-// attention.cpp: a decode step's cache writes and attention, (B, nh, 1, hs) q/k/v -> (B, nh, hs).
+// attention.cpp: cache writes and attention for T new tokens a sequence, (B, nh, T, hs) q/k/v -> (B, T, nh, hs).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const nanogpt_simd::OptionalTensor& rows, const at::Tensor& pos);
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine_helpers import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+import model.engine as engine_module
 from model.engine import Engine, EngineConfig, EngineStopped, Overloaded, PromptTooLong
 from model.generate import generate_ids
 from model.sampling import SamplingParams
@@ -91,6 +92,55 @@ async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear, cp
     for p, sp, s in zip(prompts, params, solo):
         if sp.seed is not None or sp.greedy:
             assert list(generate_ids(model, p, sp, sp.seed or 0, model.tokenizer.n_vocab)) == s.token_ids
+
+
+async def test_batch_invariant_engine_gives_each_step_the_same_logits_alone_batched_and_chunked(monkeypatch):
+    """batch_invariant: every decode's logits, to the bit, are those the same context got alone
+    (one request at a time, prompts in chunks of 4) and batched (six requests on four rows,
+    chunks of 6, contexts sliding past block_size); torch's linear and attention never run."""
+    model = tiny_model().to(torch.bfloat16)
+    prompts, params = mixed_requests(model.tokenizer)
+    prompts[2] = model.tokenizer.encode("hello there, how are you now")  # 28 tokens + 16: slides past 32
+    params[2] = SamplingParams(max_new_tokens=16, temperature=0.7, top_k=5, top_p=0.9, seed=12)
+    seen: list[dict] = []  # per run: context (prompt + generated) -> that decode's logits
+    engines: list[Engine] = []
+    sample = engine_module.sample
+
+    def recording(logits, bp, step, n_vocab):
+        if engines:  # not the first engine's warm-up (the second's finds the first's rows empty)
+            rows = engines[-1]._state.rows[:logits.shape[0]]
+            seen[-1].update({tuple(s.tokens): logits[r].clone() for r, s in enumerate(rows) if s and s.decodable})
+        return sample(logits, bp, step, n_vocab)
+    monkeypatch.setattr(engine_module, "sample", recording)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's linear/attention called in batch-invariant mode")
+    monkeypatch.setattr(torch.nn.functional, "linear", refuse)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    results = []
+    for chunk, together in ((4, False), (6, True)):
+        async with running_engine(model, max_batch=4, prefill_chunk=chunk, idle_prefill_chunk=chunk,
+                                  batch_invariant=True) as engine:
+            engines.append(engine)
+            seen.append({})
+            if together:
+                handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+                results.append([r for r, _ in await asyncio.gather(*(collect(h) for h in handles))])
+            else:
+                results.append([(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)])
+            assert_no_leak(engine)
+    assert [r.token_ids for r in results[0]] == [r.token_ids for r in results[1]]
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) >= sum(sp.max_new_tokens for sp in params) - 6
+    assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+
+
+async def test_batch_invariant_mode_is_refused_off_the_cpu_and_against_torch_kernels():
+    with pytest.raises(ValueError, match="runs on CPU only so far; this model is on meta"):
+        async with running_engine(tiny_model().to("meta"), batch_invariant=True):
+            pass
+    with pytest.raises(ValueError, match="cpu_linear 'out_in' contradicts it"):
+        async with running_engine(batch_invariant=True, cpu_linear="out_in"):
+            pass
 
 
 async def test_equal_length_prompts_prefill_together_and_match_solo():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from model import cpukernels
 from model import fastpath
 from model.fastpath import choose_cpu_attention, choose_cpu_linear, kv_cache_dtype
-from model.gpt import GPT, GPTConfig, KVCache
+from model.gpt import GPT, GPTConfig, KVCache, StepPart
 
 # This project's machines and CI are x86-64 with AVX2, a C++ compiler and ninja: there the
 # kernel must build, and a failure to build is a test failure, not a skip.
@@ -274,13 +274,36 @@ def test_decode_attention_writes_the_cache_and_attends_each_row_over_its_own_len
     q, k, v = (torch.randn(3, nh, 1, head_dim, generator=g).to(cache_dtype) for _ in range(3))
     untouched = k_cache.clone()
     y = cpukernels.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
-    assert y.shape == (3, nh, head_dim) and y.dtype == cache_dtype
+    assert y.shape == (3, 1, nh, head_dim) and y.dtype == cache_dtype
     for b in range(3):  # the new key and value landed, and nothing else moved
         assert torch.equal(k_cache[rows[b], :, pos[b]], k[b, :, 0]) and torch.equal(v_cache[rows[b], :, pos[b]], v[b, :, 0])
         untouched[rows[b], :, pos[b]] = k[b, :, 0]
     assert torch.equal(k_cache, untouched)
     want = attention_reference(q[:, :, 0:1], k_cache, v_cache, rows, pos)
-    assert (y.double() - want).abs().max() <= 2 * TOL[cache_dtype] * want.abs().max()
+    assert (y[:, 0].double() - want).abs().max() <= 2 * TOL[cache_dtype] * want.abs().max()
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES, ids=str)
+def test_attention_over_a_chunk_gives_each_token_the_bits_of_one_token_steps(cache_dtype):
+    """T new tokens a row in one call: each attends over the positions up to its own, with the
+    very numbers of T one-token calls (what batch-invariant mode rests on)."""
+    g = torch.Generator().manual_seed(11)
+    R, nh, S, hs, T = 4, 2, 40, 24, 7
+    k_cache = torch.randn(R, nh, S, hs, generator=g).to(cache_dtype)
+    v_cache = torch.randn(R, nh, S, hs, generator=g).to(cache_dtype)
+    rows, pos = torch.tensor([2, 0]), torch.tensor([9, 33])  # scattered rows; the second chunk ends at S - 1
+    qkv = torch.randn(2, T, 3, nh, hs, generator=g).to(cache_dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) views, as GPT._heads gives
+    k_steps, v_steps = k_cache.clone(), v_cache.clone()
+    y = cpukernels.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
+    assert y.shape == (2, T, nh, hs)
+    for t in range(T):
+        one = cpukernels.decode_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], k_steps, v_steps,
+                                          rows, pos + t)
+        assert torch.equal(y[:, t], one[:, 0])
+    assert torch.equal(k_cache, k_steps) and torch.equal(v_cache, v_steps)
+    want = attention_reference(q[:, :, -1:], k_cache, v_cache, rows, pos + T - 1)  # the last token, causally
+    assert (y[:, -1].double() - want).abs().max() <= 2 * TOL[cache_dtype] * want.abs().max()
 
 
 def test_decode_attention_of_a_row_does_not_depend_on_its_batch():
@@ -302,8 +325,11 @@ def test_decode_attention_refuses_bad_inputs_with_the_reason():
     cache = torch.zeros(2, 2, 8, 16)
     q = torch.zeros(1, 2, 1, 16)
     one = torch.tensor([0])
-    with pytest.raises(RuntimeError, match="position 8 outside 0..7"):
+    with pytest.raises(RuntimeError, match="positions 8..8 outside 0..7"):
         cpukernels.decode_attention(q, q, q, cache, cache.clone(), one, torch.tensor([8]))
+    chunk = torch.zeros(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="positions 5..8 outside 0..7"):  # a chunk must fit the row too
+        cpukernels.decode_attention(chunk, chunk, chunk, cache, cache.clone(), one, torch.tensor([5]))
     with pytest.raises(RuntimeError, match="row 2 outside the cache's 2"):
         cpukernels.decode_attention(q, q, q, cache, cache.clone(), torch.tensor([2]), one)
     with pytest.raises(RuntimeError, match="head_dim must be a multiple of 8, got 12"):
@@ -331,6 +357,62 @@ def test_gpt_step_with_the_fused_attention_tracks_torch(dtype):
                 logits.append(torch.cat([m.step(seq[:, i:i + 1], torch.full((2,), i), cache, rows=rows)
                                          for i in range(8, 12)], 1).float())
         assert (logits[0] - logits[1]).abs().max() <= 4 * TOL[dtype] * logits[0].abs().max()
+
+
+def forbid_torch_products(monkeypatch):
+    """Fail any call of torch's own linear or attention: batch-invariant mode must not take them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's linear/attention called in batch-invariant mode")
+    monkeypatch.setattr(F, "linear", refuse)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_invariant_mode_gives_a_token_the_same_bits_in_any_step(monkeypatch, dtype):
+    """GPT-2's widths (768, 3072), where torch's GEMMs change a row's last bits with the rows
+    beside it (on this project's Xeon: bfloat16 from 33 rows, float32 K=3072 from 512): in
+    batch-invariant mode a prompt's logits are the same alone, beside a 600-token prompt, and
+    in chunks, and a decode row the same at batch 1 and 40."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=1024, vocab_size=256, n_layer=2, n_head=12, n_embd=768)
+    model = GPT(config).to(dtype).eval()
+    with torch.no_grad():
+        assert choose_cpu_linear(model, "auto", every_row=True) == "kernel"
+        assert choose_cpu_attention(model, "auto", chunks=True) == "kernel"
+    assert all(m.kernel_max_rows == cpukernels.EVERY_ROW for m in model.modules() if isinstance(m, torch.nn.Linear))
+    forbid_torch_products(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    prompt, other = torch.randint(0, 256, (1, 60), generator=g), torch.randint(0, 256, (1, 600), generator=g)
+    zero = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        cache = KVCache(config, 40, dtype=dtype)
+        alone = model.step(prompt, zero, cache)
+        beside = model.step_parts([StepPart(other, zero, row0=1, logits=None), StepPart(prompt, zero)], cache)[1]
+        model.step(prompt[:, :23], zero, cache, last_only=True)  # a chunk of 23, then the other 37
+        chunked = model.step(prompt[:, 23:], zero + 23, cache)
+        assert torch.equal(alone, beside) and torch.equal(alone[:, 23:], chunked)
+        token = torch.tensor([[7]])
+        one = model.step(token, zero + 60, cache)  # row 0, after its prompt
+        many = model.step(torch.full((40, 1), 7), torch.full((40,), 60), cache)  # rows 0-39 at once
+        assert torch.equal(one[0], many[0])
+
+
+def test_batch_invariant_mode_refuses_what_contradicts_it():
+    model = small_gpt()
+    with pytest.raises(ValueError, match="cpu_linear 'out_in' contradicts it"):
+        choose_cpu_linear(model, "out_in", every_row=True)
+    with pytest.raises(ValueError, match="cpu_attention 'torch' contradicts it"):
+        choose_cpu_attention(model, "torch", chunks=True)
+    odd = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=12))  # head_dim 6
+    with pytest.raises(ValueError, match="head_dim that is a multiple of 8 .*this model's is 6"):
+        choose_cpu_attention(odd, "auto", chunks=True)
+    with torch.no_grad():  # a set-up kept from before must not pass for an invariant one, nor back
+        choose_cpu_linear(model, "kernel")
+        assert model.lm_head.kernel_max_rows < cpukernels.EVERY_ROW
+        choose_cpu_linear(model, "kernel", every_row=True)
+        assert model.lm_head.kernel_max_rows == cpukernels.EVERY_ROW
+        choose_cpu_linear(model, "auto")
+        assert getattr(model.lm_head, "kernel_max_rows", 0) < cpukernels.EVERY_ROW
 
 
 def test_cache_dtype_follows_the_attention_path_and_auto_falls_back(monkeypatch):

@@ -43,6 +43,21 @@ def test_prefill_budgets_reach_the_engine():
     assert (c.prefill_chunk, c.idle_prefill_chunk) == (EngineConfig.prefill_chunk, EngineConfig.idle_prefill_chunk)
     engine = load_engine(load_config(["--idle-prefill-chunk", "256"], {"PREFILL_CHUNK": "64", "DEVICE": "cpu"}))
     assert (engine.config.prefill_chunk, engine.config.idle_prefill_chunk) == (64, 256)
+    assert engine.config.batch_invariant is False
+    engine = load_engine(load_config(["--batch-invariant"], {"DEVICE": "cpu"}))
+    assert engine.config.batch_invariant is True
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"CPU_LINEAR": "out_in"}, "CPU_LINEAR=out_in contradicts it"),
+    ({"CPU_ATTENTION": "torch"}, "CPU_ATTENTION=torch contradicts it"),
+    ({"DEVICE": "cuda:1"}, "CPU only so far; DEVICE=cuda:1 contradicts it"),
+])
+def test_batch_invariant_refuses_settings_that_contradict_it(env, problem):
+    with pytest.raises(ConfigError) as e:
+        load_config([], {"BATCH_INVARIANT": "true", **env})
+    assert e.value.variable == "BATCH_INVARIANT" and problem in str(e.value)
+    assert load_config([], {"BATCH_INVARIANT": "true", "CPU_LINEAR": "kernel"}).batch_invariant is True
 
 
 @pytest.mark.parametrize("raw, expected", [
