@@ -57,7 +57,7 @@ float score(const float* q, const C* kc, int64_t j, int64_t hs, float scale, flo
 }
 
 // e^x for x <= 0, 8 at a time (softmax's exponentials, after subtracting the largest score):
-// x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7 polynomial (about 1 ulp), times 2^n
+// x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-7 polynomial (within 2 ulp), times 2^n
 // through the exponent bits. Below -87.3 (2^-126) the result is held at that least normal
 // float, a weight no sum of ones notices. One std::exp per score cost more than the scores.
 inline __m256 exp_nonpositive(__m256 x) {
