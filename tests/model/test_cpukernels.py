@@ -81,6 +81,8 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(isa, dtype):
     together = cpukernels.linear_rows(x, w, b)
     for i in range(21):
         assert torch.equal(cpukernels.linear_rows(x[i:i + 1], w, b)[0], together[i])
+    offset = torch.empty(21 * 256 + 1, dtype=dtype)[1:].view(21, 256).copy_(x)  # rows off the 64-byte grid
+    assert torch.equal(cpukernels.linear_rows(offset, w, b), together)
 
 
 def test_bad_inputs_are_refused_with_the_reason():
