@@ -8,7 +8,8 @@ has it: `isa()`) for up to `BLOCK_ROWS` rows of input per pass, which on CPUs wi
 AVX-512 GEMMs also beats torch's matrix products for skinny inputs (a decode batch; in half
 precision, prefill too). `decode_attention` (attention.cpp) does a decode
 step's cache writes and attention in one op per layer instead of a dozen small ones, and
-`decode_block` (block.cpp) a whole block's decode step in one op, around those two.
+`decode_block` (block.cpp) a whole block's decode step in one op, around those two;
+`noise_uniform` (sampling.cpp) the sampler's random numbers in one pass instead of some 35.
 Every output of both is computed in one order whatever else is in the call, which is what
 the engine's batch-invariant mode builds on (every product and prompt chunk through them).
 
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 
 BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
 EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to the kernel
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp",
+                                                               "sampling.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc")]
 
 _lock = threading.Lock()
@@ -125,6 +127,15 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
             m.__class__ = KernelLinear if on else nn.Linear
             if on:
                 m.kernel_max_rows = max_rows
+
+
+def noise_uniform(row_key: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
+    """model/sampling.py's uniforms for (row, token id) in one op (sampling.cpp), equal to its
+    tensor ops' to the bit; None where it does not apply (off the CPU, or the kernels not
+    loaded: sampling never builds them itself)."""
+    if not (_loaded and row_key.is_cpu and token_ids.is_cpu):
+        return None
+    return torch.ops.nanogpt.noise_uniform(row_key, token_ids)
 
 
 def isa() -> str:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from model import cpukernels
+
 _M32 = 0xFFFFFFFF
 
 
@@ -68,10 +70,12 @@ class BatchParams:
     seed: torch.Tensor  # (B,) long, in [0, 2**32)
     greedy: torch.Tensor  # (B,) bool
     all_greedy: bool
+    any_greedy: bool
     k_max: int  # the largest top_k among sampling rows (0 if none sets one)
     full_vocab: bool  # some sampling row has top_k == 0: candidates are the whole vocabulary
     full_sort: bool  # some sampling row has top_k == 0 and top_p < 1: sort the whole vocabulary
     any_top_p: bool
+    any_truncation: bool  # some sampling row has top_k or top_p: the threshold is worth computing
 
     @staticmethod
     def build(params: Sequence[SamplingParams | None], seeds: Sequence[int], device) -> "BatchParams":
@@ -86,10 +90,12 @@ class BatchParams:
             seed=torch.tensor([fold_seed(s) for s in seeds], dtype=torch.long, device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
+            any_greedy=any(greedy),
             k_max=max((p.top_k for p in sampled), default=0),
             full_vocab=any(p.top_k == 0 for p in sampled),
             full_sort=any(p.top_k == 0 and p.top_p < 1.0 for p in sampled),
             any_top_p=any(p.top_p < 1.0 for p in sampled),
+            any_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
         )
 
 
@@ -123,9 +129,11 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor
     the candidate set (full vocabulary or top-k) the token appears in.
     """
     row_key = _mix32(_mix32(seed) ^ _mix32((step + 0x9E3779B9) & _M32))  # (B,)
-    bits = _mix32(row_key.unsqueeze(1) ^ _mix32(token_ids + 0x85EBCA6B))  # (B, K)
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), 24 bits
-    return -torch.log(-torch.log(u))
+    u = cpukernels.noise_uniform(row_key, token_ids)  # one pass on a CPU with the kernels: the same bits
+    if u is None:
+        bits = _mix32(row_key.unsqueeze(1) ^ _mix32(token_ids + 0x85EBCA6B))  # (B, K)
+        u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), 24 bits
+    return torch.log(u).neg_().log_().neg_()  # -log(-log(u)), in place: (B, V) passes are what sampling costs
 
 
 # --- the sampler ---
@@ -137,11 +145,13 @@ def sample(logits: torch.Tensor, bp: BatchParams, step: torch.Tensor, n_vocab: i
     Greedy rows (temperature 0 or top_k 1) take the argmax; ties go to the lowest id.
     """
     logits = logits[:, :n_vocab].float()  # padded vocab rows are never candidates
-    greedy_ids = logits.argmax(dim=-1)
     if bp.all_greedy:
-        return greedy_ids
+        return logits.argmax(dim=-1)
+    # Below, every pass over (B, vocabulary) costs: on a CPU at batch 32 each is a few ms, so
+    # work that no row needs (the greedy argmax, a threshold nobody sets) is skipped.
     scaled = logits / bp.temperature.clamp_min(1e-6).unsqueeze(1)
-    threshold = _truncation_threshold(scaled, bp)  # (B, 1): the lowest logit still allowed
+    # (B, 1): the lowest logit still allowed; None: no sampling row truncates
+    threshold = _truncation_threshold(scaled, bp) if bp.any_truncation else None
     if not bp.full_vocab:  # every sampling row truncates to top-k: race only the candidates
         cand, ids = scaled.topk(min(bp.k_max, n_vocab), dim=-1)
         score = cand + gumbel_noise(bp.seed, step, ids)
@@ -149,9 +159,11 @@ def sample(logits: torch.Tensor, bp: BatchParams, step: torch.Tensor, n_vocab: i
         sampled = ids.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1)
     else:  # some row samples from the whole vocabulary
         ids = torch.arange(n_vocab, device=logits.device)
-        score = (scaled + gumbel_noise(bp.seed, step, ids)).masked_fill(scaled < threshold, float("-inf"))
+        score = scaled + gumbel_noise(bp.seed, step, ids)
+        if threshold is not None:
+            score = score.masked_fill(scaled < threshold, float("-inf"))
         sampled = score.argmax(dim=-1)
-    return torch.where(bp.greedy, greedy_ids, sampled)
+    return torch.where(bp.greedy, logits.argmax(dim=-1), sampled) if bp.any_greedy else sampled
 
 
 def _truncation_threshold(scaled: torch.Tensor, bp: BatchParams) -> torch.Tensor:

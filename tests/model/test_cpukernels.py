@@ -417,6 +417,23 @@ def test_batch_invariant_mode_refuses_what_contradicts_it():
         assert getattr(model.lm_head, "kernel_max_rows", 0) < cpukernels.EVERY_ROW
 
 
+def test_noise_uniform_equals_the_samplers_tensor_ops(monkeypatch):
+    """sampling.gumbel_noise on a CPU with the kernels takes its uniforms from sampling.cpp in
+    one pass; they equal the tensor ops' to the bit, for a shared candidate list and per row."""
+    from model import sampling
+    g = torch.Generator().manual_seed(5)
+    seed, step = torch.randint(0, 2**32, (6,), generator=g), torch.randint(0, 10**6, (6,), generator=g)
+    for ids in (torch.arange(5000), torch.randint(0, 50257, (6, 40), generator=g)):
+        fast = sampling.gumbel_noise(seed, step, ids)
+        monkeypatch.setattr(cpukernels, "_loaded", False)  # what a CPU without the kernels computes
+        assert cpukernels.noise_uniform(seed, ids) is None
+        slow = sampling.gumbel_noise(seed, step, ids)
+        monkeypatch.setattr(cpukernels, "_loaded", True)
+        assert torch.equal(fast, slow) and fast.shape == (6, ids.shape[-1])
+    with pytest.raises(RuntimeError, match="token_ids must be"):
+        cpukernels.noise_uniform(seed, torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_cache_dtype_follows_the_attention_path_and_auto_falls_back(monkeypatch):
     model = small_gpt().to(torch.bfloat16)
     assert choose_cpu_attention(model, "auto") == "kernel" and kv_cache_dtype(model) == torch.bfloat16
