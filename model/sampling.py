@@ -138,53 +138,100 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor
 
 # --- the sampler ---
 
+NUCLEUS_CANDIDATES = 1024  # on a CPU, a top-p nucleus is first looked for among this many largest logits
+
+
 def sample(logits: torch.Tensor, bp: BatchParams, step: torch.Tensor, n_vocab: int) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,) long, all < n_vocab.
 
     step (B,) long: how many tokens each row has generated so far (the noise counter).
     Greedy rows (temperature 0 or top_k 1) take the argmax; ties go to the lowest id.
+    A sampling row races the tokens it keeps (all, or those at or above its truncation
+    threshold: ties with it included) by logit / T + noise; ties go to the lowest id.
     """
     logits = logits[:, :n_vocab].float()  # padded vocab rows are never candidates
     if bp.all_greedy:
         return logits.argmax(dim=-1)
     # Below, every pass over (B, vocabulary) costs: on a CPU at batch 32 each is a few ms, so
-    # work that no row needs (the greedy argmax, a threshold nobody sets) is skipped.
+    # work that no row needs (the greedy argmax, a threshold nobody sets) is skipped, and on a
+    # CPU, where reading a flag costs no device sync, the race runs over the top candidates
+    # when every kept token is provably among them (the same winner as the full race).
     scaled = logits / bp.temperature.clamp_min(1e-6).unsqueeze(1)
-    # (B, 1): the lowest logit still allowed; None: no sampling row truncates
-    threshold = _truncation_threshold(scaled, bp) if bp.any_truncation else None
-    if not bp.full_vocab:  # every sampling row truncates to top-k: race only the candidates
-        cand, ids = scaled.topk(min(bp.k_max, n_vocab), dim=-1)
-        score = cand + gumbel_noise(bp.seed, step, ids)
-        score = score.masked_fill(cand < threshold, float("-inf"))
-        sampled = ids.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1)
-    else:  # some row samples from the whole vocabulary
+    threshold, cand = None, None
+    if bp.any_truncation:
+        threshold, cand = _truncation_threshold(scaled, bp)
+    if cand is not None:
+        vals, ids = cand
+        sampled = _race(vals, ids, vals >= threshold, gumbel_noise(bp.seed, step, ids), n_vocab)
+    else:
         ids = torch.arange(n_vocab, device=logits.device)
-        score = scaled + gumbel_noise(bp.seed, step, ids)
-        if threshold is not None:
-            score = score.masked_fill(scaled < threshold, float("-inf"))
-        sampled = score.argmax(dim=-1)
+        kept = None if threshold is None else scaled >= threshold
+        sampled = _race(scaled, None, kept, gumbel_noise(bp.seed, step, ids), n_vocab)
     return torch.where(bp.greedy, logits.argmax(dim=-1), sampled) if bp.any_greedy else sampled
 
 
-def _truncation_threshold(scaled: torch.Tensor, bp: BatchParams) -> torch.Tensor:
-    """Per row, the smallest scaled logit kept by top-k and then top-p (nucleus); -inf keeps all.
+def _race(scaled, ids, kept, noise, n_vocab: int) -> torch.Tensor:
+    """The token with the largest scaled logit + noise among the kept ones, ties to the lowest
+    id; ids (B, K) are the candidates' token ids, or None for the whole vocabulary in order."""
+    score = scaled + noise
+    if kept is not None:
+        score = score.masked_fill(~kept, float("-inf"))
+    first = score.argmax(dim=-1, keepdim=True)  # the first largest (a NaN row still gets an id)
+    if ids is None:
+        return first.squeeze(1)
+    best = score.gather(1, first)
+    lowest = torch.where(score == best, ids, n_vocab).min(dim=-1).values
+    return torch.where(lowest < n_vocab, lowest, ids.gather(1, first).squeeze(1))
+
+
+def _syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (no device to wait for): then
+    the sampler may look at the logits to choose a shorter path to the very same tokens."""
+    return device.type == "cpu"
+
+
+def _truncation_threshold(scaled: torch.Tensor, bp: BatchParams):
+    """Per row, the smallest scaled logit kept by top-k and then top-p (nucleus), -inf keeping
+    all, as (B, 1); and, on a CPU, the (values, ids) of top candidates that hold every kept
+    token of every sampling row (else None: race the whole vocabulary).
 
     Tokens tied with the threshold are kept too, so the kept set never depends on how a
-    sort breaks ties, and so never on the batch.
+    sort breaks ties, and so never on the batch. Probabilities for top-p are normalized over
+    the row's top-k set, or over the whole vocabulary for rows without top-k; a row's numbers
+    are the same whichever candidates were looked at.
     """
     B, V = scaled.shape
-    K = V if bp.full_sort else min(max(bp.k_max, 1), V)
-    vals, _ = scaled.topk(K, dim=-1)  # (B, K) descending
-    rank = torch.arange(K, device=scaled.device).unsqueeze(0)  # (1, K)
-    top_k = torch.where(bp.top_k > 0, bp.top_k.clamp_max(K), torch.full_like(bp.top_k, V))
-    keep = rank < top_k.unsqueeze(1)  # (B, K)
-    if bp.any_top_p:
-        # softmax over the top-k set, then keep the smallest prefix whose mass reaches top_p
-        probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        keep = keep & (mass_before < bp.top_p.unsqueeze(1))
-    last = keep.sum(dim=-1, keepdim=True).clamp_min(1) - 1  # index of the last kept rank
-    threshold = vals.gather(1, last)
-    # rows with neither top-k nor top-p keep everything (their K may have been cut short)
-    no_cut = (bp.top_k.unsqueeze(1) == 0) & (bp.top_p.unsqueeze(1) >= 1.0)
-    return threshold.masked_fill(no_cut, float("-inf"))
+    on_cpu = _syncs_are_free(scaled.device)
+    whole = bp.top_k == 0  # (B,) rows without top-k
+    probs_all = torch.softmax(scaled, dim=-1) if bp.full_sort else None
+    # one more candidate than any row keeps by top-k, to see ties past its k
+    K = min(bp.k_max + 1, V)
+    if bp.full_sort:
+        K = V if not on_cpu else min(max(K, NUCLEUS_CANDIDATES), V)
+    while True:
+        vals, ids = scaled.topk(K, dim=-1)  # (B, K) descending
+        rank = torch.arange(K, device=scaled.device).unsqueeze(0)  # (1, K)
+        top_k = torch.where(whole, torch.full_like(bp.top_k, V), bp.top_k.clamp_max(K))
+        keep = rank < top_k.unsqueeze(1)  # (B, K)
+        if bp.any_top_p:
+            # the smallest prefix whose mass reaches top_p: mass over the top-k set, or over
+            # the whole vocabulary (a prefix of the same sums whatever K is)
+            probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+            if probs_all is not None:
+                probs = torch.where(whole.unsqueeze(1), probs_all.gather(1, ids), probs)
+            mass_before = probs.cumsum(dim=-1) - probs
+            keep = keep & (mass_before < bp.top_p.unsqueeze(1))
+        last = keep.sum(dim=-1, keepdim=True).clamp_min(1) - 1  # index of the last kept rank
+        threshold = vals.gather(1, last)
+        # rows with neither top-k nor top-p keep everything (their K may have been cut short)
+        no_cut = (whole & (bp.top_p >= 1.0)).unsqueeze(1)
+        threshold = threshold.masked_fill(no_cut, float("-inf"))
+        if not on_cpu:
+            return threshold, None
+        if K < V and bp.full_sort and bool((keep[:, -1] & whole & (bp.top_p < 1.0)).any()):
+            K = V  # a nucleus may reach past the candidates: sort everything
+            continue
+        # every kept token is a candidate when each sampling row's threshold lies above the last
+        # candidate's value (no tie with it, no row keeping the whole vocabulary)
+        within = K == V or bool(((threshold > vals[:, -1:]) | bp.greedy.unsqueeze(1)).all())
+        return threshold, (vals, ids) if within else None

@@ -52,6 +52,49 @@ def test_seeded_row_is_the_same_alone_or_in_any_batch():
             assert batch[2] == alone
 
 
+def _mixed_batches(n_vocab: int, trials: int):
+    """Random batches mixing greedy, top-k, top-p and whole-vocabulary rows over bfloat16-rounded
+    logits (many exact ties, as a half-precision model's logits have)."""
+    g = torch.Generator().manual_seed(3)
+    choices = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=1),
+               SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0.8, top_k=50),
+               SamplingParams(temperature=1.0, top_k=0, top_p=0.5), SamplingParams(temperature=1.0, top_k=0, top_p=0.99),
+               SamplingParams(temperature=0.7, top_k=40, top_p=0.8), SamplingParams(temperature=1.0, top_k=0)]
+    for _ in range(trials):
+        B = int(torch.randint(1, 7, (1,), generator=g))
+        params = [choices[int(i)] for i in torch.randint(0, len(choices), (B,), generator=g)]
+        scale = [0.5, 3.0, 8.0][int(torch.randint(0, 3, (1,), generator=g))]
+        logits = (torch.randn(B, n_vocab, generator=g) * scale).to(torch.bfloat16).float()
+        yield logits, params, torch.randint(0, 2**40, (B,), generator=g).tolist(), torch.randint(0, 99, (B,),
+                                                                                                generator=g).tolist()
+
+
+def test_the_cpus_shortcuts_pick_the_tokens_of_the_full_race(monkeypatch):
+    """On a CPU the sampler races only the top candidates when every kept token is among them,
+    and looks for a nucleus among the top 1024 logits first; the tokens are those of the full
+    race over the whole vocabulary after a full sort (what a GPU runs), ties and all, and a
+    row's token is the same alone."""
+    import model.sampling as sampling
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)  # so that some nuclei reach past it
+    runs = {"candidates": 0, "full": 0}
+    threshold = sampling._truncation_threshold
+
+    def counting(scaled, bp):
+        out = threshold(scaled, bp)
+        if sampling._syncs_are_free(scaled.device):  # the CPU's own choice, not the full race below
+            runs["full" if out[1] is None else "candidates"] += 1
+        return out
+    monkeypatch.setattr(sampling, "_truncation_threshold", counting)
+    for logits, params, seeds, steps in _mixed_batches(2000, 150):
+        fast = _sample(logits, params, seeds, steps, 2000)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "_syncs_are_free", lambda device: False)
+            assert _sample(logits, params, seeds, steps, 2000) == fast
+        for b in range(len(params)):
+            assert _sample(logits[b:b + 1], params[b:b + 1], seeds[b:b + 1], steps[b:b + 1], 2000) == [fast[b]]
+    assert runs["candidates"] > 50 and runs["full"] > 50  # both paths were taken
+
+
 def test_top_k_and_top_p_restrict_the_candidates():
     torch.manual_seed(2)
     logits = torch.randn(1, 100) * 2
