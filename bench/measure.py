@@ -189,12 +189,18 @@ async def engine_greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
     return r.token_ids
 
 
+SAMPLED = SamplingParams(temperature=0.8, top_k=50)  # the seed API's defaults
+
+
 async def in_process_clients(engine: Engine, prompts: list[list[int]], new_tokens: int, per_client: int,
-                             warmup: int = 0, arrivals: list[float] | None = None) -> ClientRun:
+                             warmup: int = 0, arrivals: list[float] | None = None,
+                             sampled: bool = False) -> ClientRun:
     """`len(prompts)` concurrent clients, each sending `per_client` requests back to back
     (after `warmup` untimed ones each): all at once, or client i's first timed request
-    `arrivals[i]` seconds after the first client's (to replay an HTTP run's arrivals)."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
+    `arrivals[i]` seconds after the first client's (to replay an HTTP run's arrivals).
+    Greedy, or with `sampled` the seed API's default sampling (SAMPLED)."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=SAMPLED.temperature if sampled else 0.0,
+                            top_k=SAMPLED.top_k, stop_at_eot=False)
     lat, ttft, tokens = [], [], 0
     t0 = 0.0
 
@@ -213,8 +219,10 @@ async def in_process_clients(engine: Engine, prompts: list[list[int]], new_token
     starts = arrivals or [0.0] * len(prompts)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(p, per_client, start=a) for p, a in zip(prompts, starts)))
-    return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft,
-                     "in-process" if arrivals is None else "in-process, HTTP's arrivals")
+    via = "in-process" if arrivals is None else "in-process, HTTP's arrivals"
+    if sampled:
+        via += f", sampled: temperature {SAMPLED.temperature}, top_k {SAMPLED.top_k}"
+    return ClientRun(len(prompts), len(lat), tokens, time.perf_counter() - t0, lat, ttft, via)
 
 
 def server_available() -> str | None:

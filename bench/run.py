@@ -216,14 +216,16 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     warmup = 0 if device.type == "cpu" else 1
     async def serve(c: int, via: str, arrivals: list[float] | None = None) -> tuple[dict, int]:
         """c clients on an engine of their own: over HTTP, streamed ("http") or not ("not
-        streamed"), or "in-process" (all at once, or at `arrivals`). Returns the run's summary
+        streamed"), or "in-process" (all at once, or at `arrivals`; "sampled": all at once with the
+        seed API's default sampling instead of greedy). Returns the run's summary
         (with "arrivals" over HTTP) and the engine's KV-cache bytes."""
         gc.collect()  # the previous engine's KV cache goes before the next one is allocated
         before = host_speed()
         engine = await measure.started_engine(model, max_batch=c)
         steps = engine.stats().total_steps
-        if via == "in-process":
-            run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup, arrivals)
+        if via in ("in-process", "sampled"):
+            run = await measure.in_process_clients(engine, prompts[:c], new, per_client, warmup, arrivals,
+                                                   sampled=via == "sampled")
             await engine.stop(drain=False)
         else:  # the server stops the engine
             run = await measure.http_clients(engine, texts[:c], new, per_client, warmup, stream=via == "http")
@@ -278,6 +280,8 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
                 out["clients"][key]["host_speed"] = min(s["host_speed"] for s in summaries)
         out["clients"][f"{top} in-process"], _ = await serve(top, "in-process")
         out["clients"][f"{top} not streamed"], _ = await serve(top, "not streamed")
+        # what sampling adds to a step (the rows above decode greedily, as the targets ask)
+        out["clients"][f"{top} sampled"], _ = await serve(top, "sampled")
 
     if probes:
         out["host_probes_per_s"] = probes
