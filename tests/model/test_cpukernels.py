@@ -215,13 +215,25 @@ def test_a_burst_of_noise_in_one_timing_does_not_decide(monkeypatch):
 
 def test_kernel_rows_double_while_the_kernel_wins(monkeypatch):
     """Timings (kernel, torch) per doubling: 16 rows kernel faster, 32 faster, 64 slower."""
-    timings = iter([1.0, 2.0, 1.0, 1.5, 2.0, 1.0])
-    monkeypatch.setattr(fastpath, "_best_seconds", lambda fn, give_up=float("inf"): next(timings))
+    timings = iter([(1.0, 2.0), (1.0, 1.5), (2.0, 1.0)])
+    monkeypatch.setattr(fastpath, "_interleaved_best_seconds", lambda a, b: next(timings))
     assert fastpath._kernel_max_rows(small_gpt()) == 32
-    timings = iter([2.0, 1.0])  # torch already wins at 16 rows
+    timings = iter([(2.0, 1.0)])  # torch already wins at 16 rows
     assert fastpath._kernel_max_rows(small_gpt()) == cpukernels.BLOCK_ROWS
-    timings = iter([1.0, 2.0] * 10)  # the kernel always wins: up to the limit
+    timings = iter([(1.0, 2.0)] * 10)  # the kernel always wins: up to the limit
     assert fastpath._kernel_max_rows(small_gpt(), limit=64) == 64
+
+
+def test_interleaved_timing_takes_turns_and_keeps_each_sides_best(monkeypatch):
+    """Calls alternate a, b, a, b, ... (a warm-up of each first, untimed); a slow call on one
+    side does not count against it when another of its calls was fast."""
+    calls, clock = [], iter([0.0, 0.0,             # the warm-up calls' starts (not timed)
+                             0.0, 5.0, 5.0, 5.5,   # round 1: a slow (5 s), b 0.5 s
+                             6.0, 7.0, 7.0, 7.5,   # round 2: a 1 s, b 0.5 s
+                             8.0, 9.0, 9.0, 9.25])  # round 3: a 1 s, b 0.25 s
+    monkeypatch.setattr(fastpath.time, "perf_counter", lambda: next(clock))
+    best = fastpath._interleaved_best_seconds(lambda: calls.append("a"), lambda: calls.append("b"))
+    assert calls == ["a", "b"] * 4 and best == (1.0, 0.25)
 
 
 def test_kernel_by_name_measures_its_row_limit():
