@@ -72,8 +72,7 @@ class BatchParams:
     all_greedy: bool
     any_greedy: bool
     k_max: int  # the largest top_k among sampling rows (0 if none sets one)
-    full_vocab: bool  # some sampling row has top_k == 0: candidates are the whole vocabulary
-    full_sort: bool  # some sampling row has top_k == 0 and top_p < 1: sort the whole vocabulary
+    full_sort: bool  # some sampling row has top_k == 0 and top_p < 1: a nucleus over the whole vocabulary
     any_top_p: bool
     any_truncation: bool  # some sampling row has top_k or top_p: the threshold is worth computing
 
@@ -92,7 +91,6 @@ class BatchParams:
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             k_max=max((p.top_k for p in sampled), default=0),
-            full_vocab=any(p.top_k == 0 for p in sampled),
             full_sort=any(p.top_k == 0 and p.top_p < 1.0 for p in sampled),
             any_top_p=any(p.top_p < 1.0 for p in sampled),
             any_truncation=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
