@@ -125,18 +125,24 @@ void attend(const float* q, const C* kc, const C* vc, int64_t pos, int64_t hs, f
   }
 }
 
-// hs values of head h, token i of sequence b of a (B, nh, T, hs) tensor with a unit last
-// stride (what splitting the fused q/k/v projection gives), widened to float32.
+// The hs values of head h, token i of sequence b of a (B, nh, T, hs) tensor with a unit last
+// stride (what splitting the fused q/k/v projection gives).
+template <typename T>
+const T* head(const at::Tensor& t, int64_t b, int64_t h, int64_t i) {
+  return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
+}
+
+// Those values widened to float32.
 template <typename T>
 void gather(const at::Tensor& t, int64_t b, int64_t h, int64_t i, int64_t hs, float* out) {
-  const T* p = t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
+  const T* p = head<T>(t, b, h, i);
   for (int64_t d = 0; d < hs; ++d) out[d] = static_cast<float>(p[d]);
 }
 
-// hs values of head h, token i of sequence b into the cache's (S, hs) slice at position pos.
+// Those values into the cache's (S, hs) slice at position pos.
 template <typename T, typename C>
 void store(const at::Tensor& t, int64_t b, int64_t h, int64_t i, int64_t hs, C* cache, int64_t pos) {
-  const T* p = t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
+  const T* p = head<T>(t, b, h, i);
   for (int64_t d = 0; d < hs; ++d) cache[pos * hs + d] = static_cast<C>(static_cast<float>(p[d]));
 }
 
