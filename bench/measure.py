@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -199,8 +199,8 @@ async def in_process_clients(engine: Engine, prompts: list[list[int]], new_token
     (after `warmup` untimed ones each): all at once, or client i's first timed request
     `arrivals[i]` seconds after the first client's (to replay an HTTP run's arrivals).
     Greedy, or with `sampled` the seed API's default sampling (SAMPLED)."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=SAMPLED.temperature if sampled else 0.0,
-                            top_k=SAMPLED.top_k, stop_at_eot=False)
+    params = replace(SAMPLED if sampled else SamplingParams(temperature=0.0), max_new_tokens=new_tokens,
+                     stop_at_eot=False)
     lat, ttft, tokens = [], [], 0
     t0 = 0.0
 

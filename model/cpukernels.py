@@ -10,8 +10,9 @@ precision, prefill too). `decode_attention` (attention.cpp) does a decode
 step's cache writes and attention in one op per layer instead of a dozen small ones, and
 `decode_block` (block.cpp) a whole block's decode step in one op, around those two;
 `noise_uniform` (sampling.cpp) the sampler's random numbers in one pass instead of some 35.
-Every output of both is computed in one order whatever else is in the call, which is what
-the engine's batch-invariant mode builds on (every product and prompt chunk through them).
+Every output of the products and the attention is computed in one order whatever else is in
+the call, which is what the engine's batch-invariant mode builds on (every product and prompt
+chunk through them).
 
 They are built on first use by torch's extension builder (a C++ compiler and ninja; about
 20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
