@@ -101,8 +101,9 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
   // Enough output rows per task that each thread streams long runs of weights, and at
   // least 64K weights per task: below that, waking a second thread costs more than it saves.
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
-  // Whole groups of output rows (matvec_rows.inc takes 1-4 together: 12 is a multiple of
-  // each); a panel of 5 rows of 3072 float32 weights left two of them to one-row loops.
+  // Whole groups of output rows (matvec_rows.inc takes 1-4 together in blocks of 2-8 rows: 12 is a
+  // multiple of each); a panel of 5 rows of 3072 float32 weights left two of them to one-row
+  // loops. A block of one row (the last of a batch of 9, 17, ...) takes 8 and leaves 4 of 12.
   // One block of x's rows (a batch of up to kBlockRows) has nothing to reuse: it takes the
   // thread's whole range as one panel, since the kernel's prefetch of the next rows stops at
   // a panel's end (at batch 1, 1-4% faster over GPT-2 124M, most in half precision).
