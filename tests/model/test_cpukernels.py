@@ -446,6 +446,30 @@ def test_noise_uniform_equals_the_samplers_tensor_ops(monkeypatch):
         cpukernels.noise_uniform(seed, torch.zeros(2, 3, dtype=torch.long))
 
 
+def test_argmax_gives_torchs_ids_ties_nans_and_infinities_included(monkeypatch):
+    """sampling.cpp's argmax answers as torch.argmax does: the first largest, the first NaN where
+    a row has one, -inf and +inf as values; rows of every length (the vector loop's tail), a
+    non-contiguous view; and what sampling picks with it equals what it picks without."""
+    from model import sampling
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-3, 4, (40, 50257), generator=g).float()  # many ties for the largest
+    x[1, 7], x[1, 9000] = float("nan"), float("nan")
+    x[2, 50256] = float("nan")  # in the tail past the last full vector
+    x[3] = float("-inf")
+    x[4, 123], x[4, 50000] = float("inf"), float("inf")
+    x[5, 50250:] = 9.0  # the largest only in the tail
+    for rows in (x, x[:, :50251], x[:, 1:13], x[:, :1], x[::3, 100:], x.t().contiguous().t()[:7]):
+        assert torch.equal(cpukernels.argmax(rows), rows.argmax(dim=-1)), rows.shape
+    assert cpukernels.argmax(x.double()) is None and cpukernels.argmax(x[0]) is None
+    logits = torch.randn(9, 50257, generator=g).to(torch.bfloat16).float()  # bfloat16 ties
+    mix = [sampling.SamplingParams(temperature=0.0 if i % 2 else 0.9) for i in range(9)]  # the race too
+    bp = sampling.BatchParams.build(mix, list(range(9)), "cpu")
+    fast = sampling.sample(logits, bp, torch.zeros(9, dtype=torch.long), 50257)
+    monkeypatch.setattr(cpukernels, "_loaded", False)  # what a CPU without the kernels computes
+    assert cpukernels.argmax(logits) is None
+    assert torch.equal(fast, sampling.sample(logits, bp, torch.zeros(9, dtype=torch.long), 50257))
+
+
 def test_cache_dtype_follows_the_attention_path_and_auto_falls_back(monkeypatch):
     model = small_gpt().to(torch.bfloat16)
     assert choose_cpu_attention(model, "auto") == "kernel" and kv_cache_dtype(model) == torch.bfloat16
