@@ -8,7 +8,7 @@ has it: `isa()`) for up to `BLOCK_ROWS` rows of input per pass, which on CPUs wi
 AVX-512 GEMMs also beats torch's matrix products for skinny inputs (a decode batch; in half
 precision, prefill too). `decode_attention` (attention.cpp) does a decode
 step's cache writes and attention in one op per layer instead of a dozen small ones, and
-`decode_block` (block.cpp) a whole block's decode step in one op, around those two;
+`decode_blocks` (block.cpp) every block's decode step in one op, around those two;
 `noise_uniform` (sampling.cpp) the sampler's random numbers in one pass instead of some 35,
 and `argmax` (sampling.cpp) torch.argmax's answer over rows of logits some 30x faster.
 Every output of the products and the attention is computed in one order whatever else is in
@@ -166,41 +166,44 @@ def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | Non
     return torch.ops.nanogpt.decode_attention(q, k, v, k_cache, v_cache, rows, pos)
 
 
-class DecodeBlock:
-    """A Block's one-token step for rows 0..B-1 of the caches (model/gpt.py's Block.step_parts,
-    same arguments, same numbers) as one op: x (B, 1, C) -> (B, 1, C). Returns None (nothing
-    done) unless the block's attention has `decode_attention` and its linear layers send B
-    rows to the kernel. Holds the block's modules and Parameter objects, gathered once
-    (gathering them per call took 35 us a block); call load() first."""
+class DecodeStack:
+    """Every block's one-token step for rows row0..row0+B-1 of the caches (model/gpt.py's
+    Block.step_parts, block after block: the same ops, the same numbers) as one op (block.cpp's
+    decode_blocks): x (B, 1, C) -> (B, 1, C). It applies where every block's attention has
+    `decode_attention` and every linear layer sends B rows to the kernel. Holds the blocks'
+    modules and Parameter objects, gathered once (one op a block, gathering its cache rows and
+    checking it applied, still cost 40-70 us of Python a block); call load() first."""
 
-    def __init__(self, block: nn.Module):
-        attn, mlp = block.attn, block.mlp
-        self.attn = attn
-        self.linears = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-        self.params = [p for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)
+    def __init__(self, model: nn.Module):
+        blocks = list(model.transformer.h)
+        self.attns = [b.attn for b in blocks]
+        self.linears = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        self.params = [p for b in blocks for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)
                        for p in (m.weight, m.bias)]
-        self.gelu_tanh = mlp.gelu.approximate == "tanh"
+        self.gelu_tanh = blocks[0].mlp.gelu.approximate == "tanh"  # one config for every block
 
-    def __call__(self, x, t, mask, k_cache, v_cache, rows) -> torch.Tensor | None:
-        B = x.shape[0]
-        if (x.shape[1] != 1 or rows is not None or self.attn.decode_attention is None or not k_cache.is_cpu
-                or not all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
-                or (torch.is_grad_enabled() and self.params[2].requires_grad)):
-            return None
-        return torch.ops.nanogpt.decode_block(x, self.params, k_cache, v_cache, t[:, 0], self.gelu_tanh)
+    def applies(self, B: int, k_cache: torch.Tensor) -> bool:
+        return (k_cache.is_cpu and all(a.decode_attention is not None for a in self.attns)
+                and all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
+                and not (torch.is_grad_enabled() and self.params[2].requires_grad))
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, cache, row0: int) -> torch.Tensor:
+        return torch.ops.nanogpt.decode_blocks(x, self.params, cache.k, cache.v, row0, pos, self.gelu_tanh)
 
 
 def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False) -> None:
     """Give (or take back from) the model's attention layers `decode_attention` for their
-    one-token steps (GPT.step with T == 1), with chunks for prompt chunks as well, and its
-    blocks a DecodeBlock (which applies where their linear layers run on the kernel, see
-    use_kernel; install it again after replacing a block's modules or Parameter objects).
+    one-token steps (GPT.step with T == 1), with chunks for prompt chunks as well, and a GPT a
+    DecodeStack (which applies where its linear layers run on the kernel, see use_kernel;
+    install it again after replacing a block's modules or Parameter objects).
     Raises KernelUnavailable, changing nothing, where the kernels cannot be loaded."""
-    from model.gpt import Block
+    from model.gpt import GPT, Block
     if on:
         load()
     for m in model.modules():
         if isinstance(m, Block) and m.attn.head_dim % 8 == 0:
             m.attn.decode_attention = decode_attention if on else None
             m.attn.fused_chunks = on and chunks
-            m.decode_block = DecodeBlock(m) if on else None
+    for m in model.modules():
+        if isinstance(m, GPT):
+            m.decode_stack = DecodeStack(m) if on and len(m.transformer.h) else None

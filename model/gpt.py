@@ -154,11 +154,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    # A device may supply the whole one-token step of a block as one op (called as
-    # model/cpukernels.DecodeBlock is, returning None where it does not apply); None: the
-    # modules below, one by one.
-    decode_block = None
-
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
@@ -171,15 +166,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def step_parts(self, xs, contexts):
-        if len(xs) == 1 and self.decode_block is not None:
-            y = self.decode_block(xs[0], *contexts[0])
-            if y is not None:
-                return [y]
         xs = [x + y for x, y in zip(xs, self.attn.step_parts([self.ln_1(x) for x in xs], contexts))]
         return [x + y for x, y in zip(xs, joint(self.mlp, [self.ln_2(x) for x in xs]))]
 
 
 class GPT(nn.Module):
+    # A device may supply every block's one-token step as one op (model/cpukernels.DecodeStack:
+    # applies(B, k_cache), then a call); None: block by block, module by module.
+    decode_stack = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -250,6 +245,10 @@ class GPT(nn.Module):
         lengths) in one pass over the weights: every linear layer takes all of their tokens
         at once, attention runs batch by batch. The batches must not write the same cache
         positions. Returns each batch's logits as step() would, None where it asked for none."""
+        if len(parts) == 1 and self.decode_stack is not None:
+            stacked = self._stacked_step(parts[0], cache)
+            if stacked is not None:
+                return stacked
         contexts, xs = [], []
         for p in parts:
             B, T = p.idx.shape
@@ -270,6 +269,16 @@ class GPT(nn.Module):
         for i, logits in zip(wanted, heads):
             out[i] = logits
         return out
+
+    def _stacked_step(self, p: "StepPart", cache: KVCache) -> list[torch.Tensor | None] | None:
+        """step_parts([p]) for one-token steps of contiguous rows by self.decode_stack, the same
+        ops in the same order (so the same numbers); None where it does not apply."""
+        B, T = p.idx.shape
+        if T != 1 or p.rows is not None or not self.decode_stack.applies(B, cache.k):
+            return None
+        x = self.transformer.wte(p.idx) + self.transformer.wpe(p.pos.unsqueeze(1))
+        x = self.decode_stack(x, p.pos, cache, p.row0)
+        return [self.lm_head(self.transformer.ln_f(x)) if p.logits else None]
 
 
 @dataclass

@@ -484,50 +484,49 @@ def test_cache_dtype_follows_the_attention_path_and_auto_falls_back(monkeypatch)
         choose_cpu_attention(model, "flash")
 
 
-def fused_blocks_counted(monkeypatch) -> list[int]:
-    """Counts the blocks' decode steps that the fused op ran (not None), as a list of one int."""
-    runs, inner = [0], cpukernels.DecodeBlock.__call__
+def fused_steps_counted(monkeypatch) -> list[int]:
+    """Counts the decode steps that the fused op (every block at once) ran, as a list of one int."""
+    runs, inner = [0], cpukernels.DecodeStack.__call__
 
     def counting(*args):
-        y = inner(*args)
-        runs[0] += y is not None
-        return y
-    monkeypatch.setattr(cpukernels.DecodeBlock, "__call__", counting)
+        runs[0] += 1
+        return inner(*args)
+    monkeypatch.setattr(cpukernels.DecodeStack, "__call__", counting)
     return runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias,gelu", [(True, "none"), (False, "tanh")])
-def test_decode_block_gives_the_bits_of_the_blocks_own_modules(monkeypatch, dtype, bias, gelu):
-    """A fused block step is the same ops in the same order: logits and caches are equal to the
-    bit to those of the modules called one by one, for batches of 1 and 3."""
-    runs = fused_blocks_counted(monkeypatch)
+def test_decode_blocks_gives_the_bits_of_the_blocks_own_modules(monkeypatch, dtype, bias, gelu):
+    """The fused step is the same ops in the same order: logits and caches are equal to the
+    bit to those of the modules called one by one, for batches of 1 and 3, at row 0 and beyond."""
+    runs = fused_steps_counted(monkeypatch)
     torch.manual_seed(0)
     config = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=bias, gelu_approximate=gelu)
     model = GPT(config).to(dtype).eval()
     seq = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
-    for B in (1, 3):
+    for B, row0 in ((1, 0), (3, 0), (2, 1)):
         results = []
         for fused in (False, True):
             m = copy.deepcopy(model)
             cpukernels.use_kernel(m)
             cpukernels.use_decode_attention(m)
             if not fused:
-                for block in m.transformer.h:
-                    block.decode_block = None
+                m.decode_stack = None
             cache = KVCache(config, 3, dtype=dtype)
             with torch.inference_mode():
-                m.step(seq[:B, :8], torch.zeros(B, dtype=torch.long), cache)
-                logits = [m.step(seq[:B, i:i + 1], torch.full((B,), i), cache) for i in range(8, 12)]
+                m.step(seq[:B, :8], torch.zeros(B, dtype=torch.long), cache, row0=row0)
+                logits = [m.step(seq[:B, i:i + 1], torch.full((B,), i), cache, row0=row0) for i in range(8, 12)]
             results.append((torch.cat(logits, 1), cache.k, cache.v))
         assert all(torch.equal(a, b) for a, b in zip(*results))
-    assert runs[0] == 2 * 2 * 4  # batch sizes x layers x steps: the fused op did run
+        assert results[1][1][:, row0:row0 + B].abs().sum() > 0  # the fused steps wrote the rows asked
+    assert runs[0] == 3 * 4  # batches x steps: the fused op did run
 
 
-def test_decode_block_stays_out_where_it_does_not_apply(monkeypatch):
+def test_decode_blocks_stays_out_where_it_does_not_apply(monkeypatch):
     """Prompt chunks, scattered rows, batches past the kernel's rows and torch's linear layers
     take the modules; the results are the same either way."""
-    runs = fused_blocks_counted(monkeypatch)
+    runs = fused_steps_counted(monkeypatch)
     m = small_gpt()
     cpukernels.use_kernel(m, max_rows=2)
     cpukernels.use_decode_attention(m)
@@ -538,21 +537,23 @@ def test_decode_block_stays_out_where_it_does_not_apply(monkeypatch):
         m.step(torch.ones(3, 1, dtype=torch.long), torch.full((3,), 5), cache)  # 3 rows > max_rows
         assert runs[0] == 0
         m.step(torch.ones(2, 1, dtype=torch.long), torch.full((2,), 6), cache)
-        assert runs[0] == 2
+        assert runs[0] == 1
         cpukernels.use_kernel(m, on=False)  # torch's F.linear: the block's modules again
         m.step(torch.ones(2, 1, dtype=torch.long), torch.full((2,), 7), cache)
-    assert runs[0] == 2
+    assert runs[0] == 1
     cpukernels.use_decode_attention(m, on=False)
-    assert all(block.decode_block is None for block in m.transformer.h)
+    assert m.decode_stack is None
 
 
-def test_decode_block_refuses_bad_parameters_with_the_reason():
-    x, cache, pos = torch.zeros(1, 1, 32), torch.zeros(1, 4, 8, 8), torch.tensor([0])
-    with pytest.raises(RuntimeError, match="12 parameters"):
-        torch.ops.nanogpt.decode_block(x, [torch.ones(32)] * 11, cache, cache.clone(), pos, False)
-    with pytest.raises(RuntimeError, match="parameter 2 \\(a weight\\) is None"):
-        torch.ops.nanogpt.decode_block(x, [torch.ones(32), None, None] + [torch.ones(32)] * 9, cache, cache.clone(),
-                                       pos, False)
+def test_decode_blocks_refuses_bad_parameters_and_rows_with_the_reason():
+    x, cache, pos = torch.zeros(1, 1, 32), torch.zeros(2, 1, 4, 8, 8), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="12 parameters a block .* for 2 blocks, got 23"):
+        torch.ops.nanogpt.decode_blocks(x, [torch.ones(32)] * 23, cache, cache.clone(), 0, pos, False)
+    with pytest.raises(RuntimeError, match="parameter 14 \\(a weight\\) is None"):
+        torch.ops.nanogpt.decode_blocks(x, [torch.ones(32)] * 14 + [None] + [torch.ones(32)] * 9, cache, cache.clone(),
+                                        0, pos, False)
+    with pytest.raises(RuntimeError, match="rows 1..1 are not all in a cache of 1 rows"):
+        torch.ops.nanogpt.decode_blocks(x, [torch.ones(32)] * 24, cache, cache.clone(), 1, pos, False)
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
