@@ -37,6 +37,7 @@ import platform
 import random
 import resource
 import statistics
+import subprocess
 from pathlib import Path
 
 import torch
@@ -342,7 +343,7 @@ def ratios(r: dict) -> dict:
 
 def table(report: dict) -> str:
     lines = [f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
-             f"{report['date']}", ""]
+             f"{report['date']}; commit {report.get('commit', 'unknown')}", ""]
     for r in report["shapes"]:
         c = r["ceilings"]
         lines += [f"### {r['shape']} ({r['n_params'] / 1e6:.0f}M params), prompt 64, {r['new_tokens']} new, greedy", "",
@@ -417,12 +418,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def commit() -> str:
+    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown" outside git:
+    a figure is only worth as much as knowing which code made it."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 async def run(args) -> dict:
     tokenizer = gpt2_tokenizer(args.tokenizer_path)
     device = args.device
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")
                else f"{cpu_name()}, {os.cpu_count()} cores")
-    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "device": device,
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine,
+              "device": device,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick, "shapes": []}
     for shape in args.shapes.split(","):
         r = await bench_shape(shape, args, tokenizer)
