@@ -208,7 +208,7 @@ def choose_cpu_linear(model: GPT, choice: str = "auto", every_row: bool = False)
         log.info("CPU decode pass over all weights (batch 1 + batch 8 per row), ms: %s",
                  ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()))
         # The pass times the products alone, but only under the kernel does a block's whole
-        # one-token step run as one op (cpukernels.DecodeStack): 1-2 ms of a 17-25 ms batch-1
+        # one-token step run as one op (cpukernels.DecodeStack): 1-2 ms of a 12-25 ms batch-1
         # step here. So torch's options must beat the kernel by more than that: one run here timed
         # F.linear 3% ahead, and batch 1 in float32 then reached 1.05x transformers (1.44-1.54x
         # under the kernel).
