@@ -15,6 +15,7 @@ if compgen -G ".gpu-carry/wheels/*.whl" >/dev/null; then  # what the GPU image l
     export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 [ -d .gpu-carry/tiktoken-cache ] && export TIKTOKEN_CACHE_DIR=$PWD/.gpu-carry/tiktoken-cache
+[ -f .gpu-carry/commit ] && export BENCH_COMMIT=$(cat .gpu-carry/commit)
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 if [ "$DEVICE" = cuda ]; then

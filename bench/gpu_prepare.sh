@@ -12,4 +12,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "pytest-asyncio==1.5.0"
 SHARED=${SHARED:-../shared}
 cp -r "$SHARED/tokenizers/tiktoken-cache" "$CARRY/tiktoken-cache"
+# the copy on the GPU machine has no .git: the report names the commit from here (bench/run.py)
+bench_commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && bench_commit="$bench_commit+changes"
+echo "$bench_commit" > "$CARRY/commit"
 du -sh "$CARRY"

@@ -420,7 +420,10 @@ def cpu_name() -> str:
 
 def commit() -> str:
     """The checkout's commit (with "+changes" when the tree differs from it), or "unknown" outside git:
-    a figure is only worth as much as knowing which code made it."""
+    a figure is only worth as much as knowing which code made it. BENCH_COMMIT names it for a copy
+    without .git (bench/gpu_prepare.sh writes it for the GPU machine)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
