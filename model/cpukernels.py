@@ -169,22 +169,21 @@ def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | Non
 class DecodeStack:
     """Every block's one-token step for rows row0..row0+B-1 of the caches (model/gpt.py's
     Block.step_parts, block after block: the same ops, the same numbers) as one op (block.cpp's
-    decode_blocks): x (B, 1, C) -> (B, 1, C). It applies where every block's attention has
-    `decode_attention` and every linear layer sends B rows to the kernel. Holds the blocks'
-    modules and Parameter objects, gathered once (one op a block, gathering its cache rows and
-    checking it applied, still cost 40-70 us of Python a block); call load() first."""
+    decode_blocks): x (B, 1, C) -> (B, 1, C), for a model whose every block's attention has
+    `decode_attention` (use_decode_attention installs it only then). It applies where every
+    linear layer sends B rows to the kernel. Holds the blocks' modules and Parameter objects,
+    gathered once (one op a block, gathering its cache rows and checking it applied, still cost
+    40-70 us of Python a block); call load() first."""
 
     def __init__(self, model: nn.Module):
         blocks = list(model.transformer.h)
-        self.attns = [b.attn for b in blocks]
         self.linears = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         self.params = [p for b in blocks for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)
                        for p in (m.weight, m.bias)]
         self.gelu_tanh = blocks[0].mlp.gelu.approximate == "tanh"  # one config for every block
 
     def applies(self, B: int, k_cache: torch.Tensor) -> bool:
-        return (k_cache.is_cpu and all(a.decode_attention is not None for a in self.attns)
-                and all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
+        return (k_cache.is_cpu and all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
                 and not (torch.is_grad_enabled() and self.params[2].requires_grad))
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, cache, row0: int) -> torch.Tensor:
@@ -206,4 +205,5 @@ def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False
             m.attn.fused_chunks = on and chunks
     for m in model.modules():
         if isinstance(m, GPT):
-            m.decode_stack = DecodeStack(m) if on and len(m.transformer.h) else None
+            fused = len(m.transformer.h) and all(b.attn.decode_attention is not None for b in m.transformer.h)
+            m.decode_stack = DecodeStack(m) if on and fused else None

@@ -544,6 +544,13 @@ def test_decode_blocks_stays_out_where_it_does_not_apply(monkeypatch):
     assert runs[0] == 1
     cpukernels.use_decode_attention(m, on=False)
     assert m.decode_stack is None
+    odd = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=12)).eval()  # head_dim 6
+    cpukernels.use_kernel(odd)
+    cpukernels.use_decode_attention(odd)  # the attention kernel cannot take it: no stack either
+    assert odd.transformer.h[0].attn.decode_attention is None and odd.decode_stack is None
+    with torch.inference_mode():
+        odd.step(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), KVCache(odd.config, 1))
+    assert runs[0] == 1
 
 
 def test_decode_blocks_refuses_bad_parameters_and_rows_with_the_reason():
