@@ -181,9 +181,10 @@ def _race(scaled, ids, kept, noise, n_vocab: int) -> torch.Tensor:
     score = scaled + noise
     if kept is not None:
         score = score.masked_fill(~kept, float("-inf"))
-    first = _argmax(score).unsqueeze(1)  # the first largest (a NaN row still gets an id)
+    first = _argmax(score)  # the first largest (a NaN row still gets an id)
     if ids is None:
-        return first.squeeze(1)
+        return first
+    first = first.unsqueeze(1)
     best = score.gather(1, first)
     lowest = torch.where(score == best, ids, n_vocab).min(dim=-1).values
     return torch.where(lowest < n_vocab, lowest, ids.gather(1, first).squeeze(1))
