@@ -62,7 +62,7 @@ operator: $(VENV)/.dev
 manifests-check: $(VENV)/.dev
 	$(BIN)/kubectl kustomize manifests >/dev/null
 	$(BIN)/hadolint Dockerfile.server Dockerfile.operator
-	$(BIN)/python -m pytest -q tests/operator/test_operator_crd.py tests/operator/test_operator_manifests.py tests/operator/test_fleet_crd.py
+	$(BIN)/python -m pytest -q tests/operator/test_model_crd.py tests/operator/test_operator_manifests.py tests/operator/test_rollout_crd.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanogpt_operator.build import Owner, desired_deployment
-from nanogpt_operator.spec import parse_model
-from nanogpt_operator.status import derive_status, invalid_spec_status, pod_problems, rollout_state
+from nanogpt_operator.model.build import Owner, desired_deployment
+from nanogpt_operator.model.spec import parse_model
+from nanogpt_operator.model.status import deployment_state, derive_status, invalid_spec_status, pod_problems
 
 NOW = "2026-01-01T00:00:00Z"
 OWNER = Owner(name="llm", uid="u")
@@ -62,7 +62,7 @@ def test_complete_rollout_is_ready_and_recorded_as_good(model_body) -> None:
 
 
 def test_old_pods_still_running_is_not_complete(model_body) -> None:
-    rs = rollout_state(live(model_body, ready=2, updated=2, replicas=3, reason="ReplicaSetUpdated"))
+    rs = deployment_state(live(model_body, ready=2, updated=2, replicas=3, reason="ReplicaSetUpdated"))
     assert not rs.complete
 
 

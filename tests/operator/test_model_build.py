@@ -8,9 +8,9 @@ import kubernetes_validate
 import pytest
 from operator_helpers import K8S_VERSION
 
-from nanogpt_operator.build import (Owner, desired_children, desired_deployment, desired_hpa, desired_pdb, desired_pvc,
+from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, desired_hpa, desired_pdb, desired_pvc,
                                     desired_service, endpoint, unwanted_children)
-from nanogpt_operator.spec import parse_model
+from nanogpt_operator.model.spec import parse_model
 
 OWNER = Owner(name="llm", uid="0b5e2c1a-0000-4000-8000-000000000001")
 FULL = dict(

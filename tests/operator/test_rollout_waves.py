@@ -3,7 +3,7 @@
 import pytest
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.waves import WaveSize, cumulative_targets, parse_wave, parse_waves, plan_waves
+from nanogpt_operator.rollout.waves import WaveSize, cumulative_targets, parse_wave, parse_waves, plan_waves
 
 
 def keys(n: int, ns: str = "a") -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Parse a NanoGPTModel once into a frozen, typed `ModelSpec`.
+"""Parse a NanoGPTModel once into a frozen, typed `ModelSpec` (with the shared helper of fields.py).
 
 Defaults are the CRD's (crds/nanogptmodels.yaml); the rules are the CRD's schema and CEL rules, repeated
 here so that a cluster without the CRD's validation (or an older stored object) still gets a precise
@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanogpt_operator.errors import SpecError
+from nanogpt_operator.fields import DNS_SUBDOMAIN, QUANTITY, Fields
 
-# Kubernetes' own patterns (apimachinery validation): DNS-1123 subdomain and resource.Quantity.
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+))?$")
 RATE_LIMIT = re.compile(r"^[1-9][0-9]*/(second|minute|hour|day)$")
 PERCENT = re.compile(r"^[0-9]+%$")
 REDIS_URL = re.compile(r"^(redis|rediss|unix)://.+$")
@@ -86,7 +84,9 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
-class RolloutSpec:
+class RollingUpdateSpec:
+    """spec.rollout: how one model's Deployment replaces its pods, and whether it rolls itself back."""
+
     # Surge 0: a full GPU node has no room for an extra pod, so replace in place.
     max_surge: int | str = 0
     max_unavailable: int | str = 1
@@ -111,7 +111,7 @@ class ModelSpec:
     server: ServerSpec = ServerSpec()
     service: ServiceSpec = ServiceSpec()
     autoscaling: AutoscalingSpec | None = None
-    rollout: RolloutSpec = RolloutSpec()
+    rollout: RollingUpdateSpec = RollingUpdateSpec()
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] | None = None
@@ -124,78 +124,7 @@ class ModelSpec:
         return self.server.dtype or ("bfloat16" if self.gpus > 0 else "float32")
 
 
-class _Fields:
-    """Typed access to one mapping of the resource, with the path used in every error."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise SpecError(path, f"must be an object, got {type(data).__name__}")
-        self.data = data
-        self.path = path
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}"
-
-    def child(self, key: str) -> _Fields | None:
-        value = self.data.get(key)
-        return None if value is None else _Fields(value, self.at(key))
-
-    def required(self, key: str) -> Any:
-        if self.data.get(key) in (None, ""):
-            raise SpecError(self.at(key), "is required")
-        return self.data[key]
-
-    def str(self, key: str, default: str | None = None, pattern: re.Pattern[str] | None = None,
-            choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
-        value = self.required(key) if required else self.data.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise SpecError(self.at(key), f"must be a string, got {value!r}")
-        if pattern is not None and not pattern.match(value):
-            raise SpecError(self.at(key), f"{value!r} does not match {pattern.pattern}")
-        if choices is not None and value not in choices:
-            raise SpecError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def int(self, key: str, default: int | None, low: int, high: int = 2**31 - 1) -> Any:
-        value = self.data.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(self.at(key), f"must be an integer, got {value!r}")
-        if not low <= value <= high:
-            raise SpecError(self.at(key), f"must be in [{low}, {high}], got {value}")
-        return value
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise SpecError(self.at(key), f"must be true or false, got {value!r}")
-        return value
-
-    def map(self, key: str) -> dict[str, Any]:
-        value = self.data.get(key) or {}
-        if not isinstance(value, Mapping):
-            raise SpecError(self.at(key), "must be an object")
-        return dict(value)
-
-    def list(self, key: str) -> tuple[Any, ...]:
-        value = self.data.get(key) or []
-        if not isinstance(value, list):
-            raise SpecError(self.at(key), "must be a list")
-        return tuple(value)
-
-
-def _relative_path(f: _Fields, key: str) -> str:
-    value: str = f.str(key, required=True)
-    # The path is joined under the claim's mount point; absolute paths or '..' would escape it.
-    if value.startswith("/") or ".." in value.split("/"):
-        raise SpecError(f.at(key), f"must be a path relative to the claim, without '..', got {value!r}")
-    return value
-
-
-def _parse_create(f: _Fields) -> PvcTemplate:
+def _parse_create(f: Fields) -> PvcTemplate:
     modes = f.list("accessModes") or ("ReadWriteOnce",)
     for i, mode in enumerate(modes):
         if mode not in ACCESS_MODES:
@@ -207,19 +136,19 @@ def _parse_create(f: _Fields) -> PvcTemplate:
     )
 
 
-def _parse_checkpoint(spec: _Fields) -> CheckpointSpec:
+def _parse_checkpoint(spec: Fields) -> CheckpointSpec:
     f = spec.child("checkpoint")
     if f is None:
         raise SpecError(spec.at("checkpoint"), "is required")
     create = f.child("create")
     return CheckpointSpec(
         claim_name=f.str("claimName", required=True, pattern=DNS_SUBDOMAIN),
-        path=_relative_path(f, "path"),
+        path=f.relative_path("path"),
         create=None if create is None else _parse_create(create),
     )
 
 
-def _parse_server(f: _Fields | None) -> ServerSpec:
+def _parse_server(f: Fields | None) -> ServerSpec:
     if f is None:
         return ServerSpec()
     ref = f.child("apiKeySecretRef")
@@ -235,14 +164,14 @@ def _parse_server(f: _Fields | None) -> ServerSpec:
     )
 
 
-def _parse_service(f: _Fields | None) -> ServiceSpec:
+def _parse_service(f: Fields | None) -> ServiceSpec:
     if f is None:
         return ServiceSpec()
     return ServiceSpec(type=f.str("type", "ClusterIP", choices=SERVICE_TYPES),
                        port=f.int("port", 80, 1, 65535), annotations=f.map("annotations"))
 
 
-def _parse_autoscaling(f: _Fields | None) -> AutoscalingSpec | None:
+def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
     if f is None:
         return None
     metric = f.child("customMetric")
@@ -262,7 +191,7 @@ def _parse_autoscaling(f: _Fields | None) -> AutoscalingSpec | None:
     return scaling
 
 
-def _surge(f: _Fields, key: str, default: int) -> int | str:
+def _surge(f: Fields, key: str, default: int) -> int | str:
     value = f.data.get(key, default)
     if isinstance(value, str) and PERCENT.match(value):
         return value
@@ -275,10 +204,10 @@ def _is_zero(value: int | str) -> bool:
     return value in (0, "0%")
 
 
-def _parse_rollout(f: _Fields | None) -> RolloutSpec:
+def _parse_rollout(f: Fields | None) -> RollingUpdateSpec:
     if f is None:
-        return RolloutSpec()
-    rollout = RolloutSpec(
+        return RollingUpdateSpec()
+    rollout = RollingUpdateSpec(
         max_surge=_surge(f, "maxSurge", 0),
         max_unavailable=_surge(f, "maxUnavailable", 1),
         progress_deadline_seconds=f.int("progressDeadlineSeconds", 600, 10),
@@ -290,7 +219,7 @@ def _parse_rollout(f: _Fields | None) -> RolloutSpec:
     return rollout
 
 
-def _parse_resources(spec: _Fields) -> dict[str, Any]:
+def _parse_resources(spec: Fields) -> dict[str, Any]:
     resources = spec.map("resources")
     for part in ("limits", "requests"):
         if GPU_RESOURCE in (resources.get(part) or {}):
@@ -298,10 +227,10 @@ def _parse_resources(spec: _Fields) -> dict[str, Any]:
     return resources
 
 
-def _parse_env(spec: _Fields) -> tuple[dict[str, Any], ...]:
+def _parse_env(spec: Fields) -> tuple[dict[str, Any], ...]:
     env = spec.list("env")
     for i, var in enumerate(env):
-        item = _Fields(var, f"spec.env[{i}]")
+        item = Fields(var, f"spec.env[{i}]")
         name = item.str("name", required=True)
         if name in RESERVED_ENV:
             raise SpecError(item.at("name"), f"{name} is set by the operator and cannot be overridden")
@@ -311,16 +240,16 @@ def _parse_env(spec: _Fields) -> tuple[dict[str, Any], ...]:
 def parse_model(body: Mapping[str, Any]) -> ModelSpec:
     """Turn a NanoGPTModel object into a ModelSpec, or raise SpecError naming the bad field."""
     meta = body.get("metadata") or {}
-    spec = _Fields(body.get("spec") or {}, "spec")
+    spec = Fields(body.get("spec") or {}, "spec")
     tokenizer = spec.child("tokenizer")
     model = ModelSpec(
         name=meta["name"],
         namespace=meta.get("namespace") or "default",
         checkpoint=_parse_checkpoint(spec),
-        tokenizer_path=None if tokenizer is None else _relative_path(tokenizer, "path"),
+        tokenizer_path=None if tokenizer is None else tokenizer.relative_path("path"),
         image=spec.str("image", "nanogpt-server:latest"),
         image_pull_policy=spec.str("imagePullPolicy", "IfNotPresent", choices=PULL_POLICIES),
-        image_pull_secrets=tuple(_Fields(s, f"spec.imagePullSecrets[{i}]").str("name", required=True)
+        image_pull_secrets=tuple(Fields(s, f"spec.imagePullSecrets[{i}]").str("name", required=True)
                                  for i, s in enumerate(spec.list("imagePullSecrets"))),
         replicas=spec.int("replicas", 1, 0, 1000),
         gpus=spec.int("gpus", 1, 0, 16),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.spec import ModelSpec, parse_model
+from nanogpt_operator.model.spec import ModelSpec, parse_model
 
 
 def test_defaults_match_the_crd(model_body) -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from operator_helpers import CRD_PATH, K8S_VERSION, REPO
 
-from nanogpt_operator.spec import parse_model
+from nanogpt_operator.model.spec import parse_model
 
 
 def crd() -> dict[str, Any]:
@@ -114,7 +114,7 @@ def test_crd_defaults_equal_spec_defaults(model_body) -> None:
 
 
 def test_enums_match_spec() -> None:
-    from nanogpt_operator import spec
+    from nanogpt_operator.model import spec
     props = spec_props()
     assert tuple(props["server"]["properties"]["dtype"]["enum"]) == spec.DTYPES
     assert tuple(props["service"]["properties"]["type"]["enum"]) == spec.SERVICE_TYPES

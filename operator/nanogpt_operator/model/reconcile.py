@@ -14,14 +14,15 @@ from typing import Any
 
 import kopf
 
-from nanogpt_operator.apply import Applied, apply, remove
-from nanogpt_operator.build import Owner, desired_children, desired_deployment, owner_of, pod_labels, unwanted_children
 from nanogpt_operator.client import KubeClient
-from nanogpt_operator.drift import Path
 from nanogpt_operator.errors import ApiError, SpecError, TransientApiError
-from nanogpt_operator.rollout import decide_rollback, effective_spec, pinned_rollback
-from nanogpt_operator.spec import ModelSpec, parse_model
-from nanogpt_operator.status import derive_status, invalid_spec_status, pod_problems, rollout_state
+from nanogpt_operator.model.apply import Applied, apply, remove
+from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, owner_of, pod_labels,
+                                          unwanted_children)
+from nanogpt_operator.model.drift import Path
+from nanogpt_operator.model.rollback import decide_rollback, effective_spec, pinned_rollback
+from nanogpt_operator.model.spec import ModelSpec, parse_model
+from nanogpt_operator.model.status import deployment_state, derive_status, invalid_spec_status, pod_problems
 
 TRANSIENT_DELAY_S = 10
 # A 403 needs a person to fix RBAC; retry slowly rather than give up.
@@ -92,7 +93,7 @@ async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
     if resync and rollback is None and deployment is not None:
-        rollback = decide_rollback(m, generation, rollout_state(deployment), pod_problems(pods), previous)
+        rollback = decide_rollback(m, generation, deployment_state(deployment), pod_problems(pods), previous)
         if rollback is not None:
             target = effective_spec(m, rollback)
             await apply(client, desired_deployment(target, owner), keep=_keep(m, "Deployment"))

@@ -1,6 +1,6 @@
 """The rollout controller under kopf.testing.KopfRunner against kmock's KubernetesEmulator.
 
-Only the fleet handlers run (their own registry): the emulator runs no Deployments, so a stand-in for
+Only the rollout handlers run (their own registry): the emulator runs no Deployments, so a stand-in for
 the model operator marks each NanoGPTModel Ready on its spec checkpoint, unless the test holds it back.
 The smoke test is the real HttpSmokeTest, hitting an aiohttp server on 127.0.0.1 that each model's
 status.endpoint points at. Every wait polls a condition with a deadline.
@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from kopf.testing import KopfRunner
 
-from nanogpt_operator import fleet_handlers
-from nanogpt_operator.fleet_reconcile import FleetClient
-from nanogpt_operator.fleet_spec import LOCK_ANNOTATION
+from nanogpt_operator.rollout import handlers as rollout_handlers
+from nanogpt_operator.rollout.client import RolloutClient
+from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION
 from operator_helpers import kopf_running
 
 OLD, NEW = "log/model_40000.pt", "log/model_50000.pt"
@@ -170,13 +170,13 @@ async def _all_ready(api: Api) -> bool:
 
 @contextlib.asynccontextmanager
 async def operator(url: str) -> AsyncIterator[KopfRunner]:
-    """kopf running only the fleet handlers, in its own thread and loop, against the emulator."""
+    """kopf running only the rollout handlers, in its own thread and loop, against the emulator."""
     registry = kopf.OperatorRegistry()
 
-    async def connect() -> FleetClient:
-        return FleetClient(aiohttp.ClientSession(), url, lambda: None, "nanogpt-operator-test")
+    async def connect() -> RolloutClient:
+        return RolloutClient(aiohttp.ClientSession(), url, lambda: None, "nanogpt-operator-test")
 
-    fleet_handlers.register(registry, interval=TICK_S, connect=connect)
+    rollout_handlers.register(registry, interval=TICK_S, connect=connect)
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING  # as the operator's startup sets it: no Event per log line
     settings.watching.connect_timeout = 5

@@ -9,7 +9,7 @@ import kubernetes_validate
 import yaml
 from operator_helpers import K8S_VERSION, REPO
 
-from nanogpt_operator.fleet_spec import parse_rollout
+from nanogpt_operator.rollout.spec import parse_rollout
 
 CRD = REPO / "crds" / "nanogptrollout.yaml"
 SAMPLE = REPO / "manifests" / "samples" / "nanogptrollout.yaml"

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from nanogpt_operator.spec import QUANTITY
+from nanogpt_operator.fields import QUANTITY
 
 Path = tuple[str, ...]
 _MISSING = object()

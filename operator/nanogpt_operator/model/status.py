@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nanogpt_operator.build import CHECKPOINT_ANNOTATION, endpoint, pod_labels
-from nanogpt_operator.spec import ModelSpec
+from nanogpt_operator.conditions import condition
+from nanogpt_operator.model.build import CHECKPOINT_ANNOTATION, endpoint, pod_labels
+from nanogpt_operator.model.spec import ModelSpec
 
 # Waiting reasons that mean the container will not start by itself; ordered by what to fix first.
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
@@ -30,7 +31,7 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class RolloutState:
+class DeploymentState:
     """The facts status and rollback need from a live Deployment."""
 
     desired: int
@@ -77,7 +78,7 @@ def _condition(dep_status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     return next((c for c in dep_status.get("conditions") or [] if c.get("type") == kind), {})
 
 
-def rollout_state(deployment: Mapping[str, Any]) -> RolloutState:
+def deployment_state(deployment: Mapping[str, Any]) -> DeploymentState:
     spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
     meta = deployment.get("metadata") or {}
     desired = int(spec.get("replicas", 1))
@@ -87,7 +88,7 @@ def rollout_state(deployment: Mapping[str, Any]) -> RolloutState:
     progressing = _condition(status, "Progressing")
     template = spec.get("template") or {}
     containers = (template.get("spec") or {}).get("containers") or [{}]
-    return RolloutState(
+    return DeploymentState(
         desired=desired, replicas=replicas, ready=ready, updated=updated,
         # Old pods must be gone too (replicas == desired), or some traffic still hits the old checkpoint.
         complete=observed and updated >= desired and ready >= desired and replicas == desired,
@@ -97,16 +98,6 @@ def rollout_state(deployment: Mapping[str, Any]) -> RolloutState:
         checkpoint=((template.get("metadata") or {}).get("annotations") or {}).get(CHECKPOINT_ANNOTATION),
         image=containers[0].get("image"),
     )
-
-
-def condition(kind: str, ok: bool, reason: str, message: str, generation: int,
-              previous: Sequence[Mapping[str, Any]], now: str) -> dict[str, Any]:
-    """A standard condition; lastTransitionTime only moves when the status flips."""
-    status = "True" if ok else "False"
-    before = next((c for c in previous if c.get("type") == kind), {})
-    since = before.get("lastTransitionTime") if before.get("status") == status else None
-    return {"type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since or now, "observedGeneration": generation}
 
 
 def _problem_text(problems: Sequence[Problem]) -> str:
@@ -121,7 +112,7 @@ class Verdict:
     degraded: tuple[bool, str, str]
 
 
-def _verdict(rs: RolloutState | None, problems: Sequence[Problem], rollback: Mapping[str, Any] | None,
+def _verdict(rs: DeploymentState | None, problems: Sequence[Problem], rollback: Mapping[str, Any] | None,
              deadline: int, has_good: bool) -> Verdict:
     ok = (False, "AsExpected", "")
     if rs is None:
@@ -153,7 +144,7 @@ def derive_status(m: ModelSpec, generation: int, deployment: Mapping[str, Any] |
                   pods: Sequence[Mapping[str, Any]], previous: Mapping[str, Any],
                   rollback: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
     """The whole status subresource for one reconcile, from the live Deployment and its pods."""
-    rs = rollout_state(deployment) if deployment is not None else None
+    rs = deployment_state(deployment) if deployment is not None else None
     good_ckpt, good_image = previous.get("lastGoodCheckpoint"), previous.get("lastGoodImage")
     if rs is not None and rs.complete and rs.desired > 0 and rollback is None:
         good_ckpt, good_image = rs.checkpoint, rs.image  # proven: every replica served it

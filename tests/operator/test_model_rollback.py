@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from nanogpt_operator.rollout import decide_rollback, effective_spec, pinned_rollback
-from nanogpt_operator.spec import parse_model
-from nanogpt_operator.status import Problem, RolloutState
+from nanogpt_operator.model.rollback import decide_rollback, effective_spec, pinned_rollback
+from nanogpt_operator.model.spec import parse_model
+from nanogpt_operator.model.status import DeploymentState, Problem
 
 GOOD = {"lastGoodCheckpoint": "good.pt", "lastGoodImage": "srv:1"}
 
 
-def state(deadline: bool = True, checkpoint: str = "bad.pt", image: str = "srv:2") -> RolloutState:
-    return RolloutState(desired=2, replicas=2, ready=1, updated=1, complete=False, steady=False,
+def state(deadline: bool = True, checkpoint: str = "bad.pt", image: str = "srv:2") -> DeploymentState:
+    return DeploymentState(desired=2, replicas=2, ready=1, updated=1, complete=False, steady=False,
                         deadline_exceeded=deadline, checkpoint=checkpoint, image=image)
 
 

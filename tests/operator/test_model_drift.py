@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nanogpt_operator.drift import changed_paths, merge_patch, same
+from nanogpt_operator.model.drift import changed_paths, merge_patch, same
 
 
 def test_server_defaults_are_not_drift() -> None:

@@ -28,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nanogpt_operator.fleet_spec import ModelView, RolloutSpec
-from nanogpt_operator.status import condition
-from nanogpt_operator.waves import Key, plan_waves
+from nanogpt_operator.conditions import condition
+from nanogpt_operator.rollout.model_view import ModelView
+from nanogpt_operator.rollout.spec import RolloutSpec
+from nanogpt_operator.rollout.waves import Key, plan_waves
 
 # Rollout phases.
 PENDING, PROGRESSING, PAUSED = "Pending", "Progressing", "Paused"

@@ -12,13 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nanogpt_operator.spec import GPU_RESOURCE, ModelSpec
-
-GROUP = "nanogpt.dev"
-VERSION = "v1alpha1"
-KIND = "NanoGPTModel"
-PLURAL = "nanogptmodels"
-MANAGER = "nanogpt-operator"
+from nanogpt_operator.api import API_VERSION, GROUP, MANAGER, MODEL_KIND
+from nanogpt_operator.model.spec import GPU_RESOURCE, ModelSpec
 
 # The server's contract (server/): it listens on 5000 and serves these probe paths.
 SERVER_PORT = 5000
@@ -40,8 +35,8 @@ class Owner:
 
     name: str
     uid: str
-    api_version: str = f"{GROUP}/{VERSION}"
-    kind: str = KIND
+    api_version: str = API_VERSION
+    kind: str = MODEL_KIND
 
 
 def owner_of(body: Mapping[str, Any]) -> Owner:

@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 from kopf.testing import KopfRunner
 
-from nanogpt_operator.handlers import register
+from nanogpt_operator.model.handlers import register
 from operator_helpers import Api, eventually, kopf_running, model_path
 
 RESYNC_S = 0.3

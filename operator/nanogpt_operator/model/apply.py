@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nanogpt_operator.build import GROUP, MANAGER
+from nanogpt_operator.api import GROUP, MANAGER
 from nanogpt_operator.client import KubeClient
-from nanogpt_operator.drift import Path, changed_paths, merge_patch
+from nanogpt_operator.model.drift import Path, changed_paths, merge_patch
 from nanogpt_operator.errors import ConflictError, TransientApiError
 
 LAST_APPLIED = f"{GROUP}/last-applied"

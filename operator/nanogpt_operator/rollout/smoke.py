@@ -1,4 +1,4 @@
-"""The rollout's smoke test: one real POST /generate through a model's Service.
+"""The NanoGPTRollout's smoke-test gate: one real POST /generate through a model's Service.
 
 `SmokeTest` is the interface the rollout handlers call: an async callable from (endpoint URL, gate) to a
 `SmokeResult`. It never raises for a failing model; every HTTP or network problem becomes a failed
@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from nanogpt_operator.fleet import SmokeResult
-from nanogpt_operator.fleet_spec import SmokeGate
+from nanogpt_operator.rollout.spec import SmokeGate
+from nanogpt_operator.rollout.state_machine import SmokeResult
 
 # A short generation on a loaded model takes well under this; a cold model can be slow on its first call.
 DEFAULT_TIMEOUT_S = 60.0

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from nanogpt_operator import fleet
-from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fleet_spec import LOCK_ANNOTATION, model_view, parse_duration, parse_rollout, selected_keys
+from nanogpt_operator.rollout import state_machine as machine
+from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION, model_view, selected_keys
+from nanogpt_operator.rollout.spec import parse_rollout
 
 OLD, NEW = "log/model_40000.pt", "log/model_50000.pt"
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
@@ -46,17 +46,17 @@ class Cluster:
         self.models = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in models}
         self.rollouts = frozenset(rollouts)
         self.bad: set[tuple[tuple[str, str], str]] = set()  # (model, checkpoint) that never gets Ready
-        self.writes: list[fleet.Action] = []
+        self.writes: list[machine.Action] = []
 
-    def apply(self, action: fleet.Action, ours: str = "r1") -> None:
+    def apply(self, action: machine.Action, ours: str = "r1") -> None:
         self.writes.append(action)
         m = self.models[action.key]
         annotations = m["metadata"].setdefault("annotations", {})
-        if isinstance(action, fleet.Unlock):
+        if isinstance(action, machine.Unlock):
             annotations.pop(LOCK_ANNOTATION, None)
             return
         annotations[LOCK_ANNOTATION] = ours
-        if isinstance(action, fleet.SetCheckpoint):
+        if isinstance(action, machine.SetCheckpoint):
             m["spec"]["checkpoint"]["path"] = action.path
             m["metadata"]["generation"] += 1
             m["status"].update(phase="Progressing")  # the model operator has not caught up yet
@@ -69,25 +69,25 @@ class Cluster:
             m["status"].update(phase="Ready" if ready else "Progressing", servedCheckpoint=path,
                                observedGeneration=m["metadata"]["generation"])
 
-    def world(self, spec, smoke: dict | None = None) -> fleet.World:
+    def world(self, spec, smoke: dict | None = None) -> machine.World:
         views = {k: model_view(m) for k, m in self.models.items()}
-        return fleet.World(views, selected_keys(spec, list(views.values()), {}), self.rollouts, smoke or {})
+        return machine.World(views, selected_keys(spec, list(views.values()), {}), self.rollouts, smoke or {})
 
 
 def tick(spec, cluster: Cluster, status: dict, now: datetime.datetime, settle: bool = True,
-         smoke: Callable[[tuple[str, str]], fleet.SmokeResult] | None = None) -> fleet.Step:
-    """One handler tick, as fleet_reconcile does it: act on the persisted status, observe, decide."""
-    for action in fleet.actions(spec, status, cluster.world(spec)):
+         smoke: Callable[[tuple[str, str]], machine.SmokeResult] | None = None) -> machine.Step:
+    """One handler tick, as rollout/reconcile.py does it: act on the persisted status, observe, decide."""
+    for action in machine.actions(spec, status, cluster.world(spec)):
         cluster.apply(action, spec.name)
     if settle:
         cluster.settle()
     world = cluster.world(spec)
-    results = {k: smoke(k) for k, _ in fleet.smoke_candidates(spec, status, world)} if smoke else {}
-    return fleet.advance(spec, status, cluster.world(spec, results), now)
+    results = {k: smoke(k) for k, _ in machine.smoke_candidates(spec, status, world)} if smoke else {}
+    return machine.advance(spec, status, cluster.world(spec, results), now)
 
 
 def drive(spec, cluster: Cluster, status: dict | None = None, ticks: int = 40, lose: int | None = None,
-          start: int = 0, **kw: Any) -> tuple[dict, list[dict], list[fleet.Event]]:
+          start: int = 0, **kw: Any) -> tuple[dict, list[dict], list[machine.Event]]:
     """Tick until a final phase; `lose`: the status write of that tick is lost (crash before it)."""
     status, history, events = dict(status or {}), [], []
     for i in range(start, start + ticks):
@@ -96,7 +96,7 @@ def drive(spec, cluster: Cluster, status: dict | None = None, ticks: int = 40, l
         if i != lose:
             status = step.status
             history.append(copy.deepcopy(status))
-        if status.get("phase") in fleet.TERMINAL and not fleet.actions(spec, status, cluster.world(spec)):
+        if status.get("phase") in machine.TERMINAL and not machine.actions(spec, status, cluster.world(spec)):
             break
     return status, history, events
 
@@ -124,13 +124,13 @@ def test_pending_without_models_waits_for_some():
 
 def test_pending_locks_every_selected_model_in_order_then_plans():
     spec, cluster = rollout(), fresh()
-    acts = fleet.actions(spec, {}, cluster.world(spec))
-    assert acts == [fleet.Lock(k, None) for k in sorted(NAMES)]  # not the poems model
-    locking = fleet.advance(spec, {}, cluster.world(spec), T0)
+    acts = machine.actions(spec, {}, cluster.world(spec))
+    assert acts == [machine.Lock(k, None) for k in sorted(NAMES)]  # not the poems model
+    locking = machine.advance(spec, {}, cluster.world(spec), T0)
     assert locking.status["phase"] == "Pending" and cond(locking.status, "Progressing")["reason"] == "Locking"
     for a in acts:
         cluster.apply(a)
-    step = fleet.advance(spec, locking.status, cluster.world(spec), T0)
+    step = machine.advance(spec, locking.status, cluster.world(spec), T0)
     assert step.status["phase"] == "Progressing"
     assert step.status["waves"] == 3 and step.status["currentWave"] == 1
     e = entries(step.status)
@@ -143,27 +143,27 @@ def test_pending_locks_every_selected_model_in_order_then_plans():
 def test_pending_is_blocked_by_another_rollouts_lock_with_a_clear_condition():
     spec = rollout()
     cluster = Cluster([model("prod", "a"), model("prod", "b", lock="r0"), model("stage", "a")], ("r0", "r1"))
-    acts = fleet.actions(spec, {}, cluster.world(spec))
-    assert acts == [fleet.Lock(("prod", "a"), None)]  # stops at the held model: lock ordering
-    step = fleet.advance(spec, {}, cluster.world(spec), T0)
+    acts = machine.actions(spec, {}, cluster.world(spec))
+    assert acts == [machine.Lock(("prod", "a"), None)]  # stops at the held model: lock ordering
+    step = machine.advance(spec, {}, cluster.world(spec), T0)
     assert step.status["phase"] == "Pending"
     blocked = cond(step.status, "Blocked")
     assert blocked["status"] == "True" and "prod/b is being changed by rollout r0" in blocked["message"]
     assert cond(step.status, "Progressing")["status"] == "False"
     assert [ev.reason for ev in step.events] == ["Blocked"]
-    again = fleet.advance(spec, step.status, cluster.world(spec), T0)
+    again = machine.advance(spec, step.status, cluster.world(spec), T0)
     assert again.events == ()  # said once, not every tick
 
 
 def test_a_lock_naming_a_deleted_rollout_is_stale_and_taken():
     spec, cluster = rollout(), Cluster([model("prod", "a", lock="gone")])
-    assert fleet.actions(spec, {}, cluster.world(spec)) == [fleet.Lock(("prod", "a"), None)]
+    assert machine.actions(spec, {}, cluster.world(spec)) == [machine.Lock(("prod", "a"), None)]
 
 
 def test_models_already_on_the_target_are_skipped_and_need_no_lock():
     spec = rollout()
     cluster = Cluster([model("prod", "a", path=NEW), model("prod", "b")])
-    assert fleet.actions(spec, {}, cluster.world(spec)) == [fleet.Lock(("prod", "b"), None)]
+    assert machine.actions(spec, {}, cluster.world(spec)) == [machine.Lock(("prod", "b"), None)]
     status, _, _ = drive(spec, cluster)
     assert status["phase"] == "Succeeded"
     assert entries(status)[("prod", "a")]["state"] == "Skipped"
@@ -172,7 +172,7 @@ def test_models_already_on_the_target_are_skipped_and_need_no_lock():
 
 def test_everything_already_on_the_target_succeeds_at_once():
     spec, cluster = rollout(), Cluster([model("prod", "a", path=NEW)])
-    step = fleet.advance(spec, {}, cluster.world(spec), T0)
+    step = machine.advance(spec, {}, cluster.world(spec), T0)
     assert step.status["phase"] == "Succeeded" and step.status["waves"] == 0
 
 
@@ -180,7 +180,7 @@ def test_created_paused_plans_but_changes_nothing():
     spec, cluster = rollout(paused=True), fresh()
     status, _, _ = drive(spec, cluster, ticks=5)
     assert status["phase"] == "Paused" and status["currentWave"] == 0
-    assert not any(isinstance(a, fleet.SetCheckpoint) for a in cluster.writes)
+    assert not any(isinstance(a, machine.SetCheckpoint) for a in cluster.writes)
 
 
 # --------------------------------------------------------------------------------------- Progressing
@@ -226,7 +226,7 @@ def test_pause_between_waves_waits_until_next_wave_at():
     status, history, _ = drive(spec, cluster, ticks=5)
     assert status["currentWave"] == 1 and status["nextWaveAt"] == "2025-01-01T00:01:01Z"
     assert cond(status, "Progressing")["reason"] == "PausingBetweenWaves"
-    later = fleet.advance(spec, status, cluster.world(spec), T0 + datetime.timedelta(minutes=2))
+    later = machine.advance(spec, status, cluster.world(spec), T0 + datetime.timedelta(minutes=2))
     assert later.status["currentWave"] == 2 and later.status["nextWaveAt"] is None
 
 
@@ -264,8 +264,8 @@ def test_reverting_writes_from_the_persisted_status_only():
     status = next(h for h in history if h["phase"] == "Failed")
     cluster = _cluster_at(status, set())
     cluster.models[("prod", "a")]["spec"]["checkpoint"]["path"] = NEW  # the crash came before the revert
-    acts = fleet.actions(spec, status, cluster.world(spec))
-    assert acts == [fleet.SetCheckpoint(("prod", "a"), OLD, None, True, None)]
+    acts = machine.actions(spec, status, cluster.world(spec))
+    assert acts == [machine.SetCheckpoint(("prod", "a"), OLD, None, True, None)]
 
 
 def test_a_model_that_rolled_itself_back_fails_at_once():
@@ -275,7 +275,7 @@ def test_a_model_that_rolled_itself_back_fails_at_once():
     m = cluster.models[("prod", "a")]
     m["status"].update(phase="Degraded", servedCheckpoint=OLD,
                        rollback={"generation": m["metadata"]["generation"], "fromCheckpoint": NEW})
-    step = fleet.advance(spec, status, cluster.world(spec), T0)
+    step = machine.advance(spec, status, cluster.world(spec), T0)
     assert entries(step.status)[("prod", "a")]["state"] == "Failed"
     assert "rolled itself back" in entries(step.status)[("prod", "a")]["message"]
 
@@ -284,16 +284,16 @@ def test_smoke_runs_only_past_the_ready_gate_and_must_pass():
     spec, cluster = rollout(smoke=True), fresh()
     status, _, _ = drive(spec, cluster, ticks=2, settle=False)
     tick(spec, cluster, status, T0, settle=False)
-    assert fleet.smoke_candidates(spec, status, cluster.world(spec)) == []  # not ready yet
+    assert machine.smoke_candidates(spec, status, cluster.world(spec)) == []  # not ready yet
     cluster.settle()
-    assert fleet.smoke_candidates(spec, status, cluster.world(spec)) == [(("prod", "a"), "http://a.prod:80")]
-    bad = {("prod", "a"): fleet.SmokeResult(False, "POST /generate answered 500: boom")}
-    step = fleet.advance(spec, status, cluster.world(spec, bad), T0)
+    assert machine.smoke_candidates(spec, status, cluster.world(spec)) == [(("prod", "a"), "http://a.prod:80")]
+    bad = {("prod", "a"): machine.SmokeResult(False, "POST /generate answered 500: boom")}
+    step = machine.advance(spec, status, cluster.world(spec, bad), T0)
     assert "smoke test failed: POST /generate answered 500" in entries(step.status)[("prod", "a")]["message"]
-    late = fleet.advance(spec, status, cluster.world(spec, bad), T0 + datetime.timedelta(seconds=60))
+    late = machine.advance(spec, status, cluster.world(spec, bad), T0 + datetime.timedelta(seconds=60))
     assert entries(late.status)[("prod", "a")]["state"] == "Reverting"  # failed, maxFailures 0
-    good = {("prod", "a"): fleet.SmokeResult(True, "generated 40 characters")}
-    ok = fleet.advance(spec, status, cluster.world(spec, good), T0)
+    good = {("prod", "a"): machine.SmokeResult(True, "generated 40 characters")}
+    ok = machine.advance(spec, status, cluster.world(spec, good), T0)
     assert entries(ok.status)[("prod", "a")]["state"] == "Healthy"
 
 
@@ -301,7 +301,7 @@ def test_a_model_deleted_mid_rollout_is_skipped_not_failed():
     spec, cluster = rollout(), fresh()
     status, _, _ = drive(spec, cluster, ticks=2)
     del cluster.models[("stage", "d")]
-    step = fleet.advance(spec, status, cluster.world(spec), T0)
+    step = machine.advance(spec, status, cluster.world(spec), T0)
     assert entries(step.status)[("stage", "d")]["state"] == "Skipped"
     assert [ev.reason for ev in step.events][0] == "ModelDeleted"
     assert step.status["phase"] == "Progressing"
@@ -311,7 +311,7 @@ def test_a_removed_lock_is_taken_back():
     spec, cluster = rollout(), fresh()
     status, _, _ = drive(spec, cluster, ticks=2)
     cluster.models[("stage", "d")]["metadata"]["annotations"].pop(LOCK_ANNOTATION)
-    assert fleet.Lock(("stage", "d"), None) in fleet.actions(spec, status, cluster.world(spec))
+    assert machine.Lock(("stage", "d"), None) in machine.actions(spec, status, cluster.world(spec))
 
 
 def test_never_writes_a_model_another_rollout_holds():
@@ -319,7 +319,7 @@ def test_never_writes_a_model_another_rollout_holds():
     status, _, _ = drive(spec, cluster, ticks=2, settle=False)
     cluster.models[("prod", "a")]["metadata"]["annotations"][LOCK_ANNOTATION] = "r0"
     cluster.rollouts = frozenset({"r0", "r1"})
-    assert fleet.actions(spec, status, cluster.world(spec)) == []
+    assert machine.actions(spec, status, cluster.world(spec)) == []
 
 
 # -------------------------------------------------------------------------------------------- Paused
@@ -334,7 +334,7 @@ def test_pause_stops_after_the_current_wave_and_resume_goes_on():
     assert entries(status)[("prod", "a")]["state"] == "Healthy"
     assert "Paused" in [ev.reason for ev in events]
     assert cond(status, "Progressing")["status"] == "False"
-    step = fleet.advance(rollout(), status, cluster.world(rollout()), T0)
+    step = machine.advance(rollout(), status, cluster.world(rollout()), T0)
     assert step.status["phase"] == "Progressing" and step.status["currentWave"] == 2
     assert [ev.reason for ev in step.events] == ["Resumed", "WaveStarted"]
     final, _, _ = drive(rollout(), cluster, step.status)
@@ -345,8 +345,8 @@ def test_final_phases_only_release_locks():
     spec, cluster = rollout(), fresh()
     status, _, _ = drive(spec, cluster)
     cluster.models[("prod", "a")]["metadata"]["annotations"][LOCK_ANNOTATION] = "r1"
-    assert fleet.actions(spec, status, cluster.world(spec)) == [fleet.Unlock(("prod", "a"))]
-    step = fleet.advance(spec, status, cluster.world(spec), T0)
+    assert machine.actions(spec, status, cluster.world(spec)) == [machine.Unlock(("prod", "a"))]
+    step = machine.advance(spec, status, cluster.world(spec), T0)
     assert step.status["phase"] == "Succeeded" and step.events == ()
     assert step.status["models"] == status["models"]
 
@@ -405,49 +405,6 @@ def test_a_lost_status_write_never_loses_from_or_flips_a_model_twice(lose):
     final, _, _ = drive(spec, cluster, lose=lose)
     assert final["phase"] == "Succeeded"
     assert all(e["from"] == OLD for e in final["models"])
-    updates = [a.key for a in cluster.writes if isinstance(a, fleet.SetCheckpoint)]
+    updates = [a.key for a in cluster.writes if isinstance(a, machine.SetCheckpoint)]
     assert sorted(set(updates)) == sorted(NAMES)  # each model moved to the target, none moved back
-    assert not any(a.revert for a in cluster.writes if isinstance(a, fleet.SetCheckpoint))
-
-
-# ------------------------------------------------------------------------------------------ the spec
-
-def test_spec_defaults_match_the_crd():
-    spec = parse_rollout({"metadata": {"name": "r"}, "spec": {"selector": {}, "checkpoint": {"path": NEW}}})
-    assert [str(w.count or f"{w.percent}%") for w in spec.waves] == ["1", "25%", "100%"]
-    assert (spec.pause_between_waves_s, spec.max_failures, spec.gate_ready, spec.smoke, spec.paused) == \
-        (0, 0, True, None, False)
-
-
-@pytest.mark.parametrize(("spec", "path"), [
-    ({"checkpoint": {"path": NEW}}, "spec.selector"),
-    ({"selector": {}, "checkpoint": {"path": "/abs"}}, "spec.checkpoint.path"),
-    ({"selector": {}, "checkpoint": {"path": "../x"}}, "spec.checkpoint.path"),
-    ({"selector": {}, "checkpoint": {"path": NEW}, "strategy": {"waves": ["0%"]}}, "spec.strategy.waves[0]"),
-    ({"selector": {}, "checkpoint": {"path": NEW}, "strategy": {"maxFailures": -1}}, "spec.strategy.maxFailures"),
-    ({"selector": {}, "checkpoint": {"path": NEW}, "strategy": {"pauseBetweenWaves": "5 min"}},
-     "spec.strategy.pauseBetweenWaves"),
-    ({"selector": {"matchExpressions": [{"key": "k", "operator": "In"}]}, "checkpoint": {"path": NEW}},
-     "spec.selector.matchExpressions[0].values"),
-    ({"selector": {}, "checkpoint": {"path": NEW}, "gates": {"smokeTest": {"prompt": ""}}},
-     "spec.gates.smokeTest.prompt"),
-])
-def test_bad_specs_name_the_field(spec, path):
-    with pytest.raises(SpecError) as err:
-        parse_rollout({"metadata": {"name": "r"}, "spec": spec})
-    assert err.value.path == path
-
-
-@pytest.mark.parametrize(("text", "seconds"), [("0s", 0), ("90", 90), ("5m", 300), ("1h30m", 5400), (45, 45)])
-def test_durations(text, seconds):
-    assert parse_duration(text, "p") == seconds
-
-
-def test_selectors_with_expressions_and_namespaces():
-    spec = parse_rollout({"metadata": {"name": "r"}, "spec": {
-        "selector": {"matchExpressions": [{"key": "family", "operator": "In", "values": ["stories", "poems"]},
-                                          {"key": "frozen", "operator": "DoesNotExist"}]},
-        "namespaceSelector": {"matchLabels": {"env": "prod"}}, "checkpoint": {"path": NEW}}})
-    views = [model_view(m) for m in fresh().models.values()]
-    keys = selected_keys(spec, views, {"prod": {"env": "prod"}, "stage": {"env": "stage"}})
-    assert keys == {("prod", "a"), ("prod", "b"), ("prod", "c"), ("prod", "other")}
+    assert not any(a.revert for a in cluster.writes if isinstance(a, machine.SetCheckpoint))

@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from nanogpt_operator.apply import LAST_APPLIED, apply, ensure_peering, remove
-from nanogpt_operator.build import Owner, desired_deployment, desired_pdb
+from nanogpt_operator.model.apply import LAST_APPLIED, apply, ensure_peering, remove
+from nanogpt_operator.model.build import Owner, desired_deployment, desired_pdb
 from nanogpt_operator.client import KubeClient, collection_path, error_for
 from nanogpt_operator.config import config_from_env
 from nanogpt_operator.errors import ApiError, ConflictError, TransientApiError
-from nanogpt_operator.spec import parse_model
+from nanogpt_operator.model.spec import parse_model
 
 OWNER = Owner(name="llm", uid="u-1")
 DEPLOY = "/apis/apps/v1/namespaces/ml/deployments/llm"

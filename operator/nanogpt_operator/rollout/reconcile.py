@@ -1,6 +1,6 @@
 """One tick of one NanoGPTRollout: observe, act on the persisted status, smoke-test, decide, report.
 
-The decisions are fleet.py's pure functions; this module does the I/O around them and is the one
+The decisions are state_machine.py's pure functions; this module does the I/O around them and is the one
 boundary between the rollout logic and kopf (errors become kopf.PermanentError/TemporaryError here).
 
 Staleness fence: kopf hands a timer the body it last saw on the watch stream, which can lag behind the
@@ -20,50 +20,24 @@ from typing import Any
 
 import kopf
 
-from nanogpt_operator import fleet
-from nanogpt_operator.client import KubeClient
 from nanogpt_operator.errors import ApiError, ConflictError, SpecError, TransientApiError
-from nanogpt_operator.fleet_spec import GROUP, LOCK_ANNOTATION, PLURAL, VERSION, RolloutSpec, model_view, \
-    parse_rollout, selected_keys
-from nanogpt_operator.smoke import SmokeTest
-from nanogpt_operator.waves import Key
+from nanogpt_operator.rollout import state_machine as machine
+from nanogpt_operator.rollout.client import RolloutClient
+from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION, model_view, selected_keys
+from nanogpt_operator.rollout.smoke import SmokeTest
+from nanogpt_operator.rollout.spec import RolloutSpec, parse_rollout
+from nanogpt_operator.rollout.waves import Key
 
-MODELS_PATH = f"/apis/{GROUP}/{VERSION}/nanogptmodels"
-ROLLOUTS_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
 TRANSIENT_DELAY_S = 10
 # A status patch kopf failed to send must not silence the rollout forever: trust the body after this.
 STALE_GRACE_S = 30.0
-MERGE_PATCH = "application/merge-patch+json"
-
-
-class FleetClient(KubeClient):
-    """KubeClient plus the cluster-wide reads and model patches a rollout needs."""
-
-    async def _items(self, path: str) -> list[dict[str, Any]]:
-        data = await self._request("GET", path)
-        return list(data.get("items") or [])
-
-    async def list_models(self) -> list[dict[str, Any]]:
-        return await self._items(MODELS_PATH)
-
-    async def list_rollouts(self) -> list[dict[str, Any]]:
-        return await self._items(ROLLOUTS_PATH)
-
-    async def namespace_labels(self) -> dict[str, dict[str, str]]:
-        return {ns["metadata"]["name"]: dict(ns["metadata"].get("labels") or {})
-                for ns in await self._items("/api/v1/namespaces")}
-
-    async def patch_model(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        """A merge patch; with metadata.resourceVersion in it the API refuses (409) a stale write."""
-        await self._request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/nanogptmodels/{name}",
-                            body=patch, params={"fieldManager": self._field_manager}, content_type=MERGE_PATCH)
 
 
 @dataclass
-class FleetRuntime:
+class RolloutRuntime:
     """Loop-bound objects of the rollout controller, created in its startup handler (kopf memo)."""
 
-    client: FleetClient
+    client: RolloutClient
     smoke: SmokeTest
     # rollout uid -> (last status.revision written, when): the staleness fence of `run`.
     written: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -77,16 +51,16 @@ class FleetRuntime:
         self.written[uid] = (revision, time.monotonic())
 
 
-def model_patch(action: fleet.Action, rollout: str, resource_version: str | None) -> dict[str, Any]:
+def model_patch(action: machine.Action, rollout: str, resource_version: str | None) -> dict[str, Any]:
     """The merge patch for one action; the lock travels with every write, so no write lacks it."""
-    if isinstance(action, fleet.Unlock):
+    if isinstance(action, machine.Unlock):
         meta: dict[str, Any] = {"annotations": {LOCK_ANNOTATION: None}}
     else:
         meta = {"annotations": {LOCK_ANNOTATION: rollout}}
     if resource_version:
         meta["resourceVersion"] = resource_version
     patch: dict[str, Any] = {"metadata": meta}
-    if isinstance(action, fleet.SetCheckpoint):
+    if isinstance(action, machine.SetCheckpoint):
         checkpoint = {"path": action.path}
         if action.claim:
             checkpoint["claimName"] = action.claim
@@ -94,8 +68,8 @@ def model_patch(action: fleet.Action, rollout: str, resource_version: str | None
     return patch
 
 
-async def execute(client: FleetClient, rollout: str, actions: list[fleet.Action],
-                  world: fleet.World, logger: kopf.Logger) -> int:
+async def execute(client: RolloutClient, rollout: str, actions: list[machine.Action],
+                  world: machine.World, logger: kopf.Logger) -> int:
     """Send each write; a lost race (409) or a vanished model (404) waits for the next tick. Returns writes."""
     sent = 0
     for action in actions:
@@ -112,18 +86,18 @@ async def execute(client: FleetClient, rollout: str, actions: list[fleet.Action]
     return sent
 
 
-async def observe(client: FleetClient, spec: RolloutSpec) -> tuple[fleet.World, dict[Key, dict[str, Any]]]:
+async def observe(client: RolloutClient, spec: RolloutSpec) -> tuple[machine.World, dict[Key, dict[str, Any]]]:
     """The world for one tick (without smoke results) and the raw models, for Events on them."""
     raw = {(m["metadata"].get("namespace", ""), m["metadata"]["name"]): m for m in await client.list_models()}
     views = {k: model_view(m) for k, m in raw.items()}
     labels = await client.namespace_labels() if spec.namespace_selector is not None else {}
     rollouts = frozenset(r["metadata"]["name"] for r in await client.list_rollouts())
-    return fleet.World(views, selected_keys(spec, list(views.values()), labels), rollouts), raw
+    return machine.World(views, selected_keys(spec, list(views.values()), labels), rollouts), raw
 
 
-async def smoke_all(runtime: FleetRuntime, spec: RolloutSpec, status: Mapping[str, Any],
-                    world: fleet.World) -> dict[Key, fleet.SmokeResult]:
-    candidates = fleet.smoke_candidates(spec, status, world)
+async def smoke_all(runtime: RolloutRuntime, spec: RolloutSpec, status: Mapping[str, Any],
+                    world: machine.World) -> dict[Key, machine.SmokeResult]:
+    candidates = machine.smoke_candidates(spec, status, world)
     if not candidates or spec.smoke is None:
         return {}
     gate = spec.smoke
@@ -131,19 +105,19 @@ async def smoke_all(runtime: FleetRuntime, spec: RolloutSpec, status: Mapping[st
     return {key: result for (key, _), result in zip(candidates, results)}
 
 
-async def tick(runtime: FleetRuntime, body: Mapping[str, Any], now: datetime.datetime,
-               logger: kopf.Logger) -> tuple[fleet.Step, dict[Key, dict[str, Any]], bool]:
+async def tick(runtime: RolloutRuntime, body: Mapping[str, Any], now: datetime.datetime,
+               logger: kopf.Logger) -> tuple[machine.Step, dict[Key, dict[str, Any]], bool]:
     """Act on the persisted status, then decide the next one. Returns (step, raw models, quiet)."""
     spec = parse_rollout(body)
     status = body.get("status") or {}
     world, raw = await observe(runtime.client, spec)
-    writes = fleet.actions(spec, status, world)
+    writes = machine.actions(spec, status, world)
     if writes and await execute(runtime.client, spec.name, writes, world, logger):
         world, raw = await observe(runtime.client, spec)  # decide on what we just wrote
-    world = fleet.World(world.models, world.selected, world.rollouts, await smoke_all(runtime, spec, status, world))
+    world = machine.World(world.models, world.selected, world.rollouts, await smoke_all(runtime, spec, status, world))
     generation = int((body.get("metadata") or {}).get("generation") or 1)
-    step = fleet.advance(spec, status, world, now, generation)
-    quiet = status.get("phase") in fleet.TERMINAL and not fleet.actions(spec, step.status, world)
+    step = machine.advance(spec, status, world, now, generation)
+    quiet = status.get("phase") in machine.TERMINAL and not machine.actions(spec, step.status, world)
     return step, raw, quiet
 
 
@@ -151,7 +125,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _post(event: fleet.Event, body: kopf.Body, raw: Mapping[Key, Mapping[str, Any]], logger: kopf.Logger) -> None:
+def _post(event: machine.Event, body: kopf.Body, raw: Mapping[Key, Mapping[str, Any]], logger: kopf.Logger) -> None:
     # info, not warning: kopf would post a warning log line as a second, duplicate Event.
     logger.info("%s %s: %s", event.type, event.reason, event.message)
     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -161,11 +135,11 @@ def _post(event: fleet.Event, body: kopf.Body, raw: Mapping[Key, Mapping[str, An
                    message=f"rollout {body.metadata.name}: {event.message}")
 
 
-async def run(runtime: FleetRuntime, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+async def run(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
     """One timer tick for kopf: status through kopf's patch, Events, errors mapped to kopf's types."""
     status = body.status
     uid = str(body.metadata.uid)
-    if status.get("phase") in fleet.TERMINAL and status.get("locksReleased"):
+    if status.get("phase") in machine.TERMINAL and status.get("locksReleased"):
         return  # finished, and no model carries our lock: nothing left to do
     revision = int(status.get("revision") or 0)
     if runtime.stale(uid, revision):
@@ -191,7 +165,7 @@ async def run(runtime: FleetRuntime, body: kopf.Body, patch: kopf.Patch, logger:
         _post(event, body, raw, logger)
 
 
-async def release(runtime: FleetRuntime, body: kopf.Body, logger: kopf.Logger) -> None:
+async def release(runtime: RolloutRuntime, body: kopf.Body, logger: kopf.Logger) -> None:
     """The rollout is being deleted: drop its locks and leave every model on the checkpoint it has now."""
     name = body.metadata.name
     held = [m for m in await runtime.client.list_models()
