@@ -40,6 +40,7 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.METRICS] = Metrics(model_name=Path(config.model_checkpoint).name or "model")
+    app[keys.METRICS].queue_capacity.set(config.max_queue)
     app[keys.KEYS] = KeyStore(config.api_key, config.api_keys_file)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(_engine_ctx(engine))
