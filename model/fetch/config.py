@@ -36,6 +36,7 @@ class FetchSettings:
     s3_endpoint: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)
     s3_region: str | None = None
     s3_addressing: str = "auto"  # botocore's addressing_style: auto, path or virtual
+    s3_anonymous: bool = False  # unsigned requests, for a public bucket
     hf_endpoint: str = "https://huggingface.co"
 
     @classmethod
@@ -116,6 +117,7 @@ _ENV: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("s3_endpoint", "NANOGPT_S3_ENDPOINT", _endpoint),
     ("s3_region", "NANOGPT_S3_REGION", str),
     ("s3_addressing", "NANOGPT_S3_ADDRESSING", _addressing),
+    ("s3_anonymous", "NANOGPT_S3_ANONYMOUS", _bool),
     ("hf_endpoint", "HF_ENDPOINT", _endpoint),  # huggingface_hub's own variable, passed explicitly
 )
 
