@@ -120,7 +120,9 @@ class HttpClient:
         return data
 
     def _request(self, method: str, url: str, uri: str, headers: dict | None, preload: bool = False):
-        h = {"Accept-Encoding": "identity", "User-Agent": "nanogpt-k8s-fetch", **(headers or {})}
+        h = urllib3.HTTPHeaderDict({"Accept-Encoding": "identity", "User-Agent": "nanogpt-k8s-fetch"})
+        for k, v in (headers or {}).items():
+            h[k] = v  # case-insensitive: huggingface_hub's user-agent replaces ours
         try:
             return self.pool.request(method, url, headers=h, preload_content=preload, redirect=True)
         except (HTTPError, OSError) as err:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 
+_FLIP = bytes(255 - i for i in range(256))
+
+
 @dataclass
 class Fault:
     kind: str  # "stall" | "drop" | "corrupt" | "status"
@@ -107,7 +110,7 @@ class FileServer:
             data = data[:end]
         body = data[start:]
         if fault is not None and fault.kind == "corrupt":
-            body = bytes(b ^ 0xFF for b in body)
+            body = body.translate(_FLIP)
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(body)
         await resp.prepare(request)
@@ -124,3 +127,58 @@ class FileServer:
             await resp.write(body[i:i + (1 << 16)])
         await resp.write_eof()
         return resp
+
+
+class HubServer(FileServer):
+    """A stand-in for the Hugging Face Hub's resolve endpoint, as huggingface_hub uses it:
+
+        HEAD|GET /{org}/{repo}/resolve/{revision}/{path}
+          small files   200, ETag "<git blob sha1>", X-Repo-Commit
+          LFS files     302 to /cdn/<sha256> (another URL, as the Hub's CDN is another host), with
+                        X-Linked-Etag "<sha256>", X-Linked-Size, X-Repo-Commit
+          missing       401 X-Error-Code: RepoNotFound | 404 RevisionNotFound | 404 EntryNotFound
+          gated         403 X-Error-Code: GatedRepo
+    The CDN paths are served by FileServer itself (ranges, faults).
+    """
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+    LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
+        super().__init__({})
+        self.repos = repos
+        self.gated: set[str] = set()  # repos whose terms the token's user has not accepted
+        for files in repos.values():
+            for name, data in files.items():
+                if name.endswith(self.LFS_SUFFIXES):
+                    self.files[f"cdn/{hashlib.sha256(data).hexdigest()}"] = data
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        m = re.fullmatch(r"([^/]+/[^/]+)/resolve/([^/]+)/(.+)", request.match_info["path"])
+        if not m:
+            return await super()._handle(request)
+        self.requests.append(Seen(request.method, request.path, dict(request.headers)))
+        repo, revision, name = m.groups()
+        if repo not in self.repos:
+            return web.Response(status=401, headers={"X-Error-Code": "RepoNotFound"})
+        if repo in self.gated:
+            return web.Response(status=403, headers={"X-Error-Code": "GatedRepo"})
+        if revision not in ("main", self.COMMIT):
+            return web.Response(status=404, headers={"X-Error-Code": "RevisionNotFound"})
+        files = self.repos[repo]
+        if name not in files:
+            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": self.COMMIT})
+        data = files[name]
+        blob_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        headers = {"X-Repo-Commit": self.COMMIT, "ETag": f'"{blob_sha1}"'}
+        if name.endswith(self.LFS_SUFFIXES):
+            sha = hashlib.sha256(data).hexdigest()
+            headers.update({"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
+                            "Location": f"http://localhost:{self.port}/cdn/{sha}?X-Amz-Signature=abc"})
+            return web.Response(status=302, headers=headers)
+        if request.method == "HEAD":
+            resp = web.StreamResponse(status=200, headers=headers)
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            return resp
+        return web.Response(body=data, headers=headers)

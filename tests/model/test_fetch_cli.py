@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory) -> Path:
 def env(tmp_path) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "NANOGPT_CACHE_DIR": str(tmp_path / "cache"),
             "NANOGPT_FETCH_ALLOW_HTTP": "1", "NANOGPT_FETCH_RETRIES": "1", "NANOGPT_FETCH_BACKOFF": "0",
-            "NANOGPT_FETCH_READ_TIMEOUT": "0.5"}
+            "NANOGPT_FETCH_READ_TIMEOUT": "1"}
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ SHA = hashlib.sha256(DATA).hexdigest()
 @pytest.fixture
 def settings(tmp_path) -> FetchSettings:
     """Fast retries and a short read timeout: every wait in these tests is bounded by a setting."""
-    return FetchSettings(cache_dir=tmp_path / "cache", allow_http=True, read_timeout_s=0.5, connect_timeout_s=2,
+    return FetchSettings(cache_dir=tmp_path / "cache", allow_http=True, read_timeout_s=1.0, connect_timeout_s=2,
                          retries=2, backoff_s=0.0, backoff_max_s=0.0, progress_interval_s=0.0, chunk_bytes=1 << 16)
 
 
@@ -99,7 +99,7 @@ def test_a_stall_times_out_with_a_clear_error_after_the_retries(server, settings
     with pytest.raises(Stalled) as err:
         fetch(server.url("out/ckpt.pt"), tmp_path / "ckpt.pt", settings=settings)
     assert err.value.uri == server.url("out/ckpt.pt")
-    assert "stalled: no data for 0.5 s" in str(err.value) and "gave up after 2 retries" in str(err.value)
+    assert "stalled: no data for 1 s" in str(err.value) and "gave up after 2 retries" in str(err.value)
     assert err.value.exit_code == 5 and err.value.retryable
     assert len(server.gets("out/ckpt.pt")) == 3  # the first try and two retries, each resuming
     assert not (tmp_path / "ckpt.pt").exists()
