@@ -18,7 +18,7 @@ from .cache import Cache, manifest_digest, ref_key
 from .config import FetchSettings
 from .errors import FetchError, StorageError, VerificationFailed
 from .place import place_dir, place_file
-from .transfer import RemoteFile, Status, download
+from .transfer import RemoteFile, Status, download, retrying
 from .uri import HfSource, HttpSource, LocalSource, RemoteSource, S3Source, Source, parse_source
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,10 @@ def resolve(source: RemoteSource, settings: FetchSettings) -> Listing:
     if isinstance(source, HttpSource):
         from .http import HttpClient
 
-        return Listing([HttpClient(settings).probe(source.url, source.display, _file_name(source))], False)
+        client = HttpClient(settings)
+        probe = retrying(f"fetch {source.display}", settings,
+                         lambda: client.probe(source.url, source.display, _file_name(source)))
+        return Listing([probe], False)
     if isinstance(source, S3Source):
         from .s3 import resolve_s3
 

@@ -165,6 +165,14 @@ def test_an_unreachable_host_names_the_uri(settings, tmp_path):
     with pytest.raises(Unreachable) as err:
         fetch(url, tmp_path / "ckpt.pt", settings=settings.replace(retries=1))
     assert str(err.value).startswith(f"{url}: unreachable:") and "refused" in str(err.value).lower()
+    assert "gave up after 1 retries" in str(err.value)
+
+
+def test_a_503_on_the_probe_is_retried(server, settings, tmp_path):
+    server.head_allowed = False  # the probe is then a GET, which the fault answers
+    server.faults["out/ckpt.pt"].append(Fault("status", status=503))
+    fetch(server.url("out/ckpt.pt"), tmp_path / "ckpt.pt", sha256=SHA, settings=settings)
+    assert (tmp_path / "ckpt.pt").read_bytes() == DATA
 
 
 def test_plain_http_needs_to_be_allowed(server, settings, tmp_path):
