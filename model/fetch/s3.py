@@ -116,6 +116,9 @@ def _open(client, bucket: str, key: str, uri: str, offset: int, etag: str | None
     try:
         r = client.get_object(**kwargs)
     except Exception as err:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code") if hasattr(err, "response") else None
+        if offset and code == "InvalidRange":  # a partial as long as the object, or longer: start over
+            return _open(client, bucket, key, uri, 0, etag, settings)
         raise _error(uri, err) from err
     start, total = 0, r.get("ContentLength")
     if r.get("ContentRange"):  # "bytes 100-199/200"

@@ -112,3 +112,14 @@ def test_a_hugging_face_directory_under_a_prefix_loads(s3, settings, tmp_path, m
     result = fetch(f"s3://{bucket}/gpt2-tiny/", tmp_path / "dest", settings=settings)
     assert result.is_dir and result.cached and sorted(p.name for p in (tmp_path / "dest").iterdir()) == \
         sorted(p.name for p in src.iterdir())
+
+
+def test_a_partial_longer_than_the_object_starts_over(s3, settings, tmp_path):
+    client, bucket = s3
+    uri = f"s3://{bucket}/out/ckpt.pt"
+    head = client.head_object(Bucket=bucket, Key="out/ckpt.pt")
+    partial = settings.cache_dir / "partial" / ref_key(uri, head["ETag"], len(DATA))
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(DATA + b"junk")
+    fetch(uri, tmp_path / "ckpt.pt", sha256=SHA, settings=settings)
+    assert (tmp_path / "ckpt.pt").read_bytes() == DATA
