@@ -25,6 +25,7 @@ class FetchConfigError(ValueError):
 class FetchSettings:
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir(os.environ))
     allow_http: bool = False  # plain http:// sends the weights (and any token) unencrypted
+    ca_bundle: Path | None = None  # PEM file of CAs to trust for https:// and s3:// (None: the system's)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0  # no byte for this long is a stall: the attempt fails and is retried
     retries: int = 5  # attempts after the first, per file, each after a backoff
@@ -107,6 +108,7 @@ def _endpoint(raw: str) -> str:
 _ENV: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("cache_dir", "NANOGPT_CACHE_DIR", Path),
     ("allow_http", "NANOGPT_FETCH_ALLOW_HTTP", _bool),
+    ("ca_bundle", "NANOGPT_FETCH_CA_BUNDLE", Path),
     ("connect_timeout_s", "NANOGPT_FETCH_CONNECT_TIMEOUT", _number(0.001)),
     ("read_timeout_s", "NANOGPT_FETCH_READ_TIMEOUT", _number(0.001)),
     ("retries", "NANOGPT_FETCH_RETRIES", _number(0, integer=True)),

@@ -66,7 +66,8 @@ class HttpClient:
         retries = urllib3.Retry(total=10, connect=0, read=0, status=0, other=0, redirect=10,
                                 raise_on_redirect=True, raise_on_status=False)
         timeout = urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s)
-        self.pool = urllib3.PoolManager(retries=retries, timeout=timeout)
+        tls = {"ca_certs": str(self.settings.ca_bundle)} if self.settings.ca_bundle else {}
+        self.pool = urllib3.PoolManager(retries=retries, timeout=timeout, **tls)
 
     def probe(self, url: str, uri: str, name: str, headers: dict | None = None,
               if_range: bool = True) -> RemoteFile:

@@ -47,8 +47,9 @@ def _client(settings: FetchSettings):
                     retries={"total_max_attempts": 1, "mode": "standard"},
                     s3={"addressing_style": settings.s3_addressing},
                     **({"signature_version": UNSIGNED} if settings.s3_anonymous else {}))
+    verify = {"verify": str(settings.ca_bundle)} if settings.ca_bundle else {}
     return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
-                                           config=config)
+                                           config=config, **verify)
 
 
 def _list(client, source: S3Source) -> list[str]:

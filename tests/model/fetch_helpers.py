@@ -34,8 +34,9 @@ class Seen:
 
 
 class FileServer:
-    def __init__(self, files: dict[str, bytes] | None = None, head_allowed: bool = True):
+    def __init__(self, files: dict[str, bytes] | None = None, head_allowed: bool = True, ssl_context=None):
         self.files = dict(files or {})
+        self.ssl_context = ssl_context
         self.head_allowed = head_allowed
         self.faults: dict[str, list[Fault]] = defaultdict(list)
         self.requests: list[Seen] = []
@@ -48,7 +49,8 @@ class FileServer:
 
     # -- what tests use
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        scheme, host = ("https", "localhost") if self.ssl_context else ("http", "127.0.0.1")
+        return f"{scheme}://{host}:{self.port}/{path.lstrip('/')}"
 
     def gets(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.method == "GET" and r.path == "/" + path.lstrip("/")]
@@ -78,7 +80,7 @@ class FileServer:
         app.router.add_route("*", "/{path:.*}", self._handle)
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self._ready.set()

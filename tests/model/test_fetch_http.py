@@ -197,3 +197,26 @@ def test_a_file_larger_than_the_limit_is_refused_before_download(server, setting
     with pytest.raises(StorageError, match="NANOGPT_FETCH_MAX_BYTES"):
         fetch(server.url("out/ckpt.pt"), tmp_path / "ckpt.pt", settings=settings.replace(max_bytes=1000))
     assert not (tmp_path / "ckpt.pt").exists() and _leftovers(settings.cache_dir) == []
+
+
+def test_https_with_a_private_ca_and_an_untrusted_certificate(settings, tmp_path):
+    """https:// as it is served: trusted through NANOGPT_FETCH_CA_BUNDLE; without it, a TLSError at once."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    from model.fetch import TLSError
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    with FileServer({"out/ckpt.pt": DATA}, ssl_context=ctx) as server:
+        url = server.url("out/ckpt.pt")
+        assert url.startswith("https://localhost:")
+        https = settings.replace(allow_http=False, ca_bundle=tmp_path / "ca.pem")
+        fetch(url, tmp_path / "ckpt.pt", sha256=SHA, settings=https)
+        assert (tmp_path / "ckpt.pt").read_bytes() == DATA
+        with pytest.raises(TLSError) as err:
+            fetch(url, tmp_path / "other.pt", settings=https.replace(ca_bundle=None, cache_dir=tmp_path / "c2"))
+        assert err.value.exit_code == 5 and not err.value.retryable and "CERTIFICATE_VERIFY_FAILED" in str(err.value)
+        assert "retry" not in str(err.value)
