@@ -4,6 +4,7 @@ write is a rename of a finished file, and one download of a file runs at a time 
 
     CACHE/blobs/sha256/<hex>            a verified file, read-only, named by its content
     CACHE/refs/<key>.json               {"uri", "version", "size", "sha256"}: this URI at this version is that blob
+    CACHE/refs/last-<sha256(uri)>.json  what the URI gave last (used only while the source is unreachable)
     CACHE/manifests/<hex>.json          a directory source: {"files": [{"name", "sha256", "size"}]}, named by
                                         the sha256 of its canonical JSON (what `fetch` reports as the digest)
     CACHE/partial/<key>                 a download in progress (kept to resume; never loaded)
@@ -87,6 +88,20 @@ class Cache:
         digest = manifest_digest(files)
         self._write_json(self._dir("manifests") / f"{digest}.json", {"files": files})
         return digest
+
+    def record_last(self, uri: str, sha256: str, is_dir: bool) -> None:
+        """What this URI gave last, for a fetch while the source is unreachable."""
+        key = hashlib.sha256(uri.encode()).hexdigest()
+        self._write_json(self._dir("refs") / f"last-{key}.json",
+                         {"uri": uri, "sha256": sha256, "directory": is_dir, "at": time.time()})
+
+    def last(self, uri: str) -> dict | None:
+        path = self.root / "refs" / f"last-{hashlib.sha256(uri.encode()).hexdigest()}.json"
+        try:
+            last = json.loads(path.read_text())
+            return last if last.get("uri") == uri and isinstance(last.get("sha256"), str) else None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def snapshot_dir(self, digest: str) -> Path:
         return self._dir("snapshots") / digest[:12]

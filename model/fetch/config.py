@@ -34,6 +34,7 @@ class FetchSettings:
     progress_interval_s: float = 5.0
     chunk_bytes: int = 1 << 20
     max_bytes: int = 0  # the largest file accepted; 0: no limit beyond the free disk space
+    offline_fallback: bool = True  # source unreachable: use what it gave last, when still cached
     s3_endpoint: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)
     s3_region: str | None = None
     s3_addressing: str = "auto"  # botocore's addressing_style: auto, path or virtual
@@ -116,6 +117,7 @@ _ENV: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("backoff_max_s", "NANOGPT_FETCH_BACKOFF_MAX", _number(0.0)),
     ("progress_interval_s", "NANOGPT_FETCH_PROGRESS_INTERVAL", _number(0.0)),
     ("max_bytes", "NANOGPT_FETCH_MAX_BYTES", _number(0, integer=True)),
+    ("offline_fallback", "NANOGPT_FETCH_OFFLINE_FALLBACK", _bool),
     ("s3_endpoint", "NANOGPT_S3_ENDPOINT", _endpoint),
     ("s3_region", "NANOGPT_S3_REGION", str),
     ("s3_addressing", "NANOGPT_S3_ADDRESSING", _addressing),

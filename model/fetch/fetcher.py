@@ -16,7 +16,7 @@ from typing import Callable
 
 from .cache import Cache, manifest_digest, ref_key
 from .config import FetchSettings
-from .errors import FetchError, StorageError, VerificationFailed
+from .errors import FetchError, StorageError, Unreachable, VerificationFailed
 from .place import place_dir, place_file
 from .transfer import RemoteFile, Status, download, retrying
 from .uri import HfSource, HttpSource, LocalSource, RemoteSource, S3Source, Source, parse_source
@@ -77,7 +77,7 @@ def fetch(text: str | Path, dest: str | Path | None, sha256: str | None = None,
     if isinstance(source, LocalSource):
         listing = _local_listing(source)
     else:
-        listing = _pinned(cache, source, expect) or resolve(source, settings)
+        listing = _pinned(cache, source, expect) or _resolve_or_last(cache, source, settings)
     single = expect if not listing.is_dir else None
     files = [_get_file(cache, f, single, settings, emit) for f in listing.files]
     if listing.is_dir:
@@ -88,6 +88,8 @@ def fetch(text: str | Path, dest: str | Path | None, sha256: str | None = None,
                                                      f"manifest digest is {digest}")
     else:
         digest = files[0].sha256
+    if not isinstance(source, LocalSource):
+        cache.record_last(source.display, digest, listing.is_dir)
     name = getattr(source, "name", None) or Path(str(text)).name
     path = _destination(cache, dest, digest, files, listing.is_dir)
     if listing.is_dir:
@@ -158,6 +160,21 @@ def _cached(cache: Cache, remote: RemoteFile, expect: str | None) -> FetchedFile
     cache.record(remote.uri, remote.version, remote.size, digest)
     log.info("fetch %s: in the cache (sha256 %s)", remote.uri, digest)
     return FetchedFile(remote.name, digest, size, 0, blob)
+
+
+def _resolve_or_last(cache: Cache, source: RemoteSource, settings: FetchSettings) -> Listing:
+    """The source's listing; when it cannot be reached, what it last gave, if that is still cached
+    (as huggingface_hub falls back to its cache): a restart during an outage still serves."""
+    try:
+        return resolve(source, settings)
+    except Unreachable as err:
+        last = cache.last(source.display) if settings.offline_fallback and err.retryable else None
+        listing = _pinned(cache, source, last["sha256"]) if last else None
+        if listing is None:
+            raise
+        log.warning("fetch %s: %s; using the copy fetched before (sha256 %s, NANOGPT_FETCH_OFFLINE_FALLBACK)",
+                    source.display, err.cause, last["sha256"])
+        return Listing(listing.files, listing.is_dir, {"offline_fallback": err.reason})
 
 
 def _pinned(cache: Cache, source: RemoteSource, expect: str | None) -> Listing | None:

@@ -220,3 +220,15 @@ def test_https_with_a_private_ca_and_an_untrusted_certificate(settings, tmp_path
             fetch(url, tmp_path / "other.pt", settings=https.replace(ca_bundle=None, cache_dir=tmp_path / "c2"))
         assert err.value.exit_code == 5 and not err.value.retryable and "CERTIFICATE_VERIFY_FAILED" in str(err.value)
         assert "retry" not in str(err.value)
+
+
+def test_an_unreachable_source_falls_back_to_what_it_gave_last(settings, tmp_path):
+    with FileServer({"out/ckpt.pt": DATA}) as server:
+        url = server.url("out/ckpt.pt")
+        fetch(url, tmp_path / "a.pt", settings=settings)
+    # the server is gone now: a restarted pod still gets the copy, and says why
+    result = fetch(url, tmp_path / "b.pt", settings=settings.replace(retries=0))
+    assert result.cached and result.sha256 == SHA and (tmp_path / "b.pt").read_bytes() == DATA
+    assert result.status()["provenance"] == {"offline_fallback": "Unreachable"}
+    with pytest.raises(Unreachable):
+        fetch(url, tmp_path / "c.pt", settings=settings.replace(retries=0, offline_fallback=False))
