@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import export
+from .fetch import resolve_checkpoint
 from .gpt import GPT, GPTConfig
 from .safe_load import ForeignConfig, UnsafeCheckpoint, safe_torch_load
 from .tokenizer import GPT2_N_VOCAB, Tokenizer, TokenizerError, load_gpt2_tokenizer, load_meta_pkl, load_tokenizer_from_spec
@@ -417,10 +418,13 @@ def _short_name(path: Path) -> str:
 def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokenizer_path=None) -> GPT:
     """Any supported checkpoint -> GPT in eval mode on `device`/`dtype`, with .tokenizer and .checkpoint_info.
 
+    checkpoint_path: a local path, or a https://, s3:// or hf:// URI (fetched and cached; docs/checkpoints.md).
+
     tokenizer_path: a char model's meta.pkl, or a GPT-2 `.tiktoken` ranks file (else tiktoken's cache/network).
     dtype: torch.dtype or a name ("float32", "bf16", ...); None picks by device; "auto" keeps the stored dtype.
     """
-    ckpt = read_checkpoint(checkpoint_path)
+    local = resolve_checkpoint(checkpoint_path)  # a URI is fetched into the cache first (model/fetch)
+    ckpt = read_checkpoint(local.path)
     tokenizer = _tokenizer_for(ckpt, tokenizer_path)
     device = resolve_device(device)
     stored = next((v.dtype for v in ckpt.state.values() if v.is_floating_point()), torch.float32)
@@ -430,7 +434,8 @@ def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokeniz
     model.tokenizer = tokenizer
     model.checkpoint_info = CheckpointInfo(
         path=str(ckpt.path), format=ckpt.format, digest=file_digest(ckpt.weight_files),
-        n_params=model.num_params(), n_bytes=n_bytes, source=ckpt.source, name=_short_name(ckpt.path))
+        n_params=model.num_params(), n_bytes=n_bytes, source={**ckpt.source, **local.provenance},
+        name=local.name or _short_name(ckpt.path))
     logger.info("loaded %s checkpoint %s: %.2fM parameters, %.1f MiB as %s on %s, tokenizer %s",
                 ckpt.format, ckpt.path, model.num_params() / 1e6, n_bytes / 2**20,
                 str(dtype).removeprefix("torch."), device, tokenizer.name)

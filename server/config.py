@@ -216,7 +216,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model_checkpoint", "MODEL_CHECKPOINT", _str,
-            "checkpoint file or export directory (default: the embedded demo model)"),
+            "checkpoint file or directory, or a https://, s3:// or hf:// URI fetched into NANOGPT_CACHE_DIR "
+            "(docs/checkpoints.md; default: the embedded demo model)"),
     Setting("host", "HOST", _str, "address to listen on (default 0.0.0.0)"),
     Setting("port", "PORT", _int(0, 65535), "port to listen on (default 5000)"),
     Setting("device", "DEVICE", _device, "cpu, cuda, cuda:N (default: cuda if available)"),
@@ -292,7 +293,21 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         values["model_checkpoint"] = default_checkpoint()
     config = ServerConfig(**values)
     validate(config)
+    _check_checkpoint_source(config.model_checkpoint, environ)
     return config
+
+
+def _check_checkpoint_source(text: str, environ: Mapping[str, str]) -> None:
+    """A URI's syntax and scheme (http:// only when allowed) are checked here, so a typo fails at start-up
+    rather than after the engine's set-up; the fetch settings (NANOGPT_*) are model.fetch's own."""
+    from model.fetch import FetchConfigError, FetchSettings, check_source
+
+    try:
+        check_source(text, FetchSettings.from_env(environ))
+    except FetchConfigError as e:
+        raise ConfigError(e.variable, e.problem) from None
+    except ValueError as e:
+        raise ConfigError("MODEL_CHECKPOINT", str(e)) from None
 
 
 def validate(config: ServerConfig) -> None:
