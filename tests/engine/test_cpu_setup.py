@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from model.engine import cpu_setup
 from model.engine.cpu_setup import choose_cpu_attention, choose_cpu_linear
-from model.gpt import KVCache, StepPart, kv_cache_dtype
+from model.gpt import GPT, GPTConfig, KVCache, StepPart, kv_cache_dtype
 from model.kernels import cpu as cpukernels
 from tiny_gpt import small_gpt
 
@@ -27,6 +27,7 @@ def kernel():
     cpukernels.load()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_decode_with_the_kernel_tracks_torch(dtype):
     torch_model, kernel_model = small_gpt().to(dtype), small_gpt().to(dtype)
@@ -50,6 +51,7 @@ def candidate_being_timed(model) -> str:
             "in_out" if w.stride() == (1, w.shape[0]) else "out_in")
 
 
+@pytest.mark.slow
 def test_auto_times_every_option_on_the_whole_model_and_keeps_the_fastest(monkeypatch, caplog):
     model = small_gpt()
     timed = []

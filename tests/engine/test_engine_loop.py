@@ -212,6 +212,7 @@ async def test_overload_rejects_cleanly_and_the_rest_complete():
         assert_no_leak(engine)
 
 
+@pytest.mark.slow
 async def test_no_slot_leak_after_thousands_of_short_requests():
     async with running_engine(max_batch=8, max_queue=64) as engine:
         prompts = [[i % 30, (i * 7) % 30] for i in range(2000)]

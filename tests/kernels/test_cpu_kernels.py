@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels import cpu as cpukernels
-from model.gpt import GPT, GPTConfig, KVCache, StepPart
+from model.gpt import GPT, GPTConfig, KVCache
 from tiny_gpt import small_gpt
 
 # This project's machines and CI are x86-64 with AVX2, a C++ compiler and ninja: there the
@@ -102,6 +102,7 @@ def test_bad_inputs_are_refused_with_the_reason():
         cpukernels.linear_rows(torch.randn(1, 32).double(), w.double(), None)
 
 
+@pytest.mark.slow
 def test_use_kernel_keeps_parameters_and_routes_only_small_inference_calls(monkeypatch):
     model = small_gpt()
     before = {k: v.clone() for k, v in model.state_dict().items()}
