@@ -76,6 +76,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("via_export", [False, True], ids=["direct", "export"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_format_matches_hf_reference(case, via_export, tmp_path):
@@ -212,6 +213,7 @@ def test_malicious_raw_pickle_refused_and_inert(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_foreign_gptconfig_loads_as_plain_object_in_fallback(tmp_path, monkeypatch):
     ref = hf_reference("gelu_new", vocab_size=50304)
     path = save_build_nanogpt(ref, tmp_path / "model_00010.pt")

@@ -37,7 +37,7 @@ def test_environment_then_flags():
 
 
 def test_prefill_budgets_reach_the_engine():
-    from model.engine_types import EngineConfig
+    from model.engine import EngineConfig
     from server.app import load_engine
     c = load_config([], {})  # the engine's own defaults (server/config.py does not import torch)
     assert (c.prefill_chunk, c.idle_prefill_chunk) == (EngineConfig.prefill_chunk, EngineConfig.idle_prefill_chunk)

@@ -1,6 +1,6 @@
 // Decode attention on an AVX2 CPU, one op per layer: each sequence of the batch writes its
 // new key and value into its own KV-cache row and attends its one query over its own
-// cached positions. model/cpukernels.py builds this file with matvec.cpp.
+// cached positions. model/kernels/cpu.py builds this file with matvec.cpp.
 //
 // It also takes several new tokens per sequence (a prompt chunk): they are written first,
 // then each query attends over the positions up to its own, by the very code a one-token
@@ -9,9 +9,8 @@
 // the chunk's length) does not promise; the engine's batch-invariant mode relies on it.
 //
 // Why: torch's version of this step is a dozen small operators per layer (cache writes
-// through advanced indexing, a mask, dtype casts, scaled_dot_product_attention), about
-// 0.2 ms per layer at batch 1 on this project's machines, as much as the layer's matrix
-// products take in half precision. Here it is one pass over the keys and values a row
+// through advanced indexing, a mask, dtype casts, scaled_dot_product_attention), which at
+// batch 1 cost as much as the layer's matrix products (docs/engine.md). Here it is one pass over the keys and values a row
 // actually holds: no mask, and no reading of other rows' padding in a batch of
 // sequences of different lengths. Each row's arithmetic is the same whatever batch it
 // is in. Scores and sums are float32 whatever the cache's dtype.
@@ -35,7 +34,7 @@ using nanogpt_simd::load8;
 
 // The scores of L positions from j on, scaled, into scores[j..j+L); returns the largest.
 // Each score is one chain of dependent multiply-adds, which alone waits on the adder's
-// latency: L = 4 independent chains keep it busy (5-11% at batch 32 on the Xeon), and each
+// latency: L = 4 independent chains keep it busy, and each
 // score is summed in the very same order whatever L is.
 template <int L, typename C>
 float score(const float* q, const C* kc, int64_t j, int64_t hs, float scale, float* scores) {

@@ -1,16 +1,15 @@
 // The sampler's counter-based uniforms on a CPU, as one op: model/sampling.py's hash of
 // (row key, token id) and its 24-bit uniform, the same arithmetic as its tensor ops, in one pass.
 //
-// Why: those tensor ops are some 35 passes over a (rows, vocabulary) int64 tensor. Sampling
-// from the whole vocabulary (an OpenAI-style request: temperature, no top-k) took 61-87 ms
-// per step at batch 32 on the Xeon, as long as the model's forward pass; here it is one pass.
+// Why: those tensor ops are some 35 passes over a (rows, vocabulary) int64 tensor; sampling
+// from the whole vocabulary (temperature, no top-k) then costs as much as the model's forward
+// pass at large batches (docs/engine.md). Here it is one pass.
 // The uniforms are equal to the tensor ops' to the bit (integer hashing, then exact float steps;
 // tests compare them), so which path ran never shows.
 //
 // And argmax over each row of logits, as torch.argmax gives it (the first largest; the first
 // NaN where there is one) but 8 values at a time: torch's CPU argmax keeps an index beside
-// every value it compares and took 150 us a row of GPT-2's 50257 logits on the Xeon, 5 ms of
-// every greedy step at batch 32; two vector passes take a few us.
+// every value it compares, slow over GPT-2's 50257 logits; two vector passes are not.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

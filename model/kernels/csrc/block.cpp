@@ -1,13 +1,11 @@
 // Every transformer block's decode step on a CPU, as one op: for each block its layer norms,
 // the four matrix products (matvec.cpp), the fused attention (attention.cpp), GELU and both
-// residuals. model/cpukernels.py builds this file with the others.
+// residuals. model/kernels/cpu.py builds this file with the others.
 //
-// Why: a batch-1 step in half precision spends 10-16 ms streaming the weights and, in Python,
-// 2-3 ms more calling some 25 modules and operators per block (model/gpt.py's
-// Block.step_parts) between those passes, while memory sits idle; one op a block still left
-// 40-70 us of Python a block (finding its cache rows, checking it applies), 0.5-0.9 ms of a
-// 13 ms step on the Xeon. The same ATen ops in the same order, called from here, cost
-// microseconds, and give the very same numbers.
+// Why: between the passes over the weights, a step in Python calls some 25 modules and
+// operators per block (model/gpt.py's Block.step_parts) while memory sits idle, a noticeable
+// share of a batch-1 step (docs/engine.md). The same ATen ops in the same order, called from
+// here, cost microseconds, and give the very same numbers.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/gelu.h>

@@ -1,16 +1,13 @@
 // y = x W^T + b for the few rows of x of decoding on an x86-64 CPU with AVX2 (or AVX-512):
-// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows. model/cpukernels.py builds
-// this file with torch's extension builder and routes small nn.Linear calls here.
+// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows. model/kernels/cpu.py
+// builds this file with torch's extension builder and routes small nn.Linear calls here.
 //
 // Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
-// bandwidth. On a 2-core AMD EPYC torch's float32 GEMV reaches about two thirds of the read
-// bandwidth and its half-precision GEMV about the same in bytes; streaming each weight
-// row once, converting half precision to float32 in registers and accumulating in
-// float32 (as llama.cpp does) reaches nearly all of it. Each weight is loaded once per
-// block and used for every row of x in it, so a block of kBlockRows rows costs little
-// more than one row; on the EPYC that also beats torch's float32 GEMM up to a few dozen
-// rows and its half-precision GEMM far beyond, while on a Xeon with AVX-512 and AMX
-// torch's GEMMs win from 8-16 rows on (model/fastpath.py measures where the crossover lies).
+// bandwidth; streaming each weight row once, converting half precision to float32 in
+// registers and accumulating in float32 (as llama.cpp does) gets closer to it than torch's
+// GEMV. Each weight is loaded once per block and used for every row of x in it, so a block
+// of kBlockRows rows costs little more than one row. Where torch's GEMMs overtake it depends
+// on the CPU: model/engine/cpu_setup.py measures it at start-up (figures: docs/engine.md).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -48,8 +45,7 @@ struct V {
 }  // namespace avx2
 
 // The same kernel in 16-float vectors, for CPUs with AVX-512: twice the weights per
-// conversion and FMA (on the Xeon, measured interleaved with the AVX2 kernel: a batch-1 pass
-// over GPT-2 124M 1-11% faster, blocks of 2 to 8 rows 7-15%). Only this file's own code is
+// conversion and FMA (faster than the AVX2 build there; docs/engine.md). Only this file's own code is
 // compiled for AVX-512 (every header is included above), so no function that other files
 // share can end up holding its instructions.
 #pragma GCC push_options
@@ -119,9 +115,8 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
 }
 
 // x's rows as float32 on a 64-byte boundary. Every step of the kernel loads a vector from each
-// row of x, and a 64-byte load that straddles two cache lines costs two: widened into a
-// std::vector (16-byte aligned) every one of them did (aligned: 4-18% faster at 8-512 rows in
-// half precision on the Xeon, as much for float32 inputs that are offset views). Same numbers.
+// row of x, and a 64-byte load that straddles two cache lines costs two, which a std::vector
+// (16-byte aligned) would make every one of them. Same numbers.
 struct AlignedX {
   float* data = nullptr;
   AlignedX() = default;

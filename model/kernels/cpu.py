@@ -1,24 +1,23 @@
-"""CPU kernels for decoding (model/csrc/): matrix-vector products and decode attention.
+"""CPU kernels for decoding (model/kernels/csrc/): matrix-vector products, decode attention,
+every block's decode step in one op, and two sampling helpers.
 
-Batch-1 decode on CPU is one pass over every weight per token, so it runs at the speed
-of the matrix-vector products; on some of this project's machines torch's own reach about
-two thirds of the memory bandwidth. `linear_rows` (matvec.cpp) streams each weight row once
-(float32, float16 or bfloat16 weights, float32 accumulation; AVX2, or AVX-512 where the CPU
-has it: `isa()`) for up to `BLOCK_ROWS` rows of input per pass, which on CPUs without
-AVX-512 GEMMs also beats torch's matrix products for skinny inputs (a decode batch; in half
-precision, prefill too). `decode_attention` (attention.cpp) does a decode
-step's cache writes and attention in one op per layer instead of a dozen small ones, and
-`decode_blocks` (block.cpp) every block's decode step in one op, around those two;
-`noise_uniform` (sampling.cpp) the sampler's random numbers in one pass instead of some 35,
-and `argmax` (sampling.cpp) torch.argmax's answer over rows of logits some 30x faster.
+- `linear_rows` (matvec.cpp): x W^T + b for up to `BLOCK_ROWS` rows of x per pass over the
+  weights (float32, float16 or bfloat16 weights, float32 accumulation; AVX2, or AVX-512 where
+  the CPU has it: `isa()`). Batch-1 decode is one pass over every weight per token, so it runs
+  at the speed of these products.
+- `decode_attention` (attention.cpp): a decode step's cache writes and attention in one op per
+  layer; `decode_blocks` (block.cpp, through `DecodeStack`): every block's decode step in one op.
+- `noise_uniform` and `argmax` (sampling.cpp): the sampler's random numbers and torch.argmax's
+  answer, each in one pass.
 Every output of the products and the attention is computed in one order whatever else is in
-the call, which is what the engine's batch-invariant mode builds on (every product and prompt
-chunk through them).
+the call, which is what the engine's batch-invariant mode builds on. Why each exists and how
+it was measured: docs/engine.md.
 
 They are built on first use by torch's extension builder (a C++ compiler and ninja; about
 20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
 need an x86-64 CPU with AVX2. Where they cannot be built, `load()` says which of those
-was missing and the engine keeps torch's kernels.
+was missing and the engine keeps torch's kernels. This module imports only torch (and,
+inside use_decode_attention, model.gpt's classes).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BLOCK_ROWS = 8  # model/csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
+BLOCK_ROWS = 8  # csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
 EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to the kernel
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp",
                                                                "sampling.cpp")]
@@ -90,7 +89,7 @@ def load() -> None:
             except Exception as err:  # the compiler's own output is in err; keep its first error
                 lines = [ln for ln in str(err).splitlines() if ln.strip()]
                 gist = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
-                _error = f"building model/csrc failed: {type(err).__name__}: {gist.strip()}"
+                _error = f"building model/kernels/csrc failed: {type(err).__name__}: {gist.strip()}"
         raise KernelUnavailable(f"CPU kernels unavailable: {_error}")
 
 
@@ -105,7 +104,7 @@ class KernelLinear(nn.Linear):
     the kernel (decode batches) and everything else (big prefills, training) to
     F.linear (and so does a model moved off the CPU). Same parameters and state_dict as
     nn.Linear: `use_kernel` only changes the class of existing modules, and sets
-    kernel_max_rows (measured by model/fastpath.py)."""
+    kernel_max_rows (measured by model/engine/cpu_setup.py)."""
 
     kernel_max_rows: int = BLOCK_ROWS
 
@@ -120,7 +119,7 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
     """Turn the model's nn.Linear layers into KernelLinear layers that take inputs of up to
     `max_rows` rows (on), or back. Only the class changes: Parameters, state_dict and
     weight tying stay as they are; the kernel itself wants contiguous [out, in] weights
-    (model/fastpath.py lays them out). Raises KernelUnavailable, changing nothing, where
+    (model/engine/cpu_setup.py lays them out). Raises KernelUnavailable, changing nothing, where
     the kernel cannot be loaded."""
     if on:
         load()
@@ -172,8 +171,7 @@ class DecodeStack:
     decode_blocks): x (B, 1, C) -> (B, 1, C), for a model whose every block's attention has
     `decode_attention` (use_decode_attention installs it only then). It applies where every
     linear layer sends B rows to the kernel. Holds the blocks' modules and Parameter objects,
-    gathered once (one op a block, gathering its cache rows and checking it applied, still cost
-    40-70 us of Python a block); call load() first."""
+    gathered once rather than per step (see docs/engine.md); call load() first."""
 
     def __init__(self, model: nn.Module):
         blocks = list(model.transformer.h)
