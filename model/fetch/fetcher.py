@@ -18,19 +18,10 @@ from .cache import Cache, manifest_digest, ref_key
 from .config import FetchSettings
 from .errors import FetchError, StorageError, Unreachable, VerificationFailed
 from .place import place_dir, place_file
-from .transfer import RemoteFile, Status, download, retrying
+from .transfer import Listing, RemoteFile, Status, download, retrying
 from .uri import HfSource, HttpSource, LocalSource, RemoteSource, S3Source, Source, parse_source
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Listing:
-    """What a source turned out to hold."""
-
-    files: list[RemoteFile]
-    is_dir: bool
-    provenance: dict = field(default_factory=dict)  # e.g. the Hub commit a branch pointed at
 
 
 @dataclass(frozen=True)

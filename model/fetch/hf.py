@@ -18,9 +18,8 @@ from pathlib import PurePosixPath
 
 from .config import FetchSettings
 from .errors import AccessDenied, FetchError, NotFound, Stalled, Unreachable
-from .fetcher import Listing
 from .http import HttpClient
-from .transfer import RemoteFile, retrying
+from .transfer import Listing, RemoteFile, retrying
 from .uri import HfSource
 
 # The names checkpoint.HF_WEIGHTS tries, in its order; kept here so fetching needs no torch import.

@@ -14,8 +14,7 @@ from typing import Iterator
 
 from .config import FetchSettings
 from .errors import AccessDenied, FetchError, NotFound, Stalled, Unreachable
-from .fetcher import Listing
-from .transfer import RemoteFile, retrying
+from .transfer import Listing, RemoteFile, retrying
 from .uri import S3Source
 
 NOT_FOUND = ("NoSuchKey", "NoSuchBucket", "404", "NotFound")

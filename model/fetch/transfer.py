@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, TypeVar
 
@@ -42,6 +42,15 @@ class RemoteFile:
     version: str | None  # what names this content at this URI: a strong ETag, Last-Modified, the Hub's etag
     sha256: str | None  # the digest the source vouches for (the Hub's LFS etag, S3's full-object checksum)
     open: Callable[[int], Body]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a source turned out to hold."""
+
+    files: list[RemoteFile]
+    is_dir: bool
+    provenance: dict = field(default_factory=dict)  # e.g. the Hub commit a branch pointed at
 
 
 @dataclass
