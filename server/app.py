@@ -22,6 +22,8 @@ from . import api_openai, api_seed, keys, openapi
 from .auth import KeyStore
 from .cache import MemoryCache, RedisCache, ResponseCache
 from .config import ServerConfig
+from .connections import ConnectionGuard, ConnectionLimits, listen
+from .errors import Draining
 from .lifecycle import Lifecycle, ModelInfo
 from .metrics import Metrics
 from .middleware import access_middleware, auth_middleware, echo_request_id, error_middleware, generation_middleware
@@ -156,9 +158,10 @@ async def serve(config: ServerConfig, engine=None) -> int:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    log.info("listening", extra={"host": config.host, "port": runner.addresses[0][1]})
+    guard = ConnectionGuard(ConnectionLimits.of(config), app[keys.METRICS])
+    listener = await listen(runner, config.host, config.port, guard)
+    log.info("listening", extra={"host": config.host, "port": listener.sockets[0].getsockname()[1],
+                                 "max_connections": guard.max_connections})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,10 +181,12 @@ async def serve(config: ServerConfig, engine=None) -> int:
     code = 1 if lifecycle.load_error is not None else 0
 
     lifecycle.draining = True  # /readyz 503 and new generation requests 503, while still listening
+    guard.cut_bodies(Draining("server is shutting down; retry on another replica", retry_after=1))
     log.info("draining", extra={"in_flight": lifecycle.inflight, "grace_s": config.drain_seconds})
     finished = await lifecycle.wait_idle(config.drain_seconds)
     if not finished:
         log.warning("drain grace period over; cancelling the rest", extra={"in_flight": lifecycle.inflight})
+    listener.close()
     await runner.cleanup()
     log.info("stopped", extra={"exit_code": code})
     return code

@@ -22,7 +22,13 @@ log = logging.getLogger(__name__)
 
 def key_identity(key: str) -> str:
     """A stable, non-reversible name for a key (rate-limit buckets, access logs)."""
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "key:" + hashlib.sha256(key_bytes(key)).hexdigest()[:16]
+
+
+def key_bytes(key: str) -> bytes:
+    """aiohttp decodes header bytes that are not UTF-8 as lone surrogates; give them back as
+    the bytes the client sent, so such a key is simply wrong (401), never an encoding error."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -73,7 +79,7 @@ class KeyStore:
         self.reload_if_changed()
         if key is None:
             return False
-        given = key.encode()
+        given = key_bytes(key)
         ok = False
         for accepted in self._static + self._file_keys:
             ok |= hmac.compare_digest(given, accepted)  # no short-circuit: every key is compared

@@ -77,6 +77,12 @@ class ServerConfig:
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine_types.py)
     log_prompts: bool = False
     log_level: str = "INFO"
+    # Hostile clients and bad checkpoints (docs/security.md).
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 30.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
 
     @property
     def auth_enabled(self) -> bool:
@@ -254,6 +260,16 @@ SETTINGS: tuple[Setting, ...] = (
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
+    Setting("header_timeout", "HEADER_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request's head, from its first byte (default 10)"),
+    Setting("body_timeout", "BODY_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request body after its head; then 408 (default 60)"),
+    Setting("keepalive_timeout", "KEEPALIVE_TIMEOUT", _float(0.001),
+            "seconds an idle keep-alive connection stays open (default 30)"),
+    Setting("max_connections", "MAX_CONNECTIONS", _int(1),
+            "open client connections before new ones get 503; lowered to fit the file limit (default 1024)"),
+    Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", _int(1),
+            "open connections per client address (default 256)"),
 )
 
 

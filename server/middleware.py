@@ -15,7 +15,7 @@ from aiohttp import web
 
 from . import keys
 from .auth import key_identity, presented_key
-from .errors import InvalidJSON, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response, translate
+from .errors import InvalidBody, InvalidJSON, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response, translate
 
 log = logging.getLogger("server.access")
 
@@ -132,6 +132,8 @@ async def read_json(request: web.Request) -> object:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(limit) from None
+    except web.RequestPayloadError as e:  # a corrupt gzip/deflate body, a cut chunked body
+        raise InvalidBody(str(e).splitlines()[-1].strip() or "the body could not be read") from None
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

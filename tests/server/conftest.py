@@ -151,3 +151,49 @@ def redis_url(tmp_path_factory):
         client.close()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def guarded_server():
+    """start(app, **ConnectionLimits fields) -> (port, guard): `app` served as `serve()` serves it,
+    through server.connections.listen (aiohttp_client's test server bypasses it)."""
+    from aiohttp import web
+
+    from server import keys
+    from server.connections import ConnectionGuard, ConnectionLimits, listen
+
+    started = []
+
+    async def start(app, **limits):
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        guard = ConnectionGuard(ConnectionLimits(**limits), app.get(keys.METRICS))
+        listener = await listen(runner, "127.0.0.1", 0, guard)
+        started.append((listener, runner))
+        return listener.sockets[0].getsockname()[1], guard
+
+    yield start
+    for listener, runner in started:
+        listener.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+def guarded_app(guarded_server, make_engine, config):
+    """start(config=None, **limits) -> (port, guard, app): the real app with the engine ready."""
+    import aiohttp
+
+    from server_helpers import wait_for
+
+    async def start(cfg: ServerConfig | None = None, **limits):
+        app = create_app(cfg or config, make_engine())
+        port, guard = await guarded_server(app, **limits)
+
+        async def ready():
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                return r.status == 200
+
+        await wait_for(ready, what="/readyz")
+        return port, guard, app
+
+    return start

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 
 import pytest
 
 from server import keys
 
-from server_helpers import wait_for
+from server_helpers import parse_response, raw_exchange, wait_for
 
 
 async def error_of(resp, status: int) -> dict:
@@ -150,3 +152,29 @@ async def test_request_timeout_cancels_and_is_504(make_client, config):
     assert err["code"] == "timeout" and "REQUEST_TIMEOUT" in err["message"]
     engine = client.server.app[keys.LIFECYCLE].engine
     await wait_for(lambda: engine.stats().running == 0, what="timed-out request freed")
+
+
+def _post(headers: bytes, body: bytes) -> bytes:
+    return (b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + headers + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_corrupt_compressed_body_is_400(guarded_app, caplog):
+    port, _, _ = await guarded_app()  # as served: aiohttp's test server logs its own error on the rest
+    for encoding in (b"gzip", b"deflate"):
+        raw = await raw_exchange(port, _post(b"Content-Encoding: " + encoding + b"\r\n", b"not " * 8))
+        status, _, body = parse_response(raw)
+        assert status == 400, raw
+        err = json.loads(body)["error"]
+        assert err["code"] == "invalid_body" and encoding.decode() in err["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_non_utf8_api_key_is_401(make_client, config, caplog):
+    client = await make_client(dataclasses.replace(config, api_key="s3cret-key"))
+    for header in (b"X-API-Key: \xff\xfe\r\n", b"Authorization: Bearer \xc3\x28\r\n"):
+        raw = await raw_exchange(client.server.port, _post(header, b'{"prompt": "a", "max_length": 2}'))
+        status, _, body = parse_response(raw)
+        assert status == 401, raw
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
