@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import signal
+import threading
 from pathlib import Path
 
 from aiohttp import web
@@ -102,7 +103,7 @@ async def _load_and_start(app: web.Application, engine) -> None:
     config, lifecycle = app[keys.CONFIG], app[keys.LIFECYCLE]
     try:
         if engine is None:
-            engine = await asyncio.to_thread(load_engine, config)
+            engine = await in_daemon_thread(load_engine, config)
         info = model_info(engine, config)
         lifecycle.model = info
         app[keys.METRICS].model_name = info.name
@@ -121,13 +122,60 @@ async def _load_and_start(app: web.Application, engine) -> None:
         lifecycle.loaded.set()
 
 
+async def in_daemon_thread(fn, *args):
+    """`await fn(*args)` run in a daemon thread. asyncio.to_thread's executor threads are joined
+    at exit, so a SIGTERM during a slow load waited for the load; a daemon thread is abandoned."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="load-model", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():  # cancelled (SIGTERM): nobody waits for the model any more
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class KVCacheTooLarge(ValueError):
+    """The model's KV cache for MAX_BATCH rows would exceed KV_CACHE_MAX_BYTES."""
+
+
+def check_kv_budget(model_config, rows: int, element_size: int, budget: int) -> int:
+    """Bytes of keys and values for `rows` sequences of block_size tokens; raises past `budget`."""
+    need = 2 * model_config.n_layer * rows * model_config.block_size * model_config.n_embd * element_size
+    if need > budget:
+        raise KVCacheTooLarge(
+            f"KV cache would need {need} bytes ({need / 2**30:.2f} GiB: block_size {model_config.block_size} x "
+            f"MAX_BATCH {rows} rows x {model_config.n_layer} layers x n_embd {model_config.n_embd} x 2 x "
+            f"{element_size} bytes), over KV_CACHE_MAX_BYTES={budget}; lower MAX_BATCH or raise the budget")
+    return need
+
+
 def load_engine(config: ServerConfig):
     """Blocking: load the checkpoint and build (not start) the engine."""
     from model.checkpoint import load_model_from_checkpoint
     from model.engine import Engine, EngineConfig
 
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
-                                       tokenizer_path=config.tokenizer_path)
+                                       tokenizer_path=config.tokenizer_path,
+                                       max_pickle_bytes=config.max_pickle_bytes)
+    param = next(model.parameters())
+    # On CPU the engine may keep float32 keys/values under half-precision weights.
+    element_size = max(param.element_size(), 4) if param.device.type == "cpu" else param.element_size()
+    check_kv_budget(model.config, config.max_batch, element_size, config.kv_cache_max_bytes)
     return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
                                       prefill_chunk=config.prefill_chunk,
                                       idle_prefill_chunk=config.idle_prefill_chunk,

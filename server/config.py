@@ -83,6 +83,9 @@ class ServerConfig:
     keepalive_timeout: float = 30.0
     max_connections: int = 1024
     max_connections_per_client: int = 256
+    max_pickle_bytes: int = 256 << 20  # model/safe_load.py MAX_PICKLE_BYTES
+    kv_cache_max_bytes: int = 16 << 30
+    max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
 
     @property
     def auth_enabled(self) -> bool:
@@ -270,6 +273,11 @@ SETTINGS: tuple[Setting, ...] = (
             "open client connections before new ones get 503; lowered to fit the file limit (default 1024)"),
     Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", _int(1),
             "open connections per client address (default 256)"),
+    Setting("max_pickle_bytes", "MAX_PICKLE_BYTES", _int(1024),
+            "the most a checkpoint's pickle (and any compressed record) may inflate to (default 268435456)"),
+    Setting("kv_cache_max_bytes", "KV_CACHE_MAX_BYTES", _int(1),
+            "refuse a model whose KV cache (MAX_BATCH rows x block_size) would exceed this (default 17179869184)"),
+    Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),
 )
 
 

@@ -114,6 +114,13 @@ class NotFound(ServerError):
 class MethodNotAllowed(ServerError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
+    def __init__(self, message: str, allowed: frozenset[str] | set[str] = frozenset()):
+        super().__init__(message)
+        self.allowed = sorted(allowed)
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}  # RFC 9110 15.5.6: a 405 must carry Allow
+
 
 class PayloadTooLarge(ServerError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
@@ -184,7 +191,8 @@ class GenerationTimeout(ServerError):
 # aiohttp raises its own HTTPExceptions for routing and body size; give them our shape.
 _HTTP_MAP = {
     404: lambda e: NotFound("no route for this path"),
-    405: lambda e: MethodNotAllowed("method not allowed on this path"),
+    405: lambda e: MethodNotAllowed(f"method {e.method} not allowed on this path; allowed: "
+                                    f"{', '.join(sorted(e.allowed_methods))}", e.allowed_methods),
 }
 
 

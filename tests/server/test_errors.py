@@ -178,3 +178,27 @@ async def test_non_utf8_api_key_is_401(make_client, config, caplog):
         assert status == 401, raw
         assert json.loads(body)["error"]["code"] == "invalid_api_key"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"prompt": NaN}', "NaN is not valid JSON"),
+    (b'{"prompt": "a", "max_length": -Infinity}', "-Infinity is not valid JSON"),
+    (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "4300 digits"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "MAX_JSON_DEPTH=64"),
+    (b'{"prompt": "a",}', "line 1 column"),
+])
+async def test_malformed_json_says_why(client, body, words):
+    err = await error_of(await client.post("/generate", data=body, headers={"Content-Type": "application/json"}), 400)
+    assert err["code"] == "invalid_json" and words in err["message"], err["message"]
+    assert "set_int_max_str_digits" not in err["message"]
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(client):
+    resp = await client.post("/generate", json={"prompt": "[{" * 50, "max_length": 1})
+    assert resp.status == 200, await resp.text()
+
+
+async def test_405_carries_allow(client):
+    resp = await client.get("/generate")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert "POST" in (await resp.json())["error"]["message"]
