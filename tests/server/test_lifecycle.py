@@ -6,12 +6,15 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.engine import Engine
 from server import keys
+from conftest import REPO
 from server_helpers import wait_for
 
 
@@ -155,3 +158,39 @@ async def test_a_stopped_app_lets_go_of_its_engine(aiohttp_client, make_engine, 
     del engine
     gc.collect()
     assert gone() is None
+
+
+def test_kv_cache_over_the_budget_is_refused_with_size_and_budget(config_factory):
+    from server.app import KVCacheTooLarge, load_engine
+
+    # The tiny model: 2 layers x 4 rows x 128 positions x 32 wide x keys and values x 4 bytes.
+    with pytest.raises(KVCacheTooLarge) as err:
+        load_engine(config_factory(kv_cache_max_bytes=100_000))
+    assert "262144 bytes" in str(err.value) and "KV_CACHE_MAX_BYTES=100000" in str(err.value)
+    assert load_engine(config_factory(kv_cache_max_bytes=262_144)) is not None
+
+
+async def test_sigterm_interrupts_a_slow_checkpoint_load(server_process, tmp_path):
+    """A pickle that takes minutes to scan (allowed by a raised MAX_PICKLE_BYTES): SIGTERM still exits at once."""
+    sys.path.insert(0, str(REPO / "tests" / "model"))
+    from test_safe_load import write_bomb
+
+    bomb = tmp_path / "slow.pt"
+    write_bomb(bomb, 256 << 20)
+    proc, base = server_process(bomb, MAX_PICKLE_BYTES=str(1 << 30))
+
+    async def listening():
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.get(base + "/healthz") as r:
+                    return r.status == 200  # alive, loading
+            except aiohttp.ClientConnectionError:
+                assert proc.poll() is None, proc.log_path.read_text()
+                return False
+
+    await wait_for(listening, timeout=60, what="server listening")
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)  # before: the load ran to its end first
+    log = proc.log_path.read_text()
+    assert code == 0, log
+    assert '"stopped"' in log and '"model ready"' not in log
