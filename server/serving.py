@@ -100,6 +100,24 @@ class Generator:
             self.metrics.cache_hits.inc()
             out[i] = Completion(hit.text, len(p.ids), hit.completion_tokens, hit.finish_reason, cached=True)
         todo = [i for i, c in enumerate(out) if c is None]
+        if not todo:
+            return out  # type: ignore[return-value]
+        held = await self.limiter.reserve_tokens(identity, params.max_new_tokens * len(todo))
+        try:
+            results = await self._run(prompts, todo, params, held)
+            for result in results:
+                self._account(result, held)
+        finally:
+            await self.limiter.settle(held)
+        for i, result in zip(todo, results):
+            out[i] = self._completion(result)
+            if keys[i] is not None and result.finish_reason in ("length", "stop", "eos"):
+                await self.cache.set(keys[i], CachedCompletion(result.text, result.completion_tokens,
+                                                               result.finish_reason))
+        return out  # type: ignore[return-value]
+
+    async def _run(self, prompts: list[Prompt], todo: list[int], params: SamplingParams, held) -> list:
+        """Submit every prompt in `todo` and await their engine results."""
         handles: list = []
         results = None
         try:
@@ -112,15 +130,10 @@ class Generator:
                 raise GenerationTimeout(f"generation exceeded REQUEST_TIMEOUT of {self.config.request_timeout:g} s")
         finally:
             if results is None:  # disconnect, timeout, or a sibling refused: free every slot
-                await self._abandon(handles, identity)
-        for i, result in zip(todo, results):
-            out[i] = await self._finished(result, identity)
-            if keys[i] is not None and result.finish_reason in ("length", "stop", "eos"):
-                await self.cache.set(keys[i], CachedCompletion(result.text, result.completion_tokens,
-                                                               result.finish_reason))
-        return out  # type: ignore[return-value]
+                await self._abandon(handles, held)
+        return results
 
-    async def _abandon(self, handles: list, identity: str) -> None:
+    async def _abandon(self, handles: list, held) -> None:
         """Cancel engine requests nobody will read, and still account for what they generated."""
         for h in handles:
             h.cancel()  # harmless for finished requests
@@ -128,11 +141,15 @@ class Generator:
             with contextlib.suppress(Exception):  # accounting must not mask the original error
                 result = await asyncio.wait_for(h.result(), timeout=5)  # the engine frees it next step
                 self.metrics.record_result(result)
-                await self.limiter.spend_tokens(identity, result.completion_tokens)
+                if held is not None:
+                    held.used += result.completion_tokens
 
-    async def _finished(self, result, identity: str) -> Completion:
+    def _account(self, result, held) -> None:
         self.metrics.record_result(result)
-        await self.limiter.spend_tokens(identity, result.completion_tokens)
+        if held is not None:
+            held.used += result.completion_tokens
+
+    def _completion(self, result) -> Completion:
         if result.finish_reason == "error":
             log.error("engine failed a request", extra={"error": result.error})
             raise ServerError("generation failed in the engine")
@@ -149,20 +166,24 @@ class Generator:
         Submits on entry (so Overloaded and friends raise before any response bytes);
         cancels the engine request on exit unless it finished.
         """
-        handle = self._submit(prompt, params)
-        s = Stream(self, handle, identity)
+        held = await self.limiter.reserve_tokens(identity, params.max_new_tokens)
         try:
-            yield s
+            handle = self._submit(prompt, params)
+            s = Stream(self, handle, held)
+            try:
+                yield s
+            finally:
+                if not s.accounted:  # the client left, or a timeout, before the engine finished
+                    await self._abandon([handle], held)
         finally:
-            if not s.accounted:  # the client left, or a timeout, before the engine finished
-                await self._abandon([handle], identity)
+            await self.limiter.settle(held)
 
 
 class Stream:
     """Async iterator of text deltas; `.completion` is set once the engine finishes."""
 
-    def __init__(self, gen: Generator, handle, identity: str):
-        self._gen, self._handle, self._identity = gen, handle, identity
+    def __init__(self, gen: Generator, handle, held):
+        self._gen, self._handle, self._held = gen, handle, held
         self.completion: Completion | None = None
         self.accounted = False  # the engine's result has been recorded (metrics, token budget)
 
@@ -172,4 +193,5 @@ class Stream:
                 yield chunk.text
         result = await self._handle.result()
         self.accounted = True
-        self.completion = await self._gen._finished(result, self._identity)
+        self._gen._account(result, self._held)
+        self.completion = self._gen._completion(result)
