@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import api_openai, api_seed, keys, openapi
 from .auth import KeyStore
+from .breaker import RedisBreaker
 from .cache import MemoryCache, RedisCache, ResponseCache
 from .config import ServerConfig
 from .connections import ConnectionGuard, ConnectionLimits, listen
@@ -56,21 +57,24 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
 async def redis_ctx(app: web.Application):
     """Redis (when REDIS_URL) and what uses it: rate limiter, response cache, generator."""
     config = app[keys.CONFIG]
-    client = None
+    client = breaker = None
     if config.redis_url:
         import redis.asyncio as aioredis
 
         # Short timeouts: a slow Redis must degrade to uncached/in-memory, not stall requests.
         client = aioredis.from_url(config.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    app[keys.LIMITER] = RateLimiter(config.rate_limit, config.token_budget, client)
+        breaker = RedisBreaker(client.ping, config.redis_retry_seconds)
+    app[keys.LIMITER] = RateLimiter(config.rate_limit, config.token_budget, client, breaker=breaker)
     backend = None
     if config.cache_ttl > 0:
-        backend = RedisCache(client, config.cache_ttl) if client else MemoryCache(config.cache_ttl,
-                                                                                   config.cache_max_entries)
+        backend = RedisCache(client, config.cache_ttl, breaker) if client else MemoryCache(config.cache_ttl,
+                                                                                            config.cache_max_entries)
     app[keys.CACHE] = ResponseCache(backend, digest="")
     app[keys.GENERATOR] = Generator(config, app[keys.LIFECYCLE], app[keys.METRICS], app[keys.LIMITER],
                                     app[keys.CACHE])
     yield
+    if breaker is not None:
+        await breaker.close()
     if client is not None:
         await client.aclose()
 

@@ -75,12 +75,13 @@ class Reservation:
 
 class RateLimiter:
     def __init__(self, rate: RateLimit | None, token_budget: int | None, redis=None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, breaker=None):
         self.rate = rate
         self.token_budget = token_budget
         self._memory = MemoryCounters(clock)
         self._redis = RedisCounters(redis, clock) if redis is not None else None
         self._redis_down = False
+        self._breaker = breaker  # server.breaker.RedisBreaker: skip a failing Redis for a while
 
     @property
     def enabled(self) -> bool:
@@ -89,7 +90,8 @@ class RateLimiter:
     async def _add(self, bucket: str, amount: int, period: float, idx: int | None = None) -> tuple[int, float, int]:
         if self._redis is not None:
             try:
-                result = await self._redis.add(bucket, amount, period, idx)
+                add = lambda: self._redis.add(bucket, amount, period, idx)  # noqa: E731
+                result = await (self._breaker.call(add) if self._breaker else add())
             except Exception as e:  # any Redis failure: count locally rather than fail the request
                 if not self._redis_down:
                     log.warning("redis unavailable for rate limits; counting in memory",

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from server import keys
 from server.config import RateLimit
 from server.errors import RateLimited
 from server.ratelimit import RateLimiter
@@ -126,3 +127,29 @@ async def test_reservations_are_shared_through_redis(make_client, make_engine, c
     replicas = [await make_client(cfg), await make_client(cfg, engine=make_engine())]
     statuses, generated = await _concurrent_budget_run(replicas)
     assert statuses.count(200) == 3 and generated <= 300
+
+
+async def test_a_hung_redis_costs_one_timeout_then_is_skipped_until_it_answers(make_client, config, own_redis, caplog):
+    import logging
+    import signal
+
+    from server_helpers import wait_for
+
+    url, proc = own_redis
+    caplog.set_level(logging.INFO)
+    client = await make_client(dataclasses.replace(config, redis_url=url, rate_limit=RateLimit(1000, 60),
+                                                   token_budget=100_000, redis_retry_seconds=0.2))
+    body = {"prompt": "a", "max_length": 2, "temperature": 0}
+    assert (await client.post("/generate", json=body)).status == 200
+    breaker = client.server.app[keys.LIMITER]._breaker
+    proc.send_signal(signal.SIGSTOP)  # hung: connections stay open, nothing answers
+    for _ in range(5):
+        assert (await client.post("/generate", json=body)).status == 200
+    assert breaker.failures == 1 and breaker.open  # one timeout in all, not five per request
+    assert breaker.skipped >= 5 * 3
+    proc.send_signal(signal.SIGCONT)
+    await wait_for(lambda: not breaker.open, timeout=30, what="the background probe closing the breaker")
+    assert (await client.post("/generate", json=body)).status == 200
+    messages = [r.getMessage() for r in caplog.records if r.name == "server.breaker"]
+    assert messages == ["redis unavailable; using memory for rate limits and skipping the cache until it answers",
+                        "redis is back"]
