@@ -73,6 +73,7 @@ async def redis_ctx(app: web.Application):
     app[keys.GENERATOR] = Generator(config, app[keys.LIFECYCLE], app[keys.METRICS], app[keys.LIMITER],
                                     app[keys.CACHE])
     yield
+    app[keys.GENERATOR].close()
     if breaker is not None:
         await breaker.close()
     if client is not None:

@@ -86,6 +86,8 @@ class ServerConfig:
     max_pickle_bytes: int = 256 << 20  # model/safe_load.py MAX_PICKLE_BYTES
     kv_cache_max_bytes: int = 16 << 30
     redis_retry_seconds: float = 5.0
+    max_prompt_bytes: int = 0  # 0: 32 bytes per position of the model's context (server/serving.py)
+    tokenizer_threads: int = 2
     max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
 
     @property
@@ -278,6 +280,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the most a checkpoint's pickle (and any compressed record) may inflate to (default 268435456)"),
     Setting("kv_cache_max_bytes", "KV_CACHE_MAX_BYTES", _int(1),
             "refuse a model whose KV cache (MAX_BATCH rows x block_size) would exceed this (default 17179869184)"),
+    Setting("max_prompt_bytes", "MAX_PROMPT_BYTES", _int(0),
+            "longest prompt in UTF-8 bytes, refused before tokenizing; 0: 32 x the model's block_size (default 0)"),
+    Setting("tokenizer_threads", "TOKENIZER_THREADS", _int(1, 64),
+            "threads that tokenize long prompts off the event loop (default 2)"),
     Setting("redis_retry_seconds", "REDIS_RETRY_SECONDS", _float(0.01),
             "after a Redis failure, skip Redis this long and probe it in the background (default 5)"),
     Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),

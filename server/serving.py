@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -28,6 +29,11 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+# A GPT-2 token is a few bytes on average and rarely more than a few dozen (runs of spaces,
+# repeated punctuation): a prompt with more bytes than this per context position cannot fit.
+PROMPT_BYTES_PER_POSITION = 32
+INLINE_TOKENIZE_CHARS = 2048  # below this, tokenizing costs less than a trip to the pool
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,17 @@ class Generator:
                  cache: ResponseCache | None):
         self.config, self.lifecycle, self.metrics = config, lifecycle, metrics
         self.limiter, self.cache = limiter, cache
+        self._pool: ThreadPoolExecutor | None = None  # tokenizes long prompts off the event loop
 
     # ------------------------------------------------------------ input
 
-    def prompt(self, value: str | list[int], field: str) -> Prompt:
-        tokenizer = self.lifecycle.engine_or_raise().tokenizer
+    async def prompt(self, value: str | list[int], field: str) -> Prompt:
+        engine = self.lifecycle.engine_or_raise()
+        tokenizer = engine.tokenizer
         if isinstance(value, str):
+            self._check_bytes(value, field, engine)
             try:
-                ids = tokenizer.encode(value)
+                ids = await self._encode(tokenizer, value)
             except TokenizerError as e:
                 raise BadRequest(field, str(e)) from None
             if not ids:
@@ -68,6 +77,29 @@ class Generator:
         if bad:
             raise BadRequest(field, f"token id {bad[0]} is out of range; this model has {tokenizer.n_vocab} tokens")
         return Prompt(field, tokenizer.decode(value), list(value))
+
+    def _check_bytes(self, text: str, field: str, engine) -> None:
+        """Refuse a prompt too long to fit by its length alone, before spending CPU on tokenizing it."""
+        limit = self.config.max_prompt_bytes or PROMPT_BYTES_PER_POSITION * engine.model.config.block_size
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if n > limit:
+            self.metrics.rejected.labels(reason="prompt_too_long").inc()
+            raise BadRequest(field, f"prompt is {n} bytes; the limit is {limit} (MAX_PROMPT_BYTES)",
+                             code="context_length_exceeded")
+
+    async def _encode(self, tokenizer, text: str) -> list[int]:
+        """Short prompts inline; long ones on the tokenizer pool, so that /healthz and other
+        streams' tokens do not wait behind them on the event loop."""
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode(text)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, tokenizer.encode, text)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _submit(self, prompt: Prompt, params: SamplingParams):
         engine = self.lifecycle.engine_or_raise()
