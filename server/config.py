@@ -86,6 +86,8 @@ class ServerConfig:
     max_pickle_bytes: int = 256 << 20  # model/safe_load.py MAX_PICKLE_BYTES
     kv_cache_max_bytes: int = 16 << 30
     redis_retry_seconds: float = 5.0
+    max_prompts_per_request: int = 32
+    max_rows_per_caller: int = 0  # 0: MAX_BATCH less an eighth (at least one row) for other callers
     max_prompt_bytes: int = 0  # 0: 32 bytes per position of the model's context (server/serving.py)
     tokenizer_threads: int = 2
     max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
@@ -284,6 +286,11 @@ SETTINGS: tuple[Setting, ...] = (
             "longest prompt in UTF-8 bytes, refused before tokenizing; 0: 32 x the model's block_size (default 0)"),
     Setting("tokenizer_threads", "TOKENIZER_THREADS", _int(1, 64),
             "threads that tokenize long prompts off the event loop (default 2)"),
+    Setting("max_prompts_per_request", "MAX_PROMPTS_PER_REQUEST", _int(1),
+            "prompts in one /batch_generate or /v1/completions request (default 32)"),
+    Setting("max_rows_per_caller", "MAX_ROWS_PER_CALLER", _int(0),
+            "engine requests one API key (or client address) may hold at once; the rest wait their turn, "
+            "round robin across callers; 0: MAX_BATCH less an eighth, at least one row (default 0)"),
     Setting("redis_retry_seconds", "REDIS_RETRY_SECONDS", _float(0.01),
             "after a Redis failure, skip Redis this long and probe it in the background (default 5)"),
     Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),

@@ -21,6 +21,7 @@ from model.engine import PromptTooLong as EnginePromptTooLong
 from model.sampling import SamplingParams
 from model.tokenizer import TokenizerError
 
+from .admission import FairAdmission, default_rows_per_caller
 from .cache import CachedCompletion, ResponseCache
 from .config import ServerConfig
 from .errors import BadRequest, Draining, GenerationTimeout, Overloaded, PromptTooLong, ServerError
@@ -58,6 +59,8 @@ class Generator:
         self.config, self.lifecycle, self.metrics = config, lifecycle, metrics
         self.limiter, self.cache = limiter, cache
         self._pool: ThreadPoolExecutor | None = None  # tokenizes long prompts off the event loop
+        self.admission = FairAdmission(config.max_rows_per_caller or default_rows_per_caller(config.max_batch),
+                                       config.max_queue)
 
     # ------------------------------------------------------------ input
 
@@ -136,7 +139,8 @@ class Generator:
             return out  # type: ignore[return-value]
         held = await self.limiter.reserve_tokens(identity, params.max_new_tokens * len(todo))
         try:
-            results = await self._run(prompts, todo, params, held)
+            async with self.admission.slots(identity, len(todo)):
+                results = await self._run(prompts, todo, params, held)
             for result in results:
                 self._account(result, held)
         finally:
@@ -200,13 +204,14 @@ class Generator:
         """
         held = await self.limiter.reserve_tokens(identity, params.max_new_tokens)
         try:
-            handle = self._submit(prompt, params)
-            s = Stream(self, handle, held)
-            try:
-                yield s
-            finally:
-                if not s.accounted:  # the client left, or a timeout, before the engine finished
-                    await self._abandon([handle], held)
+            async with self.admission.slots(identity, 1):
+                handle = self._submit(prompt, params)
+                s = Stream(self, handle, held)
+                try:
+                    yield s
+                finally:
+                    if not s.accounted:  # the client left, or a timeout, before the engine finished
+                        await self._abandon([handle], held)
         finally:
             await self.limiter.settle(held)
 

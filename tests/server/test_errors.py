@@ -106,7 +106,8 @@ async def test_unknown_route_and_method_are_json(client):
 
 async def test_overloaded_engine_is_503_with_retry_after(make_client, make_engine, config):
     engine = make_engine(max_batch=1, max_queue=1)
-    client = await make_client(dataclasses.replace(config, max_batch=1, max_queue=1), engine=engine)
+    client = await make_client(dataclasses.replace(config, max_batch=1, max_queue=1, max_rows_per_caller=3),
+                               engine=engine)  # the engine's queue, not the caller's share, is what fills
     long = {"prompt": "a", "max_length": 1000, "stream": True}
     first = await client.post("/generate", json=long)  # stream headers are sent once submitted
     await wait_for(lambda: engine.stats().running == 1, what="first request running")
