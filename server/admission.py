@@ -71,6 +71,14 @@ class FairAdmission:
                 self._forget(caller, waiter)
             raise
 
+    def fail_waiting(self, error: Exception) -> None:
+        """The end of the drain: every request still waiting its turn gets `error` (a 503)."""
+        queues, self._queues = self._queues, OrderedDict()
+        for q in queues.values():
+            for waiter in q:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+
     def _forget(self, caller: str, waiter: _Waiter) -> None:
         q = self._queues.get(caller)
         if q is not None and waiter in q:

@@ -205,6 +205,23 @@ def model_info(engine, config: ServerConfig) -> ModelInfo:
 
 # ---------------------------------------------------------------------- the process
 
+CUT_ANSWER_S = 5.0  # after the grace period, how long cut requests get to send their 503 or error event
+
+
+async def cut_in_flight(app: web.Application) -> None:
+    """End what the drain could not finish with an answer: the engine cancels its requests, so
+    plain requests answer 503 draining and streams send an error event and [DONE]; requests
+    still waiting their turn get the 503 too. Only then does the runner close connections."""
+    lifecycle = app[keys.LIFECYCLE]
+    app[keys.GENERATOR].admission.fail_waiting(Draining("server shut down before this request's turn",
+                                                        retry_after=1))
+    if lifecycle.engine is not None:
+        await lifecycle.engine.stop(drain=False)
+    if not await lifecycle.wait_idle(CUT_ANSWER_S):
+        log.warning("requests still open after the cut; closing their connections",
+                    extra={"in_flight": lifecycle.inflight})
+
+
 async def serve(config: ServerConfig, engine=None) -> int:
     """Run until SIGTERM/SIGINT (exit code 0 after draining) or a model load failure (1)."""
     app = create_app(config, engine)
@@ -239,6 +256,7 @@ async def serve(config: ServerConfig, engine=None) -> int:
     finished = await lifecycle.wait_idle(config.drain_seconds)
     if not finished:
         log.warning("drain grace period over; cancelling the rest", extra={"in_flight": lifecycle.inflight})
+        await cut_in_flight(app)
     listener.close()
     await runner.cleanup()
     log.info("stopped", extra={"exit_code": code})

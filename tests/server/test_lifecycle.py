@@ -194,3 +194,37 @@ async def test_sigterm_interrupts_a_slow_checkpoint_load(server_process, tmp_pat
     log = proc.log_path.read_text()
     assert code == 0, log
     assert '"stopped"' in log and '"model ready"' not in log
+
+
+async def test_requests_cut_at_the_end_of_the_drain_get_an_answer(server_process):
+    proc, base = server_process(DRAIN_SECONDS="0")
+    async with aiohttp.ClientSession() as http:
+        async def ready():
+            try:
+                async with http.get(base + "/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                assert proc.poll() is None, proc.log_path.read_text()
+                return False
+
+        await wait_for(ready, timeout=60, what="server ready")
+        long = {"prompt": "ROMEO:", "max_length": 1000}
+        async with http.post(base + "/generate", json={**long, "stream": True}) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            plain = asyncio.create_task(http.post(base + "/generate", json=long))
+
+            async def both_running():
+                async with http.get(base + "/health") as r:
+                    return (await r.json())["engine"]["running"] == 2
+
+            await wait_for(both_running, timeout=30, what="both requests running")
+            proc.send_signal(signal.SIGTERM)
+            events = await read_events(stream)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "draining"
+        resp = await plain
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+        resp.release()
+    code = await asyncio.to_thread(proc.wait, 60)
+    assert code == 0, proc.log_path.read_text()
