@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -434,18 +435,13 @@ def test_refusal_names_the_global_and_never_advises_weights_only_false(tmp_path)
     for protocol in (2, 4):
         path = tmp_path / f"raw{protocol}.pt"
         path.write_bytes(pickle.dumps({"model": Evil(marker)}, protocol=protocol))
-        with pytest.warns() if protocol == 4 else _no_warning(), pytest.raises(CheckpointError, match="refused") as err:
+        with warnings.catch_warnings(), pytest.raises(CheckpointError, match="refused") as err:
+            warnings.simplefilter("ignore")  # torch warns about protocol 4 on some versions
             load_model_from_checkpoint(path, device="cpu")
         message = str(err.value)
         assert "weights_only" not in message and "will likely succeed" not in message
         assert ("global posix.system is not allowed" if protocol == 2 else "pickle opcode FRAME") in message
     assert not marker.exists()
-
-
-def _no_warning():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "link/model.safetensors"])
