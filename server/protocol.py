@@ -34,8 +34,9 @@ class Limits:
 
     @staticmethod
     def of(config) -> "Limits":
-        # A request's prompts all wait in the engine queue at once, so MAX_QUEUE bounds them.
-        return Limits(max_length=config.max_length_limit, max_prompts=config.max_queue)
+        # Its own limit, not MAX_QUEUE: one request must not be able to fill the whole queue.
+        return Limits(max_length=config.max_length_limit,
+                      max_prompts=min(config.max_prompts_per_request, config.max_queue))
 
 
 # ------------------------------------------------------------------ field readers
