@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from model import load_model_from_checkpoint
-from model.engine import Engine, EngineConfig
+from model.engine import Engine
 from model.export import save_export
 from model.gpt import GPT, GPTConfig
 from server import create_app
 from server.config import ServerConfig
-from server_helpers import free_port, wait_for, wait_for_sync
+from server_helpers import ENGINE_CONFIG, free_port, wait_for, wait_for_sync
 
 REPO = Path(__file__).resolve().parents[2]
 # Printable ASCII plus newline: schemathesis's random prompts mostly encode; the rest are 400s.
@@ -43,7 +43,6 @@ def tiny_model(tiny_checkpoint):
     return load_model_from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
 
 
-ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, cpu_linear="out_in", seed=0)
 
 
 @pytest.fixture

@@ -7,6 +7,11 @@ import socket
 import time
 from typing import Awaitable, Callable
 
+from model.engine import EngineConfig
+
+# The engine the server tests run: small, seeded, on torch's CPU paths (no kernel build needed).
+ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, cpu_linear="out_in", seed=0)
+
 
 async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, what: str = "condition"):
     """Poll `predicate` until true; fail after `timeout` seconds (never a bare sleep to synchronise)."""

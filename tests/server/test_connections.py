@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.errors import Draining
 from server_helpers import parse_response, raw_exchange, wait_for, wait_for_sync
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 KEY = "s3cret-key-0123456789"
 
@@ -163,8 +164,13 @@ def test_slowloris_past_the_file_limit_still_lets_new_clients_in(tmp_path):
                     out += chunk
                 return out
 
-        assert get().split(b" ")[1] in (b"200", b"503")  # answered at once, even while full
-        wait_for_sync(lambda: get().startswith(b"HTTP/1.1 200"), timeout=30, what="a new client served")
+        def served() -> bool:
+            try:  # at the limit a new connection may be answered 503 or reset; it must not hang
+                return get().startswith(b"HTTP/1.1 200")
+            except ConnectionResetError:
+                return False
+
+        wait_for_sync(served, timeout=30, what="a new client served")
     finally:
         for s in slow:
             s.close()

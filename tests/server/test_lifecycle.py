@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.engine import Engine
 from server import keys
-from conftest import REPO
 from server_helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class GatedEngine(Engine):
@@ -31,7 +33,7 @@ class GatedEngine(Engine):
 
 
 async def test_not_ready_until_engine_warmed_up(make_client, tiny_model):
-    from conftest import ENGINE_CONFIG
+    from server_helpers import ENGINE_CONFIG
 
     engine = GatedEngine(tiny_model, ENGINE_CONFIG)
     client = await make_client(engine=engine, ready=False)

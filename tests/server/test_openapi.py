@@ -23,7 +23,7 @@ EXAMPLES = 15  # per operation and mode: bounded so the whole run stays well und
 def fuzz_server(tiny_model, config_factory):
     """A real listening server (thread) with short generations and small limits: a fuzzer's
     request must never take long."""
-    from conftest import ENGINE_CONFIG
+    from server_helpers import ENGINE_CONFIG
 
     cfg = config_factory(max_length_limit=8, max_body_bytes=4096, cache_ttl=60)
     with ThreadServer(create_app(cfg, Engine(tiny_model, ENGINE_CONFIG))) as server:
