@@ -34,7 +34,6 @@ def test_install_builds_with_everything() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in kustomize("manifests")}
     assert kinds >= set([
         ("CustomResourceDefinition", "nanogptmodels.nanogpt.dev"),
-        ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
         ("Namespace", "nanogpt-system"), ("ServiceAccount", "nanogpt-operator"),
         ("ClusterRole", "nanogpt-operator"), ("ClusterRoleBinding", "nanogpt-operator"),
         ("Deployment", "nanogpt-operator")])
@@ -62,19 +61,20 @@ def test_service_monitor_selects_model_services() -> None:
 # What the operator does, by (apiGroup, resource): kopf's own calls first, then client.py's.
 EXPECTED_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-    ("", "namespaces"): {"list", "watch"},
+    ("", "namespaces"): {"list"},
     ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch", "create"},
-    ("nanogpt.dev", "nanogptmodels"): {"list", "watch", "patch"},
+    ("nanogpt.dev", "nanogptmodels"): {"get", "list", "watch", "patch"},
     ("nanogpt.dev", "nanogptmodels/status"): {"patch"},
     ("nanogpt.dev", "nanogptrollouts"): {"list", "watch", "patch"},
     ("nanogpt.dev", "nanogptrollouts/status"): {"patch"},
     ("", "events"): {"create"},
-    ("apps", "deployments"): {"get", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "create"},
     ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
+    ("", "secrets"): {"get"},
 }
 
 
