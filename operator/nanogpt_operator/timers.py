@@ -9,8 +9,9 @@ before an object goes. kopf then also removes the finalizer it put on objects be
 requiring it").
 
 Without the finalizer, kopf never stops a timer of a deleted object (it stops daemons and timers on
-deletionTimestamp, which an object without finalizers never gets). So the loop is a daemon that checks,
-each round, that its object still exists, and ends by itself when it is gone; kopf stops it at shutdown
+deletionTimestamp, which an object without finalizers never gets). So the loop is a daemon that ends by
+itself once its object is gone: on the object's DELETED watch event, or when its status write answers
+404 (a DELETED event missed across a watch reconnect); kopf stops it at shutdown
 (`stopped`), so no round is in flight when the cleanup handlers close the API client. A daemon's `patch`
 is only applied when it returns, so each round writes the status it produced itself.
 """
@@ -30,8 +31,7 @@ from nanogpt_operator.errors import ApiError, ClientClosedError, OperatorError
 STOP_CHECK_S = 0.5
 # One resync round: given kopf's live body, a fresh patch and the object's logger; fills patch.status.
 Round = Callable[[kopf.Body, kopf.Patch, kopf.Logger], Awaitable[None]]
-# Whether the object is still there (False ends the loop), and how to write the status a round made.
-Exists = Callable[[kopf.Body], Awaitable[bool]]
+# How to write the status a round made (a 404 ends the loop: the object is gone).
 WriteStatus = Callable[[kopf.Body, Mapping[str, Any]], Awaitable[None]]
 
 
@@ -40,21 +40,21 @@ class Resync:
     """What one resource's resync loop does each round, and how often."""
 
     run: Round
-    exists: Exists
     write_status: WriteStatus
     interval: float
     initial_delay: float = 0.0
 
 
-async def resync_loop(resync: Resync, body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger) -> None:
-    """Run rounds until the operator stops or the object is gone; errors delay the next round."""
+async def resync_loop(resync: Resync, body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                      gone: Callable[[], bool]) -> None:
+    """Run rounds until the operator stops or the object is `gone`; errors delay the next round."""
     await _pause(stopped, resync.initial_delay)
     while not stopped:
         delay = resync.interval
+        if gone():
+            logger.debug("deleted: its resync ends")
+            return
         try:
-            if not await resync.exists(body):
-                logger.debug("deleted: its resync ends")
-                return
             await _round(resync, body, stopped, logger)
         except kopf.TemporaryError as err:
             logger.error("resync failed temporarily: %s", err)
@@ -95,10 +95,20 @@ async def _round(resync: Resync, body: kopf.Body, stopped: kopf.DaemonStopped, l
 def register_resync(group: str, version: str, plural: str, *, registry: kopf.OperatorRegistry,
                     resync: Callable[[kopf.Memo], Resync]) -> None:
     """A per-object resync daemon for `plural` that needs no finalizer; `resync(memo)` says what it does."""
+    deleted: set[str] = set()  # uids seen in DELETED events, until their loop has ended
+
+    @kopf.on.event(group, version, plural, registry=registry)
+    async def resync_end(event: kopf.RawEvent, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            deleted.add(str((event.get("object") or {}).get("metadata", {}).get("uid")))
 
     async def resync_daemon(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger,
                             **_: Any) -> None:
-        await resync_loop(resync(memo), body, stopped, logger)
+        uid = str(body.metadata.uid)
+        try:
+            await resync_loop(resync(memo), body, stopped, logger, gone=lambda: uid in deleted)
+        finally:
+            deleted.discard(uid)
 
     kopf.daemon(group, version, plural, id="resync", registry=registry, cancellation_timeout=5.0)(resync_daemon)
     spawning = registry._spawning  # kopf offers no public switch for a daemon's finalizer

@@ -293,9 +293,9 @@ async def test_models_carry_no_finalizer_so_deletion_needs_no_operator(emulator,
 
 
 async def _timer_rounds(emu: Any, rounds: int) -> bool:
-    # Each resync round first checks that its model still exists: one GET of the model by the client.
-    gets = [r for r in emu if r.action == kmock.action.FETCH and str(r.url).endswith("/nanogptmodels/llm")]
-    return len(gets) >= rounds
+    # Each resync round ends by writing the model's status: one status PATCH by the client.
+    writes = [r for r in emu if str(r.url).split("?")[0].endswith("/nanogptmodels/llm/status")]
+    return len(writes) >= rounds
 
 
 async def test_status_follows_the_deployment_without_waiting_for_a_resync(emulator, model_body) -> None:

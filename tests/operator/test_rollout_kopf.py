@@ -25,6 +25,7 @@ from kopf.testing import KopfRunner
 from nanogpt_operator.rollout import handlers as rollout_handlers
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION
+from k8s_rules import deletion_completes
 from operator_helpers import kopf_running, serve_loopback
 
 OLD, NEW = "log/model_40000.pt", "log/model_50000.pt"
@@ -230,6 +231,9 @@ async def test_happy_rollout_across_three_waves(cluster, smoke_server):
     assert all(body == {"prompt": "Once upon a time", "max_length": 8} for _, _, body in smoke_server["hits"])
     reasons = [e["reason"] for e in _events(emu)]
     assert reasons.count("WaveStarted") == 3 and "Succeeded" in reasons
+    # No finalizer on the rollout or any model: a DELETE completes with the operator down (issue 17).
+    assert deletion_completes(await api.rollout())
+    assert all(deletion_completes(m) for m in await api.models())
 
 
 async def test_failed_gate_stops_and_reverts(cluster, smoke_server):

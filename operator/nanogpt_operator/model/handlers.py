@@ -81,19 +81,15 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
 
 
 def model_resync(memo: kopf.Memo, interval: float) -> Resync:
-    """The model's resync round (reconcile with resync=True), and how it checks existence and writes status."""
+    """The model's resync round (reconcile with resync=True), and how it writes the status."""
     async def run(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
         await reconcile.run(memo.client, body, patch, logger, resync=True, config=memo.config)
-
-    async def exists(body: kopf.Body) -> bool:
-        live = await memo.client.get_model(body.metadata.namespace, body.metadata.name)
-        return live is not None and live["metadata"].get("uid") == body.metadata.uid
 
     async def write_status(body: kopf.Body, status: Mapping[str, Any]) -> None:
         await memo.client.patch_status(models_path(body.metadata.namespace, body.metadata.name), status)
 
     # The first round one period after start: the create/resume handlers have just reconciled.
-    return Resync(run, exists, write_status, interval=interval, initial_delay=interval)
+    return Resync(run, write_status, interval=interval, initial_delay=interval)
 
 
 async def follow(memo: kopf.Memo, event_type: str | None, deployment: kopf.Body, logger: kopf.Logger) -> None:

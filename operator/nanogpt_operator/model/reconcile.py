@@ -126,11 +126,11 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
         m = parse_model(body, config)
     except SpecError:
         return False  # the Failed status of the spec handlers stands
-    target = effective_spec(m, pinned_rollback(previous, generation))
+    rollback = pinned_rollback(previous, generation)
+    target = effective_spec(m, rollback)
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
-    status = derive_status(target, generation, deployment, pods, previous, pinned_rollback(previous, generation),
-                           _now())
+    status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
     if all(previous.get(k) == v for k, v in status.items()):
         return False
     await client.patch_status(models_path(m.namespace, meta["name"]), status)

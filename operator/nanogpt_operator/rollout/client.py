@@ -13,7 +13,6 @@ from typing import Any
 
 from nanogpt_operator.api import models_path, rollouts_path
 from nanogpt_operator.client import MERGE_PATCH, KubeClient
-from nanogpt_operator.errors import ApiError
 
 
 class RolloutClient(KubeClient):
@@ -25,15 +24,6 @@ class RolloutClient(KubeClient):
 
     async def list_models(self) -> list[dict[str, Any]]:
         return await self._items(models_path())
-
-    async def get_rollout(self, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = await self._request("GET", f"{rollouts_path()}/{name}")
-        except ApiError as err:
-            if err.status == 404:
-                return None
-            raise
-        return result
 
     async def list_rollouts(self) -> list[dict[str, Any]]:
         return await self._items(rollouts_path())

@@ -65,14 +65,10 @@ def rollout_resync(runtime: RolloutRuntime, interval: float) -> Resync:
     async def tick(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
         await run(runtime, body, patch, logger)
 
-    async def exists(body: kopf.Body) -> bool:
-        live = await runtime.client.get_rollout(body.metadata.name)
-        return live is not None and live["metadata"].get("uid") == body.metadata.uid
-
     async def write_status(body: kopf.Body, status: Mapping[str, Any]) -> None:
         await runtime.client.patch_status(f"{rollouts_path()}/{body.metadata.name}", status)
 
-    return Resync(tick, exists, write_status, interval=interval)
+    return Resync(tick, write_status, interval=interval)
 
 
 register(kopf.get_default_registry())
