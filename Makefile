@@ -55,7 +55,11 @@ images:
 	docker build -f Dockerfile.server -t $(IMAGE_REGISTRY)nanogpt-server:$(TAG) .
 	docker build -f Dockerfile.operator -t $(IMAGE_REGISTRY)nanogpt-operator:$(TAG) .
 
+# kopf's peering CRD is shared by every kopf operator in the cluster: created only if absent, and never
+# deleted by undeploy (deleting it would break the others). Models and rollouts carry no finalizers, so
+# undeploy finishes even though the operator goes first; created PVCs with deletePolicy Retain stay.
 deploy:
+	kubectl get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1 || kubectl create -f crds/kopfpeering.yaml
 	kubectl apply -k manifests/
 
 undeploy:

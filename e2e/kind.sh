@@ -64,6 +64,7 @@ else
 fi
 
 log "install"
+kubectl get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1 || kubectl create -f "$ROOT/crds/kopfpeering.yaml"
 kubectl apply -k "$ROOT/crds"
 kubectl wait --for condition=established --timeout=60s crd/nanogptmodels.nanogpt.dev crd/clusterkopfpeerings.kopf.dev
 kubectl apply -k "$ROOT/manifests"
@@ -106,6 +107,7 @@ spec:
   replicas: 1
   gpus: 0
   resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+  server: {startupTimeoutSeconds: 120}
   rollout: {progressDeadlineSeconds: 120}
 YAML
 wait_phase demo Ready

@@ -14,8 +14,10 @@ from typing import Any
 
 import kopf
 
+from nanogpt_operator.api import models_path
 from nanogpt_operator.client import KubeClient
-from nanogpt_operator.errors import ApiError, SpecError, TransientApiError
+from nanogpt_operator.config import OperatorConfig
+from nanogpt_operator.errors import ApiError, ClientClosedError, SpecError, TransientApiError
 from nanogpt_operator.model.apply import Applied, apply, remove
 from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, owner_of, pod_labels,
                                           unwanted_children)
@@ -79,10 +81,11 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int((body.get("metadata") or {}).get("generation") or 1)
 
 
-async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync: bool, now: str) -> Outcome:
+async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync: bool, now: str,
+                          config: OperatorConfig = OperatorConfig()) -> Outcome:
     """Converge the children on the spec (or on a pinned rollback) and derive the status."""
     generation, previous = generation_of(body), body.get("status") or {}
-    m, owner = parse_model(body), owner_of(body)
+    m, owner = parse_model(body, config), owner_of(body)
     rollback = pinned_rollback(previous, generation)
     target = effective_spec(m, rollback)
     results = await apply_children(client, target, owner)
@@ -112,11 +115,34 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *, resync: bool) -> None:
+async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: OperatorConfig) -> bool:
+    """Re-derive a model's status from its live Deployment and pods, without writing any child.
+
+    Called on its Deployment's watch events, so status (and the rollout gates that read it) follow the
+    pods at once; the resync timer stays the safety net. True when the status changed and was written."""
+    meta, previous = body.get("metadata") or {}, body.get("status") or {}
+    generation = generation_of(body)
+    try:
+        m = parse_model(body, config)
+    except SpecError:
+        return False  # the Failed status of the spec handlers stands
+    rollback = pinned_rollback(previous, generation)
+    target = effective_spec(m, rollback)
+    deployment = await client.get("Deployment", m.namespace, m.name)
+    pods = await client.list("Pod", m.namespace, pod_labels(m.name))
+    status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
+    if all(previous.get(k) == v for k, v in status.items()):
+        return False
+    await client.patch_status(models_path(m.namespace, meta["name"]), status)
+    return True
+
+
+async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *, resync: bool,
+              config: OperatorConfig = OperatorConfig()) -> None:
     """Reconcile for kopf: write status through kopf's patch, post Events, map errors to kopf's types."""
     now = _now()
     try:
-        outcome = await reconcile_model(client, body, resync=resync, now=now)
+        outcome = await reconcile_model(client, body, resync=resync, now=now, config=config)
     except SpecError as err:
         # Nothing was applied: parsing comes before every write.
         if resync and _reported(body):
@@ -124,10 +150,15 @@ async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: ko
         patch.status.update(invalid_spec_status(err.path, err.problem, generation_of(body), body.status, now))
         kopf.warn(body, reason="InvalidSpec", message=str(err))
         raise kopf.PermanentError(f"invalid spec: {err}") from err
+    except ClientClosedError:
+        logger.info("the operator is stopping; this reconcile ends here")
+        return
     except TransientApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=TRANSIENT_DELAY_S) from err
     except ApiError as err:
         if err.status == 422:  # the API rejected what the spec produced (e.g. a malformed affinity)
+            if resync and _reported(body):
+                return  # as for an invalid spec: one Warning per generation, not one per resync
             patch.status.update(invalid_spec_status("spec", err.message, generation_of(body), body.status, now))
             kopf.warn(body, reason="Rejected", message=str(err))
             raise kopf.PermanentError(f"the API rejected a child: {err}") from err
