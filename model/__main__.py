@@ -3,6 +3,7 @@
     python -m model info CHECKPOINT [--json]
     python -m model convert SRC DST [--dtype auto] [--force]
     python -m model generate --checkpoint CKPT --prompt "ROMEO:" [--max-length 200 --temperature 0.8 ...]
+    python -m model build-kernels DIR     (an image's build stage: DIR is then NANOGPT_CPU_KERNELS_DIR)
 
 Logs go to stderr; only the command's output goes to stdout.
 """
@@ -78,6 +79,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_build_kernels(args) -> int:
+    from . import cpukernels
+
+    try:
+        built = cpukernels.build(Path(args.directory))
+    except cpukernels.KernelUnavailable as err:
+        logger.error("%s", err)
+        return 1
+    print(built)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: by device)")
     gen.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
     gen.set_defaults(func=cmd_generate)
+
+    kern = sub.add_parser("build-kernels", help="compile the CPU kernels into DIR, for NANOGPT_CPU_KERNELS_DIR")
+    kern.add_argument("directory")
+    kern.set_defaults(func=cmd_build_kernels)
     return p
 
 
