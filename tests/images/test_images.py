@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, Images, buildah
+from images_helpers import REPO, Images, buildah
 
 # A cold first build (stand-in bases, dependencies, kernels) takes minutes; later ones hit the layer cache.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -140,6 +140,7 @@ def test_server_image_has_no_compiler_and_runs_as_its_numeric_user(server: Conta
 
 def test_server_image_serves_the_demo_model_and_writes_only_tmp(server: Container, tmp_path: Path) -> None:
     before = _snapshot(server.root)
+    assert len(before) > 1000 and "app/model/demo/model.safetensors" in before  # the whole tree, demo model too
     port, log = _free_port(), tmp_path / "server.log"
     # PORT and HOST only; no MODEL_CHECKPOINT: the image's default is the embedded demo model.
     proc = server.start({"PORT": str(port), "HOST": "127.0.0.1"}, log)
@@ -150,14 +151,17 @@ def test_server_image_serves_the_demo_model_and_writes_only_tmp(server: Containe
         assert status == 200 and isinstance(body, dict) and body, body
         text = log.read_text()
         assert "CPU kernels: prebuilt, loaded from /opt/nanogpt/kernels" in text, text[-4000:]
-        assert "unavailable" not in text, text[-4000:]
+        assert "unavailable" not in text and "Warning" not in text and "Traceback" not in text, text[-4000:]
         os.kill(_process_of(proc, "-m server"), signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    after = _snapshot(server.root)
+    _assert_unchanged(before, _snapshot(server.root))
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert changed == [], f"written outside /tmp: {changed[:20]}"
 
@@ -174,13 +178,16 @@ def _emulator_module():
 async def test_operator_image_reconciles_a_model_against_the_emulator(images: Images, tmp_path: Path) -> None:
     import aiohttp
     import kmock
+
+    emulator = _emulator_module()
     from operator_helpers import BASE_MODEL, RESOURCES, Api, eventually, model_path
 
-    emu = _emulator_module().Emulator()
+    emu = emulator.Emulator()
     for key, info in RESOURCES.items():
         emu.resources[key] = kmock.ResourceInfo(**info)
     operator = Container(images.operator)
     assert operator.config["User"] == "10001:10001" and operator.command()[:2] == ["kopf", "run"]
+    before = _snapshot(operator.root)
     try:
         async with emu, kmock.Server(emu) as server:
             url = str(server.url).rstrip("/")
@@ -205,6 +212,7 @@ async def test_operator_image_reconciles_a_model_against_the_emulator(images: Im
                 assert proc.poll() is None, log.read_text()[-4000:]
                 os.kill(_process_of(proc, "kopf run"), signal.SIGTERM)
                 assert await asyncio.to_thread(proc.wait, 60) == 0, log.read_text()[-4000:]
+                _assert_unchanged(before, _snapshot(operator.root))
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
