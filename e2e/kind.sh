@@ -55,8 +55,8 @@ fi
 
 log "images"
 docker build -f "$ROOT/Dockerfile.operator" -t "nanogpt-operator:$TAG" "$ROOT"
-# The server image's CUDA base is large but runs on CPU (DEVICE=cpu) just as well.
-docker build -f "$ROOT/Dockerfile.server" -t "nanogpt-server:$TAG" "$ROOT"
+# The CPU flavour: CPU torch and the prebuilt CPU kernels, no CUDA libraries (a fraction of the size).
+docker build -f "$ROOT/Dockerfile.server" --build-arg FLAVOR=cpu -t "nanogpt-server:$TAG" "$ROOT"
 if [ "$CLUSTER_TOOL" = kind ]; then
   kind load docker-image --name "$CLUSTER" "nanogpt-operator:$TAG" "nanogpt-server:$TAG"
 else

@@ -4,6 +4,7 @@
     python -m model convert SRC DST [--dtype auto] [--force]
     python -m model generate --checkpoint CKPT --prompt "ROMEO:" [--max-length 200 --temperature 0.8 ...]
     python -m model fetch URI DEST [--sha256 HEX]     (model/fetch/cli.py)
+    python -m model build-kernels DIR     (an image's build stage: DIR is then NANOGPT_CPU_KERNELS_DIR)
 
 CHECKPOINT may be a path or a https://, s3:// or hf:// URI (docs/checkpoints.md).
 
@@ -83,6 +84,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_build_kernels(args) -> int:
+    from .kernels import cpu as cpukernels
+
+    try:
+        built = cpukernels.build(Path(args.directory))
+    except cpukernels.KernelUnavailable as err:
+        logger.error("%s", err)
+        return 1
+    print(built)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -117,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     fetch_cli.add_parser(sub)
+    kern = sub.add_parser("build-kernels", help="compile the CPU kernels into DIR, for NANOGPT_CPU_KERNELS_DIR")
+    kern.add_argument("directory")
+    kern.set_defaults(func=cmd_build_kernels)
     return p
 
 

@@ -16,13 +16,17 @@ it was measured: docs/engine.md.
 They are built on first use by torch's extension builder (a C++ compiler and ninja; about
 20 s, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and
 need an x86-64 CPU with AVX2. Where they cannot be built, `load()` says which of those
-was missing and the engine keeps torch's kernels. This module imports only torch (and,
-inside use_decode_attention, model.gpt's classes).
+was missing and the engine keeps torch's kernels. Images build them once instead
+(`python -m model build-kernels DIR`, a stage with a compiler) and point
+NANOGPT_CPU_KERNELS_DIR at DIR: `load()` then loads that library and never compiles.
+This module imports only torch (and, inside use_decode_attention, model.gpt's classes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import platform
 import shutil
 import sys
@@ -38,6 +42,10 @@ EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp",
                                                                "sampling.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc")]
+
+LIBRARY = "nanogpt_cpu.so"  # what cpp_extension.load names the built library
+PREBUILT_ENV = "NANOGPT_CPU_KERNELS_DIR"  # a directory `build` wrote: load it, never compile
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _error: str | None = None  # why the kernel is unavailable, once a load has failed
@@ -72,18 +80,18 @@ def load() -> None:
     with _lock:
         if _loaded:
             return
+        prebuilt = os.environ.get(PREBUILT_ENV)  # read like TORCH_EXTENSIONS_DIR, by the loader
+        if _error is None and prebuilt:
+            _error = _load_prebuilt(Path(prebuilt))
+            _loaded = _error is None
+            if _loaded:
+                return
         if _error is None:
             _error = _missing_prerequisite()
         if _error is None:
             try:
-                from torch.utils import cpp_extension
-                # -fopenmp: at::parallel_for is inlined from ATen's headers, and without the flag
-                # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
-                # The headers' hash is a flag because torch rebuilds when sources or flags change.
-                header = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
-                cpp_extension.load(name="nanogpt_cpu", sources=[str(p) for p in SOURCES], is_python_module=False,
-                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
-                                                 f"-DNANOGPT_SIMD_H={header}"])
+                _compile()
+                log.info("CPU kernels: compiled from model/kernels/csrc by torch's extension builder (cached in TORCH_EXTENSIONS_DIR)")
                 _loaded = True
                 return
             except Exception as err:  # the compiler's own output is in err; keep its first error
@@ -91,6 +99,55 @@ def load() -> None:
                 gist = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
                 _error = f"building model/kernels/csrc failed: {type(err).__name__}: {gist.strip()}"
         raise KernelUnavailable(f"CPU kernels unavailable: {_error}")
+
+
+def _compile(build_directory: Path | None = None) -> None:
+    from torch.utils import cpp_extension
+    # -fopenmp: at::parallel_for is inlined from ATen's headers, and without the flag
+    # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
+    # The headers' hash is a flag because torch rebuilds when sources or flags change.
+    header = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
+    cpp_extension.load(name="nanogpt_cpu", sources=[str(p) for p in SOURCES], is_python_module=False,
+                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DNANOGPT_SIMD_H={header}"],
+                       build_directory=None if build_directory is None else str(build_directory))
+
+
+def _stamp() -> str:
+    # A library built against one torch may crash against another: the stamp names the torch it needs.
+    return f"torch {torch.__version__}\n"
+
+
+def _load_prebuilt(directory: Path) -> str | None:
+    """Loads DIR/nanogpt_cpu.so that `build` wrote; returns why it could not (None: loaded)."""
+    where = f"{PREBUILT_ENV}={str(directory)!r}"
+    try:
+        stamp = (directory / "STAMP").read_text()
+    except OSError as err:
+        return f"{where}: no build stamp ({err.strerror}); build it with `python -m model build-kernels DIR`"
+    if stamp != _stamp():
+        return f"{where} was built for {stamp.strip()}, this is torch {torch.__version__}; rebuild it"
+    try:
+        torch.ops.load_library(str(directory / LIBRARY))
+    except (OSError, RuntimeError) as err:
+        return f"{where}: loading {LIBRARY} failed: {err}"
+    log.info("CPU kernels: prebuilt, loaded from %s (%s, %s)", directory / LIBRARY, stamp.strip(), isa())
+    return None
+
+
+def build(directory: Path) -> Path:
+    """Compiles the kernels into `directory` (LIBRARY and its STAMP, nothing else), for images
+    whose final stage has no compiler (and loads them into this process, as torch's builder
+    does: a second process must check the copy); raises KernelUnavailable naming what is missing."""
+    missing = _missing_prerequisite()
+    if missing:
+        raise KernelUnavailable(f"CPU kernels cannot be built: {missing}")
+    import tempfile
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        _compile(Path(work))
+        (directory / LIBRARY).write_bytes((Path(work) / LIBRARY).read_bytes())
+    (directory / "STAMP").write_text(_stamp())
+    return directory / LIBRARY
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,3 +262,4 @@ def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False
         if isinstance(m, GPT):
             fused = len(m.transformer.h) and all(b.attn.decode_attention is not None for b in m.transformer.h)
             m.decode_stack = DecodeStack(m) if on and fused else None
+
