@@ -70,11 +70,11 @@ class ServerConfig:
     cache_max_entries: int = 4096
     max_batch: int = 32
     max_queue: int = 256
-    prefill_chunk: int = 128  # prompt tokens per step while rows decode (model/engine_types.py)
+    prefill_chunk: int = 128  # prompt tokens per step while rows decode (model/engine/config.py)
     idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
-    batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine_types.py)
+    batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
     log_prompts: bool = False
     log_level: str = "INFO"
     # Hostile clients and bad checkpoints (docs/security.md).

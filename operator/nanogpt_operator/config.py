@@ -37,7 +37,7 @@ class OperatorConfig:
     # Server image of a model without spec.image: the GPU build, or the CPU build (prebuilt CPU kernels)
     # for `spec.gpus: 0`, so a CPU-only cluster gets the fast CPU path without naming an image.
     image: str = "nanogpt-server:latest"
-    cpu_image: str = "nanogpt-server:cpu-latest"
+    cpu_image: str = "nanogpt-server:latest-cpu"
     # The cluster's DNS domain (kubelet --cluster-domain), for status.endpoint.
     cluster_domain: str = "cluster.local"
 

@@ -21,7 +21,7 @@ def image_of(body, config: OperatorConfig = OperatorConfig()) -> str:
 def test_defaults_pick_the_cpu_image_for_zero_gpus(model_body) -> None:
     assert image_of(model_body()) == "nanogpt-server:latest"
     assert image_of(model_body(gpus=2)) == "nanogpt-server:latest"
-    assert image_of(model_body(gpus=0)) == "nanogpt-server:cpu-latest"
+    assert image_of(model_body(gpus=0)) == "nanogpt-server:latest-cpu"
 
 
 def test_an_explicit_image_wins(model_body) -> None:
@@ -34,7 +34,7 @@ def test_both_defaults_are_settings(model_body) -> None:
     assert (config.image, config.cpu_image) == ("reg/gpu:2", "reg/cpu:2")
     assert image_of(model_body(gpus=1), config) == "reg/gpu:2"
     assert image_of(model_body(gpus=0), config) == "reg/cpu:2"
-    assert config_from_env({}).cpu_image == "nanogpt-server:cpu-latest"
+    assert config_from_env({}).cpu_image == "nanogpt-server:latest-cpu"
 
 
 @pytest.mark.parametrize("name", ["NANOGPT_OPERATOR_CPU_IMAGE", "NANOGPT_OPERATOR_IMAGE"])
