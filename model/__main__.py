@@ -3,6 +3,7 @@
     python -m model info CHECKPOINT [--json]
     python -m model convert SRC DST [--dtype auto] [--force]
     python -m model generate --checkpoint CKPT --prompt "ROMEO:" [--max-length 200 --temperature 0.8 ...]
+    python -m model export CKPT --format torchscript|onnx [--dtype float32] OUT
 
 Logs go to stderr; only the command's output goes to stdout.
 """
@@ -78,6 +79,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .interop import ExportError, export_model  # imported here: only export needs onnx/jit
+
+    model = load_model_from_checkpoint(args.checkpoint, device="cpu", dtype=args.dtype,
+                                       tokenizer_path=args.tokenizer)
+    info = model.checkpoint_info
+    source = {"format": info.format, "path": str(Path(info.path).resolve()), "digest": info.digest,
+              "name": info.name, **info.source}
+    try:
+        comparisons = export_model(model, args.format, args.out, source=source, overwrite=args.force)
+    except ExportError as err:
+        logger.error("export failed, nothing written to %s: %s", args.out, err)
+        return 1
+    print(f"{args.format} export of {info.path} verified against the eager model "
+          "(relative = max|diff| / max|logit|):")
+    for c in comparisons:
+        print(f"  {c}")
+    print(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -110,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: by device)")
     gen.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
     gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a verified TorchScript file or ONNX directory")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out", help="a .pt file (torchscript) or a directory (onnx)")
+    exp.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    exp.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (torchscript only)")
+    exp.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
+    exp.add_argument("--force", action="store_true", help="overwrite OUT")
+    exp.set_defaults(func=cmd_export)
     return p
 
 
