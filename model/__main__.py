@@ -1,7 +1,7 @@
 """Command line: inspect, convert and sample from any supported checkpoint.
 
     python -m model info CHECKPOINT [--json]
-    python -m model convert SRC DST [--dtype auto] [--force]
+    python -m model convert SRC DST [--dtype auto] [--quantize int8] [--force]
     python -m model generate --checkpoint CKPT --prompt "ROMEO:" [--max-length 200 --temperature 0.8 ...]
     python -m model export CKPT --format torchscript|onnx [--dtype float32] OUT
 
@@ -31,6 +31,7 @@ def cmd_info(args) -> int:
         "config": dataclasses.asdict(model.config),
         "parameters": info.n_params, "bytes": info.n_bytes,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "quantization": getattr(model, "quantization", None),
         "tokenizer": {"name": tok.name, "n_vocab": tok.n_vocab, "eot_id": tok.eot_id},
         "digest": info.digest, "source": info.source,
     }
@@ -40,7 +41,8 @@ def cmd_info(args) -> int:
     cfg = ", ".join(f"{k}={v}" for k, v in report["config"].items())
     print(f"path        {info.path}\nname        {info.name}\nformat      {info.format}\nconfig      {cfg}")
     print(f"parameters  {info.n_params:,} ({info.n_params / 1e6:.2f}M)")
-    print(f"bytes       {info.n_bytes:,} ({info.n_bytes / 2**20:.1f} MiB, {report['dtype']})")
+    weights = f"int8 weights, {report['dtype']} activations" if report["quantization"] else report["dtype"]
+    print(f"bytes       {info.n_bytes:,} ({info.n_bytes / 2**20:.1f} MiB, {weights})")
     print(f"tokenizer   {tok.name} (n_vocab {tok.n_vocab}, eot_id {tok.eot_id})")
     print(f"digest      sha256:{info.digest}")
     print(f"source      {json.dumps(info.source)}")
@@ -54,7 +56,8 @@ def cmd_convert(args) -> int:
     if dst.exists() and any(dst.iterdir()) and not args.force:
         logger.error("%s exists and is not empty (use --force to overwrite)", dst)
         return 2
-    model = load_model_from_checkpoint(args.src, device="cpu", dtype=args.dtype, tokenizer_path=args.tokenizer)
+    model = load_model_from_checkpoint(args.src, device="cpu", dtype=args.dtype, tokenizer_path=args.tokenizer,
+                                       quantize=args.quantize)
     info = model.checkpoint_info
     # Provenance: where the weights came from, so an export can be traced to its training run.
     # Re-converting an export keeps the original provenance (its keys win).
@@ -70,7 +73,7 @@ def cmd_generate(args) -> int:
     from .generate import generate_text  # imported here: `info` and `convert` need no sampling code
 
     model = load_model_from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                       tokenizer_path=args.tokenizer)
+                                       tokenizer_path=args.tokenizer, quantize=args.quantize)
     for _ in range(args.num_samples):
         print(generate_text(model, args.prompt, max_length=args.max_length, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed))
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
     conv.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
+    conv.add_argument("--quantize", choices=("int8",), help="store int8 weights with per-output-channel scales")
     conv.add_argument("--force", action="store_true", help="write into a non-empty DST")
     conv.set_defaults(func=cmd_convert)
 
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: by device)")
     gen.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
+    gen.add_argument("--quantize", choices=("int8",), help="int8 weights (quantized on load)")
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="write a verified TorchScript file or ONNX directory")
