@@ -7,7 +7,7 @@
 
 Groups of 64 rather than one scale per row: on GPT-2 124M's shapes one scale per row moved a
 greedy token one step earlier than float32 and bfloat16 put it; groups of 64 did not
-(docs/quantization.md). The scales cost 1/32 of the int8 bytes.
+(docs/quantization.md). The float32 scales add 1/16 to the int8 bytes.
 
 Activations, LayerNorms, biases, the position embedding and the KV cache stay in the
 serving dtype; only the scales are kept in float32 (in the model's dtype they would add a
