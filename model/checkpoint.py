@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import export
+from . import export, quant
 from .fetch import resolve_checkpoint
 from .gpt import GPT, GPTConfig
 from .safe_load import BadArchive, ForeignConfig, UnsafeCheckpoint, safe_torch_load
@@ -83,6 +83,7 @@ class _Checkpoint:
     source: dict
     weight_files: list[Path]
     tokenizer_spec: dict | None = None  # only our export records one
+    quantization: str | None = None  # "int8": an int8 export (model/quant.py)
     meta_dirs: list[Path] = field(default_factory=list)  # where a char model's meta.pkl may be
 
 
@@ -250,6 +251,7 @@ def _confine_shards(index: Path, shards: list) -> None:
 def _read_export(path: Path) -> _Checkpoint:
     try:
         config, spec, source = export.read_export_meta(path)
+        quantization = export.read_export_quantization(path)
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(path / export.CONFIG_FILE, f"invalid export config: {err}") from err
     weights = path / export.WEIGHTS_FILE
@@ -258,7 +260,10 @@ def _read_export(path: Path) -> _Checkpoint:
     state = _read_safetensors(weights)
     if LM_HEAD in state:  # as export.read_export_state: the tied embedding is stored once
         state[WTE] = state[LM_HEAD]
-    return _Checkpoint(path, "export", config, state, dict(source), [weights], tokenizer_spec=spec, meta_dirs=[path])
+    if quantization is not None and LM_HEAD + "_scale" in state:
+        state[export.TIED_SCALE_KEY] = state[LM_HEAD + "_scale"]
+    return _Checkpoint(path, "export", config, state, dict(source), [weights], tokenizer_spec=spec,
+                       meta_dirs=[path], quantization=quantization)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -378,28 +383,42 @@ def _check_state(path: Path, state: dict, expected: dict[str, torch.Tensor]) -> 
 
 
 def _place(state: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each tensor on device/dtype, in memory we own (tied tensors stay one tensor).
+    """Each tensor on device/dtype, in memory we own (tied tensors stay one tensor); int8
+    weights stay int8 and their scales float32 (model/quant.py).
 
     The file stays memory-mapped only while we copy out of it: nanoGPT's train.py rewrites
     ckpt.pt in place, and a served model must not change (or SIGBUS) when that happens."""
     placed: dict[int, torch.Tensor] = {}
-    for v in state.values():
+    for k, v in state.items():
         if id(v) not in placed:
-            out = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            keep = not v.is_floating_point() or k.endswith(quant.SCALE_SUFFIX)
+            out = v.to(device=device, dtype=v.dtype if keep else dtype)
             placed[id(v)] = out.clone() if out.data_ptr() == v.data_ptr() else out
     return {k: placed[id(v)] for k, v in state.items()}
 
 
 def build_model(ckpt: _Checkpoint, device: torch.device, dtype: torch.dtype) -> GPT:
     state = dict(ckpt.state)
-    _tie_embeddings(ckpt.path, state)
+    if ckpt.quantization is None:
+        _tie_embeddings(ckpt.path, state)
     # Built on the meta device (no memory, no random init); the checked tensors are then
     # assigned as the parameters, so the weights are copied exactly once.
     with torch.device("meta"):
         model = GPT(ckpt.config)
-    _check_state(ckpt.path, state, model.state_dict())
+        if ckpt.quantization is not None:
+            quant.quantize_model(model, ckpt.quantization)  # on meta: only the int8 modules' layout
+    expected = model.state_dict()
+    _check_state(ckpt.path, state, expected)
+    for k, want in expected.items():
+        if (state[k].dtype == torch.int8) != (want.dtype == torch.int8):
+            raise CheckpointError(ckpt.path, "tensor dtype does not match the quantization", key=k,
+                                  expected=str(want.dtype), got=str(state[k].dtype))
     model.load_state_dict(_place(state, device, dtype), strict=True, assign=True)
-    model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced both; tie them again
+    if ckpt.quantization is not None:
+        model.transformer.wte.dtype = dtype
+        quant.tie_quantized(model)
+    else:
+        model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced both; tie them again
     return model.eval()
 
 
@@ -441,7 +460,7 @@ def _short_name(path: Path) -> str:
 
 
 def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokenizer_path=None,
-                               max_pickle_bytes: int | None = None) -> GPT:
+                               max_pickle_bytes: int | None = None, quantize: str | None = None) -> GPT:
     """Any supported checkpoint -> GPT in eval mode on `device`/`dtype`, with .tokenizer and .checkpoint_info.
 
     checkpoint_path: a local path, or a https://, s3:// or hf:// URI (fetched and cached; docs/checkpoints.md).
@@ -449,21 +468,29 @@ def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokeniz
     tokenizer_path: a char model's meta.pkl, or a GPT-2 `.tiktoken` ranks file (else tiktoken's cache/network).
     dtype: torch.dtype or a name ("float32", "bf16", ...); None picks by device; "auto" keeps the stored dtype.
     max_pickle_bytes: the most a checkpoint's pickle may inflate to (model.safe_load.MAX_PICKLE_BYTES).
+    quantize: "int8" quantizes the weights on load (model/quant.py); None keeps them as stored
+    (an int8 export stays int8; `dtype` is then its activations', norms' and biases').
     """
+    if quantize is not None and quantize not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(quant.QUANTIZATIONS)} or None, got {quantize!r}")
     local = resolve_checkpoint(checkpoint_path)  # a URI is fetched into the cache first (model/fetch)
     ckpt = read_checkpoint(local.path, max_pickle_bytes)
     tokenizer = _tokenizer_for(ckpt, tokenizer_path)
     device = resolve_device(device)
     stored = next((v.dtype for v in ckpt.state.values() if v.is_floating_point()), torch.float32)
     dtype = resolve_dtype(dtype, device, stored)
-    model = build_model(ckpt, device, dtype)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if quantize is not None and ckpt.quantization is None:
+        # quantized from float32 weights, not from weights already rounded to dtype
+        model = quant.quantize_model(build_model(ckpt, device, torch.float32), quantize, dtype)
+    else:
+        model = build_model(ckpt, device, dtype)
+    n_bytes = quant.weight_bytes(model)
     model.tokenizer = tokenizer
     model.checkpoint_info = CheckpointInfo(
         path=str(ckpt.path), format=ckpt.format, digest=file_digest(ckpt.weight_files),
-        n_params=model.num_params(), n_bytes=n_bytes, source={**ckpt.source, **local.provenance},
+        n_params=quant.count_weights(model), n_bytes=n_bytes, source={**ckpt.source, **local.provenance},
         name=local.name or _short_name(ckpt.path))
     logger.info("loaded %s checkpoint %s: %.2fM parameters, %.1f MiB as %s on %s, tokenizer %s",
-                ckpt.format, ckpt.path, model.num_params() / 1e6, n_bytes / 2**20,
+                ckpt.format, ckpt.path, quant.count_weights(model) / 1e6, n_bytes / 2**20,
                 str(dtype).removeprefix("torch."), device, tokenizer.name)
     return model
