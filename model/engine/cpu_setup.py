@@ -50,6 +50,13 @@ def choose_cpu_linear(model: GPT, choice: str = "auto", every_row: bool = False)
             raise ValueError(f"batch-invariant mode runs every linear layer on the kernel; cpu_linear {choice!r} "
                              "contradicts it (use auto or kernel)")
         choice = "kernel"
+    if getattr(model, "quantization", None):
+        # int8 weights run through their own modules (model/quant.py); our kernel reads float rows only
+        if choice in ("kernel", "in_out"):
+            raise ValueError(f"cpu_linear {choice!r} needs float weights; this model's are "
+                             f"{model.quantization} (use auto or out_in)")
+        log.info("CPU linear layers: %s weights through model/quant.py's modules", model.quantization)
+        return "out_in"
     asked = (choice, every_row)
     state, asked_before, chosen = getattr(model, "_cpu_linear_setup", (None, (None, None), None))
     if state == _linear_state(model) and asked_before[1] == every_row and (
