@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -41,6 +42,7 @@ from model.engine_types import (EngineConfig, EngineError, EngineStats, EngineSt
 from model.fastpath import DecodeGraphs, choose_cpu_attention, choose_cpu_linear, kv_cache_dtype
 from model.generate import TextStream, context_window
 from model.gpt import GPT, KVCache, StepPart
+from model.logprobs import prompt_logprobs, token_logprobs
 from model.sampling import BatchParams, SamplingParams, sample
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "EngineStats", "EngineStopped", "GenerationResult",
@@ -70,6 +72,9 @@ class _Sequence:
     admitted: float = 0.0
     first_token: float | None = None
     uid: int = field(default_factory=lambda: next(_request_ids))  # unlike id(), never reused
+    logprobs: list = field(default_factory=list)  # per generated token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # [None, then one per prompt token], when params.prompt_logprobs
+    sampled_logprob: object = None  # the step's sampled token's TokenLogprob, until emitted
 
     @property
     def decodable(self) -> bool:
@@ -82,6 +87,7 @@ class _Chunk:
     rows: list[int]
     pos: list[int]
     ids: list[list[int]]  # all of one length
+    score: bool = False  # some row wants its prompt's logprobs: the forward returns hidden states
 
 
 @dataclass
@@ -201,7 +207,7 @@ class Engine:
             self._state.waiting.append(_Sequence(
                 handle=handle, params=params, seed=seed, tokens=list(prompt_ids),
                 prompt_len=len(prompt_ids), stream=TextStream(self.tokenizer, params.stop),
-                submitted=time.perf_counter()))
+                submitted=time.perf_counter(), prompt_logprobs=None if params.prompt_logprobs is None else [None]))
             self._cv.notify()
         return handle
 
@@ -322,7 +328,8 @@ class Engine:
         chunks = []
         for n, seqs in groups.items():
             seqs.sort(key=lambda s: s.row)
-            chunks.append(_Chunk([s.row for s in seqs], [s.n_cached for s in seqs], [s.pending[:n] for s in seqs]))
+            chunks.append(_Chunk([s.row for s in seqs], [s.n_cached for s in seqs], [s.pending[:n] for s in seqs],
+                                 score=any(self._scores_prompt(s) for s in seqs)))
             for seq in seqs:
                 seq.n_cached += n
                 del seq.pending[:n]
@@ -346,7 +353,7 @@ class Engine:
         """A chunk as GPT.step_parts' batch (no logits: the decode produces the last token's)."""
         contiguous = c.rows[-1] - c.rows[0] == len(c.rows) - 1  # rows are distinct and sorted
         return StepPart(idx=torch.tensor(c.ids, device=self._device), pos=torch.tensor(c.pos, device=self._device),
-                        row0=c.rows[0], kv_len=max(c.pos) + len(c.ids[0]), logits=None,
+                        row0=c.rows[0], kv_len=max(c.pos) + len(c.ids[0]), logits="hidden" if c.score else None,
                         rows=None if contiguous else torch.tensor(c.rows, device=self._device))
 
     def _forward(self, prefill: list[_Chunk]) -> tuple[list[int], list[int]]:
@@ -357,13 +364,11 @@ class Engine:
         that arrive one by one bring one chunk per step) and the captured decode is replayed.
         Returns (decodable rows, their sampled tokens): the step's one host sync."""
         rows = [r for r, s in enumerate(self._state.rows) if s is not None and s.decodable]
-        eager = []
-        for c in prefill:
-            if not (self._graphs and len(c.rows) == 1 and self._graphs.prefill(c.rows[0], c.pos[0], c.ids[0])):
-                eager.append(self._step_part(c))
-        prefill = eager
+        eager = [c for c in prefill if c.score or not (
+            self._graphs and len(c.rows) == 1 and self._graphs.prefill(c.rows[0], c.pos[0], c.ids[0]))]
+        prefill = [self._step_part(c) for c in eager]
         if prefill and (not rows or self._graphs):  # no decode to share the pass, or a captured one
-            self.model.step_parts(prefill, self._cache)
+            self._score_prompts(eager, self.model.step_parts(prefill, self._cache))
             prefill = []
         if not rows:
             self._last_batch = 0
@@ -384,8 +389,10 @@ class Engine:
             decode = StepPart(torch.tensor(idx, device=self._device).unsqueeze(1),
                               torch.tensor(pos, device=self._device), kv_len=max(pos) + 1)
             step = torch.tensor(steps, device=self._device)
-            logits = self.model.step_parts(prefill + [decode], self._cache)[-1]
+            *hidden, logits = self.model.step_parts(prefill + [decode], self._cache)
+            self._score_prompts(eager, hidden)
         tokens = sample(logits[:, -1], bp, step, self._n_vocab).tolist()
+        self._score_samples(logits, rows, [tokens[r] for r in rows])
         dt = time.perf_counter() - t0
         self._tps = 0.8 * self._tps + 0.2 * (len(rows) / dt) if self._tps else len(rows) / dt
         self._total_steps += 1
@@ -405,6 +412,9 @@ class Engine:
                 continue
             seq.tokens.append(token)
             seq.generated.append(token)
+            if seq.sampled_logprob is not None:
+                seq.logprobs.append(seq.sampled_logprob)
+                seq.sampled_logprob = None
             out.put(seq.handle, TokenChunk([token], seq.stream.push([token])))
             if seq.stream.stopped:
                 self._finish(seq, "stop", out)
@@ -424,12 +434,45 @@ class Engine:
             token_ids=list(seq.generated), text=seq.stream.text, prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.generated), finish_reason=reason, queue_s=admitted - seq.submitted,
             ttft_s=None if seq.first_token is None else seq.first_token - seq.submitted,
-            total_s=now - seq.submitted, error=error)
+            total_s=now - seq.submitted, error=error,
+            logprobs=None if seq.params.logprobs is None else tuple(seq.logprobs),
+            prompt_logprobs=None if seq.prompt_logprobs is None else tuple(seq.prompt_logprobs))
         out.put(seq.handle, TokenChunk([], tail) if tail else None, result)
         if seq.row >= 0:
             self._state.rows[seq.row] = None
             heapq.heappush(self._state.free, seq.row)
             seq.row = -1
+
+    # --- logprobs: only for the requests that ask (SamplingParams.logprobs, .prompt_logprobs) -----
+    @staticmethod
+    def _scores_prompt(seq: _Sequence) -> bool:
+        """Whether the prompt logprobs of seq's next chunk are wanted (not after a context slide)."""
+        return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
+
+    def _score_prompts(self, chunks: list[_Chunk], hidden: list) -> None:
+        """Append, for each scoring row of the step's eager chunks, the logprob of every prompt token
+        its chunk predicts: position p's hidden state scores token p + 1."""
+        for c, h in zip(chunks, hidden):
+            for b, row in enumerate(c.rows if c.score else ()):
+                seq = self._state.rows[row]
+                if not self._scores_prompt(seq):
+                    continue
+                pos, n = c.pos[b], min(len(c.ids[b]), seq.prompt_len - len(seq.prompt_logprobs))
+                targets = torch.tensor(seq.tokens[pos + 1:pos + 1 + n], device=self._device)
+                seq.prompt_logprobs += prompt_logprobs(h[b, :n], self.model.lm_head, targets,
+                                                       seq.params.prompt_logprobs, self._n_vocab)
+
+    def _score_samples(self, logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+        """The sampled token's logprob (and top alternatives) for the decoding rows that want them."""
+        want = [(r, t) for r, t in zip(rows, tokens) if self._state.rows[r].params.logprobs is not None]
+        if not want:
+            return
+        n_top = max(self._state.rows[r].params.logprobs for r, _ in want)
+        index = torch.tensor([r for r, _ in want], device=logits.device)
+        chosen = torch.tensor([t for _, t in want], device=logits.device)
+        for (r, _), entry in zip(want, token_logprobs(logits[index, -1], chosen, n_top, self._n_vocab)):
+            seq = self._state.rows[r]
+            seq.sampled_logprob = dataclasses.replace(entry, top=entry.top[:seq.params.logprobs])
 
     def _fail_running(self, error: str) -> None:
         out = Outbox()
