@@ -10,7 +10,7 @@ PORT   ?= 5000
 IMAGE_REGISTRY ?=
 TAG    ?= latest
 
-.PHONY: run test bench demo-model gpu-check images deploy undeploy operator manifests-check lint clean
+.PHONY: run test soak bench demo-model gpu-check images deploy undeploy operator manifests-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ run: $(VENV)/.server
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+
+# A bounded soak of the real server (not in `make test`): mixed, cancelled, oversized and malformed
+# requests; prints requests by status, p50/p99, RSS and descriptors. SOAK_ARGS="--requests 500" for less.
+SOAK_ARGS ?=
+soak: $(VENV)/.dev
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
 
 # BENCH_ARGS=--quick for a smoke run; --llama-cpp to add llama-cpp-python where installed.
 BENCH_ARGS ?=
@@ -62,7 +68,7 @@ operator: $(VENV)/.dev
 manifests-check: $(VENV)/.dev
 	$(BIN)/kubectl kustomize manifests >/dev/null
 	$(BIN)/hadolint Dockerfile.server Dockerfile.operator
-	$(BIN)/python -m pytest -q tests/operator/test_operator_crd.py tests/operator/test_operator_manifests.py tests/operator/test_fleet_crd.py
+	$(BIN)/python -m pytest -q tests/operator/test_model_crd.py tests/operator/test_operator_manifests.py tests/operator/test_rollout_crd.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -3,8 +3,8 @@
     python -m bench.logprobs [--rounds 3] [--clients 8] [--shape gpt2-124M]
 
 Two engines on copies of one random GPT-2-shaped model: the engine as it is, and the same
-engine with its logprobs hooks (model/engine.py `_score_prompts`, `_score_samples`,
-`_scores_prompt`) replaced by no-ops, i.e. the engine without the feature. Both serve the same
+engine with its runner's logprobs hooks (model/engine/runner.py `_score_prompts`,
+`_score_samples`) replaced by no-ops, i.e. the engine without the feature. Both serve the same
 plain requests (no logprobs), in interleaved rounds (medians printed, so a slow minute of a
 shared host falls on both): batch-1 decode tokens/s and `--clients` concurrent clients'
 aggregate tokens/s. A third row shows, for scale, what one lm-eval style request (echo +
@@ -28,18 +28,12 @@ from model.engine import Engine, EngineConfig
 from model.sampling import SamplingParams
 
 
-class EngineWithoutLogprobs(Engine):
-    """The engine with the logprobs hooks removed: the baseline the feature must not slow down."""
-
-    @staticmethod
-    def _scores_prompt(seq) -> bool:
-        return False
-
-    def _score_prompts(self, chunks, hidden) -> None:
-        return None
-
-    def _score_samples(self, logits, rows, tokens) -> None:
-        return None
+def without_logprobs(engine: Engine) -> Engine:
+    """The engine with its runner's logprobs hooks removed: the baseline the feature must not slow
+    down (plain requests never get scoring plans, so the scheduler's side is checks only)."""
+    engine.runner._score_prompts = lambda chunks, hidden, scores: None
+    engine.runner._score_samples = lambda logits, d, sampled, scores: None
+    return engine
 
 
 async def one_round(engine: Engine, prompts: list[list[int]]) -> dict[str, float]:
@@ -64,10 +58,10 @@ async def main(args) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(50000) for _ in range(64)] for _ in range(args.clients)]
     engines = {}
-    for name, cls in (("with logprobs code", Engine), ("without", EngineWithoutLogprobs)):
+    for name, wrap in (("with logprobs code", lambda e: e), ("without", without_logprobs)):
         model = copy.deepcopy(base)
         model.tokenizer = base.tokenizer
-        engines[name] = cls(model, EngineConfig(max_batch=args.clients, max_queue=1024))
+        engines[name] = wrap(Engine(model, EngineConfig(max_batch=args.clients, max_queue=1024)))
         await engines[name].start()
     results: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
     for _ in range(args.rounds):

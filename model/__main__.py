@@ -3,6 +3,9 @@
     python -m model info CHECKPOINT [--json]
     python -m model convert SRC DST [--dtype auto] [--force]
     python -m model generate --checkpoint CKPT --prompt "ROMEO:" [--max-length 200 --temperature 0.8 ...]
+    python -m model fetch URI DEST [--sha256 HEX]     (model/fetch/cli.py)
+
+CHECKPOINT may be a path or a https://, s3:// or hf:// URI (docs/checkpoints.md).
 
 Logs go to stderr; only the command's output goes to stdout.
 """
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_model_from_checkpoint
+from .fetch import FetchError
+from .fetch import cli as fetch_cli
 from .tokenizer import TokenizerError
 
 logger = logging.getLogger("model")
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: by device)")
     gen.add_argument("--tokenizer", help="meta.pkl (char models) or a GPT-2 .tiktoken ranks file")
     gen.set_defaults(func=cmd_generate)
+
+    fetch_cli.add_parser(sub)
     return p
 
 
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except FetchError as err:
+        logger.error("%s", err)
+        return err.exit_code
     except (CheckpointError, TokenizerError, ValueError) as err:
         logger.error("%s", err)  # a typed, explained failure: no traceback
         return 1

@@ -32,13 +32,18 @@ class GPTConfig:
     gelu_approximate: str = "none"
 
     def __post_init__(self) -> None:
+        # Sizes first, each by name: a checkpoint's n_head 0 or n_layer 1.5 must say so, not
+        # surface as a ZeroDivisionError or a TypeError from deep inside the model.
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +80,15 @@ class KVCache:
         return 2 * n_rows * per_row * torch.empty((), dtype=dtype).element_size()
 
 
+
+def kv_cache_dtype(model: "GPT") -> torch.dtype:
+    """The KV cache's dtype: the model's, except on CPU under torch's attention, where it is
+    float32 (torch's half-precision attention on CPU is several times slower; a fused decode
+    attention reads any cache dtype and computes in float32). Measurements: docs/engine.md."""
+    p = next(model.parameters())
+    fused = any(getattr(m, "decode_attention", None) is not None for m in model.modules())
+    return torch.float32 if p.device.type == "cpu" and not fused else p.dtype
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1's API)."""
 
@@ -89,7 +103,7 @@ class LayerNorm(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     # A device may supply a fused one-token step (cache writes + attention in one op, with the
-    # signature of model/cpukernels.decode_attention, returning None where it does not apply);
+    # signature of model/kernels/cpu.decode_attention, returning None where it does not apply);
     # None: the torch operators below. With fused_chunks it takes prompt chunks too (whose
     # tokens then get the very bits they would get one at a time: batch-invariant mode).
     decode_attention = None
@@ -171,7 +185,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # A device may supply every block's one-token step as one op (model/cpukernels.DecodeStack:
+    # A device may supply every block's one-token step as one op (model/kernels/cpu.DecodeStack:
     # applies(B, k_cache), then a call); None: block by block, module by module.
     decode_stack = None
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from model import cpukernels
+from model.kernels import cpu as cpukernels
 
 _M32 = 0xFFFFFFFF
 MAX_TOP_LOGPROBS = 100  # the engine's bound on top alternatives per token (the server's MAX_LOGPROBS is lower)

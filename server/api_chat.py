@@ -16,12 +16,12 @@ from .serving import Prompt
 routes = web.RouteTableDef()
 
 
-def chat_prompt(app: web.Application, messages: list[dict], add_generation_prompt: bool = True) -> Prompt:
+async def chat_prompt(app: web.Application, messages: list[dict], add_generation_prompt: bool = True) -> Prompt:
     """The messages rendered by the app's chat template and tokenized (BadRequest names `messages`)."""
     tokenizer = app[keys.LIFECYCLE].engine_or_raise().tokenizer
     special = tokenizer.decode([tokenizer.eot_id]) if tokenizer.eot_id is not None else ""
     text = app[keys.CHAT_TEMPLATE].render(messages, add_generation_prompt, special)
-    return app[keys.GENERATOR].prompt(text, "messages")
+    return await app[keys.GENERATOR].prompt(text, "messages")
 
 
 @routes.post("/v1/chat/completions")
@@ -30,7 +30,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = app[keys.CONFIG]
     req = protocol_chat.parse_chat(await read_json(request), protocol.Limits.of(config))
     name = served_name(app, req.model)
-    prompt = chat_prompt(app, req.messages)
+    prompt = await chat_prompt(app, req.messages)
     room = app[keys.LIFECYCLE].model.max_model_len - len(prompt.ids)  # < 1: the engine's PromptTooLong
     stop = tuple(dict.fromkeys(req.params.stop + app[keys.CHAT_TEMPLATE].stop))
     params = dataclasses.replace(req.params, stop=stop,

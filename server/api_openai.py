@@ -27,7 +27,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     name = served_name(request.app, req.model)
     gen = request.app[keys.GENERATOR]
     field = "prompt" if len(req.prompts) == 1 else None
-    prompts = [gen.prompt(p, field or f"prompt[{i}]") for i, p in enumerate(req.prompts)]
+    prompts = [await gen.prompt(p, field or f"prompt[{i}]") for i, p in enumerate(req.prompts)]
     if req.stream:
         return await _stream(request, name, prompts[0], req)
     each = protocol.choice_params(req.params, req.n)

@@ -16,7 +16,7 @@ routes = web.RouteTableDef()
 async def generate(request: web.Request) -> web.StreamResponse:
     req = protocol.parse_generate(await read_json(request), protocol.Limits.of(request.app[keys.CONFIG]))
     gen = request.app[keys.GENERATOR]
-    prompt = gen.prompt(req.prompts[0], "prompt")
+    prompt = await gen.prompt(req.prompts[0], "prompt")
     if req.stream:
         return await _stream_generate(request, prompt, req.params)
     [completion] = await gen.complete([prompt], req.params, request[keys.IDENTITY])
@@ -44,7 +44,7 @@ async def _stream_generate(request: web.Request, prompt, params) -> web.StreamRe
 async def batch_generate(request: web.Request) -> web.Response:
     req = protocol.parse_batch(await read_json(request), protocol.Limits.of(request.app[keys.CONFIG]))
     gen = request.app[keys.GENERATOR]
-    prompts = [gen.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
+    prompts = [await gen.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
     completions = await gen.complete(prompts, req.params, request[keys.IDENTITY])
     note_access(request, prompts, completions)
     return web.json_response({"results": [protocol.seed_result(p.text, c.text, c.completion_tokens)

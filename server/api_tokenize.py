@@ -31,12 +31,12 @@ async def tokenize(request: web.Request) -> web.Response:
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise BadRequest("prompt", "give exactly one of prompt (a string) or messages")
     if body.get("messages") is not None:
-        ids = chat_prompt(request.app, read_messages(body["messages"]),
-                          read_bool(body, "add_generation_prompt", True)).ids
+        ids = (await chat_prompt(request.app, read_messages(body["messages"]),
+                                 read_bool(body, "add_generation_prompt", True))).ids
     else:
         if not isinstance(body["prompt"], str):
             raise BadRequest("prompt", "must be a string")
-        ids = request.app[keys.GENERATOR].prompt(body["prompt"], "prompt").ids if body["prompt"] else []
+        ids = (await request.app[keys.GENERATOR].prompt(body["prompt"], "prompt")).ids if body["prompt"] else []
     tokenizer = request.app[keys.LIFECYCLE].engine.tokenizer
     strs = [tokenizer.decode([t]) for t in ids] if read_bool(body, "return_token_strs", False) else None
     return web.json_response({"count": len(ids), "max_model_len": request.app[keys.LIFECYCLE].model.max_model_len,

@@ -81,6 +81,20 @@ class ServerConfig:
     chat_template: str | None = None  # a Jinja2 chat template file (default: server/chat_template.py's)
     max_n: int = 16  # choices per prompt (`n`)
     max_logprobs: int = 20  # top alternatives per token (`logprobs`, `top_logprobs`)
+    # Hostile clients and bad checkpoints (docs/security.md).
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 30.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
+    max_pickle_bytes: int = 256 << 20  # model/safe_load.py MAX_PICKLE_BYTES
+    kv_cache_max_bytes: int = 16 << 30
+    redis_retry_seconds: float = 5.0
+    max_prompts_per_request: int = 32
+    max_rows_per_caller: int = 0  # 0: MAX_BATCH less an eighth (at least one row) for other callers
+    max_prompt_bytes: int = 0  # 0: 32 bytes per position of the model's context (server/serving.py)
+    tokenizer_threads: int = 2
+    max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
 
     @property
     def auth_enabled(self) -> bool:
@@ -229,7 +243,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model_checkpoint", "MODEL_CHECKPOINT", _str,
-            "checkpoint file or export directory (default: the embedded demo model)"),
+            "checkpoint file or directory, or a https://, s3:// or hf:// URI fetched into NANOGPT_CACHE_DIR "
+            "(docs/checkpoints.md; default: the embedded demo model)"),
     Setting("host", "HOST", _str, "address to listen on (default 0.0.0.0)"),
     Setting("port", "PORT", _int(0, 65535), "port to listen on (default 5000)"),
     Setting("device", "DEVICE", _device, "cpu, cuda, cuda:N (default: cuda if available)"),
@@ -275,6 +290,32 @@ SETTINGS: tuple[Setting, ...] = (
             "most top alternatives per token, `logprobs` / `top_logprobs` (default 20)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
+    Setting("header_timeout", "HEADER_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request's head, from its first byte (default 10)"),
+    Setting("body_timeout", "BODY_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request body after its head; then 408 (default 60)"),
+    Setting("keepalive_timeout", "KEEPALIVE_TIMEOUT", _float(0.001),
+            "seconds an idle keep-alive connection stays open (default 30)"),
+    Setting("max_connections", "MAX_CONNECTIONS", _int(1),
+            "open client connections before new ones get 503; lowered to fit the file limit (default 1024)"),
+    Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", _int(1),
+            "open connections per client address (default 256)"),
+    Setting("max_pickle_bytes", "MAX_PICKLE_BYTES", _int(1024),
+            "the most a checkpoint's pickle (and any compressed record) may inflate to (default 268435456)"),
+    Setting("kv_cache_max_bytes", "KV_CACHE_MAX_BYTES", _int(1),
+            "refuse a model whose KV cache (MAX_BATCH rows x block_size) would exceed this (default 17179869184)"),
+    Setting("max_prompt_bytes", "MAX_PROMPT_BYTES", _int(0),
+            "longest prompt in UTF-8 bytes, refused before tokenizing; 0: 32 x the model's block_size (default 0)"),
+    Setting("tokenizer_threads", "TOKENIZER_THREADS", _int(1, 64),
+            "threads that tokenize long prompts off the event loop (default 2)"),
+    Setting("max_prompts_per_request", "MAX_PROMPTS_PER_REQUEST", _int(1),
+            "prompts in one /batch_generate or /v1/completions request (default 32)"),
+    Setting("max_rows_per_caller", "MAX_ROWS_PER_CALLER", _int(0),
+            "engine requests one API key (or client address) may hold at once; the rest wait their turn, "
+            "round robin across callers; 0: MAX_BATCH less an eighth, at least one row (default 0)"),
+    Setting("redis_retry_seconds", "REDIS_RETRY_SECONDS", _float(0.01),
+            "after a Redis failure, skip Redis this long and probe it in the background (default 5)"),
+    Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),
 )
 
 
@@ -313,7 +354,21 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         values["model_checkpoint"] = default_checkpoint()
     config = ServerConfig(**values)
     validate(config)
+    _check_checkpoint_source(config.model_checkpoint, environ)
     return config
+
+
+def _check_checkpoint_source(text: str, environ: Mapping[str, str]) -> None:
+    """A URI's syntax and scheme (http:// only when allowed) are checked here, so a typo fails at start-up
+    rather than after the engine's set-up; the fetch settings (NANOGPT_*) are model.fetch's own."""
+    from model.fetch import FetchConfigError, FetchSettings, check_source
+
+    try:
+        check_source(text, FetchSettings.from_env(environ))
+    except FetchConfigError as e:
+        raise ConfigError(e.variable, e.problem) from None
+    except ValueError as e:
+        raise ConfigError("MODEL_CHECKPOINT", str(e)) from None
 
 
 def validate(config: ServerConfig) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -100,6 +100,11 @@ class Metrics:
         self.rate_limited = Counter("nanogpt_rate_limited", "requests refused with 429", registry=r)
         self.rejected = Counter("nanogpt_rejected", "requests refused before generation, by reason",
                                 ["reason"], registry=r)
+        for reason in ("overloaded", "prompt_too_long"):  # zero series from the start, for rate()
+            self.rejected.labels(reason=reason)
+        # The queue's limit beside its depth, so an alert can say "80% full" on any MAX_QUEUE.
+        self.queue_capacity = Gauge("nanogpt_queue_capacity", "waiting requests allowed before 503 (MAX_QUEUE)",
+                                    registry=r)
 
     # Each quantity vLLM also measures is exported twice: nanogpt_<name> and vllm:<name>{model_name}.
     def _histograms(self, name: str, doc: str, vllm_doc: str, buckets) -> "_Pair":

@@ -38,8 +38,9 @@ class Limits:
 
     @staticmethod
     def of(config) -> "Limits":
-        # A request's prompts all wait in the engine queue at once, so MAX_QUEUE bounds them.
-        return Limits(max_length=config.max_length_limit, max_prompts=config.max_queue, max_n=config.max_n,
+        # Its own limit, not MAX_QUEUE: one request must not be able to fill the whole queue.
+        return Limits(max_length=config.max_length_limit,
+                      max_prompts=min(config.max_prompts_per_request, config.max_queue), max_n=config.max_n,
                       max_logprobs=config.max_logprobs)
 
 
@@ -224,7 +225,7 @@ def read_n(body: dict, limits: Limits, n_prompts: int) -> int:
     if best_of is not None and best_of != n:
         raise Unprocessable("best_of", f"only best_of equal to n ({n}) is supported")
     if n * n_prompts > limits.max_prompts:
-        raise BadRequest("n", f"n x prompts may be at most {limits.max_prompts} (MAX_QUEUE), got {n * n_prompts}")
+        raise BadRequest("n", f"n x prompts may be at most {limits.max_prompts} (MAX_PROMPTS_PER_REQUEST), got {n * n_prompts}")
     return n
 
 

@@ -1,8 +1,9 @@
-"""Typed errors of the operator, translated to kopf's retry semantics in one place (handlers).
+"""Typed errors of the operator, translated to kopf's retry semantics at each controller's kopf boundary
+(`run` in model/reconcile.py and rollout/reconcile.py).
 
     OperatorError                  base of everything this package raises on purpose
     ├── ConfigError(variable)      a bad NANOGPT_OPERATOR_* environment variable: the operator won't start
-    ├── SpecError(path)            a NanoGPTModel spec that cannot work: retrying won't help
+    ├── SpecError(path)            a NanoGPTModel or NanoGPTRollout spec that cannot work: retrying won't help
     └── ApiError(status)           the Kubernetes API refused a request
         ├── ConflictError          409: the object already exists (apply turns it into a patch)
         └── TransientApiError      429, 5xx, timeouts, refused connections: retry later
@@ -25,7 +26,7 @@ class ConfigError(OperatorError):
 
 
 class SpecError(OperatorError):
-    """A NanoGPTModel field is invalid; `path` is the field path, e.g. spec.rollout.maxSurge."""
+    """A field of a spec is invalid; `path` is the field path, e.g. spec.rollout.maxSurge."""
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")

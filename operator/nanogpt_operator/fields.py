@@ -1,0 +1,114 @@
+"""Typed reading of a custom resource's spec: the one parsing helper of both spec modules.
+
+`Fields` wraps one mapping of the resource with its field path; every getter checks the type (and the
+range, pattern or choices it is given) and raises `SpecError` naming the full path, e.g.
+`spec.strategy.maxFailures`. The controllers turn a SpecError into `kopf.PermanentError` at their kopf
+boundary (model/reconcile.py, rollout/reconcile.py), after recording it in status.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nanogpt_operator.errors import SpecError
+
+# Kubernetes' own patterns (apimachinery validation): DNS-1123 subdomain and resource.Quantity.
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+))?$")
+INT32_MAX = 2**31 - 1
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(value: object, path: str) -> int:
+    """Seconds from `90`, `"90"`, `"90s"`, `"5m"`, `"1h30m"`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _DURATION.match(value) if isinstance(value, str) and value else None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if match is None:
+        raise SpecError(path, f"must be a duration such as 30s, 5m or 1h, got {value!r}")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+class Fields:
+    """Typed access to one mapping of the resource, with the path used in every error."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise SpecError(path, f"must be an object, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def child(self, key: str) -> Fields | None:
+        """The nested object at `key`, or None when it is absent."""
+        value = self.data.get(key)
+        return None if value is None else Fields(value, self.at(key))
+
+    def section(self, key: str) -> Fields:
+        """The nested object at `key`, empty when it is absent (all of its fields then take defaults)."""
+        return self.child(key) or Fields({}, self.at(key))
+
+    def required(self, key: str) -> Any:
+        if self.data.get(key) in (None, ""):
+            raise SpecError(self.at(key), "is required")
+        return self.data[key]
+
+    def str(self, key: str, default: str | None = None, pattern: re.Pattern[str] | None = None,
+            choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
+        value = self.required(key) if required else self.data.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, builtins.str):
+            raise SpecError(self.at(key), f"must be a string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise SpecError(self.at(key), f"{value!r} does not match {pattern.pattern}")
+        if choices is not None and value not in choices:
+            raise SpecError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def int(self, key: str, default: int | None, low: int, high: int = INT32_MAX) -> Any:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, builtins.int):
+            raise SpecError(self.at(key), f"must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise SpecError(self.at(key), f"must be in [{low}, {high}], got {value}")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, builtins.bool):
+            raise SpecError(self.at(key), f"must be true or false, got {value!r}")
+        return value
+
+    def map(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key) or {}
+        if not isinstance(value, Mapping):
+            raise SpecError(self.at(key), "must be an object")
+        return dict(value)
+
+    def list(self, key: str) -> tuple[Any, ...]:
+        value = self.data.get(key) or []
+        if not isinstance(value, builtins.list):
+            raise SpecError(self.at(key), "must be a list")
+        return tuple(value)
+
+    def duration(self, key: str, default: int) -> int:
+        return parse_duration(self.data.get(key, default), self.at(key))
+
+    def relative_path(self, key: str) -> str:
+        value: str = self.str(key, required=True)
+        # The path is joined under the claim's mount point; absolute paths or '..' would escape it.
+        if value.startswith("/") or ".." in value.split("/"):
+            raise SpecError(self.at(key), f"must be a path relative to the claim, without '..', got {value!r}")
+        return value

@@ -1,0 +1,276 @@
+"""Parse a NanoGPTModel once into a frozen, typed `ModelSpec` (with the shared helper of fields.py).
+
+Defaults are the CRD's (crds/nanogptmodels.yaml); the rules are the CRD's schema and CEL rules, repeated
+here so that a cluster without the CRD's validation (or an older stored object) still gets a precise
+`SpecError` naming the field path instead of a half-applied Deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanogpt_operator.errors import SpecError
+from nanogpt_operator.fields import DNS_SUBDOMAIN, QUANTITY, Fields
+
+RATE_LIMIT = re.compile(r"^[1-9][0-9]*/(second|minute|hour|day)$")
+PERCENT = re.compile(r"^[0-9]+%$")
+REDIS_URL = re.compile(r"^(redis|rediss|unix)://.+$")
+# Environment variables the operator sets itself; letting a user override them would break rollbacks.
+RESERVED_ENV = frozenset({"MODEL_CHECKPOINT", "PORT", "HOST"})
+DTYPES = ("float32", "bfloat16", "float16")
+SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class PvcTemplate:
+    """spec.checkpoint.create: the operator creates the claim itself."""
+
+    size: str
+    storage_class_name: str | None = None
+    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    claim_name: str
+    path: str
+    create: PvcTemplate | None = None
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str = "keys"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    max_length: int = 1000
+    api_key_secret: SecretKeyRef | None = None
+    rate_limit: str | None = None
+    redis_url: str | None = None
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    drain_seconds: int = 30
+    startup_timeout_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    type: str = "ClusterIP"
+    port: int = 80
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CustomMetric:
+    """A per-pod metric served by a custom-metrics adapter, e.g. in-flight requests."""
+
+    name: str
+    target_average_value: str
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    max_replicas: int
+    min_replicas: int = 1
+    target_cpu_utilization: int | None = None
+    custom_metric: CustomMetric | None = None
+
+
+@dataclass(frozen=True)
+class RollingUpdateSpec:
+    """spec.rollout: how one model's Deployment replaces its pods, and whether it rolls itself back."""
+
+    # Surge 0: a full GPU node has no room for an extra pod, so replace in place.
+    max_surge: int | str = 0
+    max_unavailable: int | str = 1
+    progress_deadline_seconds: int = 600
+    auto_rollback: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the builders need, typed and defaulted."""
+
+    name: str
+    namespace: str
+    checkpoint: CheckpointSpec
+    tokenizer_path: str | None = None
+    image: str = "nanogpt-server:latest"
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    replicas: int = 1
+    gpus: int = 1
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    server: ServerSpec = ServerSpec()
+    service: ServiceSpec = ServiceSpec()
+    autoscaling: AutoscalingSpec | None = None
+    rollout: RollingUpdateSpec = RollingUpdateSpec()
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    env: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        return self.server.dtype or ("bfloat16" if self.gpus > 0 else "float32")
+
+
+def _parse_create(f: Fields) -> PvcTemplate:
+    modes = f.list("accessModes") or ("ReadWriteOnce",)
+    for i, mode in enumerate(modes):
+        if mode not in ACCESS_MODES:
+            raise SpecError(f"{f.at('accessModes')}[{i}]", f"must be one of {', '.join(ACCESS_MODES)}")
+    return PvcTemplate(
+        size=f.str("size", required=True, pattern=QUANTITY),
+        storage_class_name=f.str("storageClassName"),
+        access_modes=tuple(modes),
+    )
+
+
+def _parse_checkpoint(spec: Fields) -> CheckpointSpec:
+    f = spec.child("checkpoint")
+    if f is None:
+        raise SpecError(spec.at("checkpoint"), "is required")
+    create = f.child("create")
+    return CheckpointSpec(
+        claim_name=f.str("claimName", required=True, pattern=DNS_SUBDOMAIN),
+        path=f.relative_path("path"),
+        create=None if create is None else _parse_create(create),
+    )
+
+
+def _parse_server(f: Fields | None) -> ServerSpec:
+    if f is None:
+        return ServerSpec()
+    ref = f.child("apiKeySecretRef")
+    return ServerSpec(
+        max_length=f.int("maxLength", 1000, 1, 1_000_000),
+        api_key_secret=None if ref is None else SecretKeyRef(
+            name=ref.str("name", required=True, pattern=DNS_SUBDOMAIN), key=ref.str("key", "keys")),
+        rate_limit=f.str("rateLimit", pattern=RATE_LIMIT),
+        redis_url=f.str("redisUrl", pattern=REDIS_URL),
+        dtype=f.str("dtype", choices=DTYPES),
+        drain_seconds=f.int("drainSeconds", 30, 0, 3600),
+        startup_timeout_seconds=f.int("startupTimeoutSeconds", 900, 10, 86400),
+    )
+
+
+def _parse_service(f: Fields | None) -> ServiceSpec:
+    if f is None:
+        return ServiceSpec()
+    return ServiceSpec(type=f.str("type", "ClusterIP", choices=SERVICE_TYPES),
+                       port=f.int("port", 80, 1, 65535), annotations=f.map("annotations"))
+
+
+def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
+    if f is None:
+        return None
+    metric = f.child("customMetric")
+    f.required("maxReplicas")
+    scaling = AutoscalingSpec(
+        min_replicas=f.int("minReplicas", 1, 1),
+        max_replicas=f.int("maxReplicas", None, 1),
+        target_cpu_utilization=f.int("targetCPUUtilization", None, 1, 100),
+        custom_metric=None if metric is None else CustomMetric(
+            name=metric.str("name", required=True),
+            target_average_value=str(metric.required("targetAverageValue"))),
+    )
+    if scaling.min_replicas > scaling.max_replicas:
+        raise SpecError(f.at("minReplicas"), f"must be <= maxReplicas ({scaling.max_replicas})")
+    if scaling.target_cpu_utilization is None and scaling.custom_metric is None:
+        raise SpecError(f.at("targetCPUUtilization"), "set it or autoscaling.customMetric: the HPA needs a metric")
+    return scaling
+
+
+def _surge(f: Fields, key: str, default: int) -> int | str:
+    value = f.data.get(key, default)
+    if isinstance(value, str) and PERCENT.match(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise SpecError(f.at(key), f"must be a non-negative integer or a percentage like '25%', got {value!r}")
+
+
+def _is_zero(value: int | str) -> bool:
+    return value in (0, "0%")
+
+
+def _parse_rollout(f: Fields | None) -> RollingUpdateSpec:
+    if f is None:
+        return RollingUpdateSpec()
+    rollout = RollingUpdateSpec(
+        max_surge=_surge(f, "maxSurge", 0),
+        max_unavailable=_surge(f, "maxUnavailable", 1),
+        progress_deadline_seconds=f.int("progressDeadlineSeconds", 600, 10),
+        auto_rollback=f.bool("autoRollback", True),
+    )
+    # The Deployment API rejects this pair: nothing could ever be replaced.
+    if _is_zero(rollout.max_surge) and _is_zero(rollout.max_unavailable):
+        raise SpecError(f.at("maxUnavailable"), "must not be 0 when maxSurge is 0")
+    return rollout
+
+
+def _parse_resources(spec: Fields) -> dict[str, Any]:
+    resources = spec.map("resources")
+    for part in ("limits", "requests"):
+        if GPU_RESOURCE in (resources.get(part) or {}):
+            raise SpecError(f"spec.resources.{part}", f"set GPUs with spec.gpus, not {GPU_RESOURCE}")
+    return resources
+
+
+def _parse_env(spec: Fields) -> tuple[dict[str, Any], ...]:
+    env = spec.list("env")
+    for i, var in enumerate(env):
+        item = Fields(var, f"spec.env[{i}]")
+        name = item.str("name", required=True)
+        if name in RESERVED_ENV:
+            raise SpecError(item.at("name"), f"{name} is set by the operator and cannot be overridden")
+    return tuple(dict(var) for var in env)
+
+
+def parse_model(body: Mapping[str, Any]) -> ModelSpec:
+    """Turn a NanoGPTModel object into a ModelSpec, or raise SpecError naming the bad field."""
+    meta = body.get("metadata") or {}
+    spec = Fields(body.get("spec") or {}, "spec")
+    tokenizer = spec.child("tokenizer")
+    model = ModelSpec(
+        name=meta["name"],
+        namespace=meta.get("namespace") or "default",
+        checkpoint=_parse_checkpoint(spec),
+        tokenizer_path=None if tokenizer is None else tokenizer.relative_path("path"),
+        image=spec.str("image", "nanogpt-server:latest"),
+        image_pull_policy=spec.str("imagePullPolicy", "IfNotPresent", choices=PULL_POLICIES),
+        image_pull_secrets=tuple(Fields(s, f"spec.imagePullSecrets[{i}]").str("name", required=True)
+                                 for i, s in enumerate(spec.list("imagePullSecrets"))),
+        replicas=spec.int("replicas", 1, 0, 1000),
+        gpus=spec.int("gpus", 1, 0, 16),
+        resources=_parse_resources(spec),
+        server=_parse_server(spec.child("server")),
+        service=_parse_service(spec.child("service")),
+        autoscaling=_parse_autoscaling(spec.child("autoscaling")),
+        rollout=_parse_rollout(spec.child("rollout")),
+        node_selector=spec.map("nodeSelector"),
+        tolerations=tuple(dict(t) for t in spec.list("tolerations")),
+        affinity=spec.map("affinity") or None,
+        priority_class_name=spec.str("priorityClassName"),
+        pod_annotations=spec.map("podAnnotations"),
+        env=_parse_env(spec),
+    )
+    _check_cpu_request(model)
+    return model
+
+
+def _check_cpu_request(m: ModelSpec) -> None:
+    # The HPA computes CPU utilization against the request; without one it never scales.
+    if m.autoscaling and m.autoscaling.target_cpu_utilization is not None:
+        if "cpu" not in (m.resources.get("requests") or {}):
+            raise SpecError("spec.autoscaling.targetCPUUtilization", "needs spec.resources.requests.cpu")

@@ -1,0 +1,59 @@
+"""kopf registrations of the NanoGPTRollout controller, and nothing else (see reconcile.py).
+
+A timer drives each rollout's state machine (level-based: every tick re-measures the models); deleting a
+rollout only drops its locks and leaves every model on the checkpoint it has at that moment.
+
+`register` takes the registry, the tick interval and, for tests, how to build the API client and the
+smoke test; importing this module fills kopf's default registry, as model/handlers.py does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import kopf
+
+from nanogpt_operator.api import GROUP, ROLLOUT_PLURAL, VERSION
+from nanogpt_operator.config import load_config
+from nanogpt_operator.rollout.client import RolloutClient
+from nanogpt_operator.rollout.reconcile import RolloutRuntime, release, run
+from nanogpt_operator.rollout.smoke import HttpSmokeTest, SmokeTest
+
+# A wave's gates are re-checked this often; pauses and deadlines are in seconds to minutes.
+TICK_SECONDS = 10.0
+
+
+async def connect_from_environment() -> RolloutClient:
+    client: RolloutClient = await RolloutClient.connect(load_config())
+    return client
+
+
+def register(registry: kopf.OperatorRegistry, *, interval: float = TICK_SECONDS,
+             connect: Callable[[], Awaitable[RolloutClient]] = connect_from_environment,
+             smoke: Callable[[], SmokeTest] = HttpSmokeTest.create) -> None:
+    """Register the rollout controller's handlers into `registry`."""
+
+    @kopf.on.startup(registry=registry)
+    async def rollout_startup(memo: kopf.Memo, **_: Any) -> None:
+        memo.rollouts = RolloutRuntime(client=await connect(), smoke=smoke())
+
+    @kopf.on.cleanup(registry=registry)
+    async def rollout_cleanup(memo: kopf.Memo, **_: Any) -> None:
+        if "rollouts" in memo:
+            await memo.rollouts.client.close()
+            close = getattr(memo.rollouts.smoke, "close", None)
+            if close is not None:
+                await close()
+
+    @kopf.timer(GROUP, VERSION, ROLLOUT_PLURAL, interval=interval, registry=registry)
+    async def rollout_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
+                         **_: Any) -> None:
+        await run(memo.rollouts, body, patch, logger)
+
+    @kopf.on.delete(GROUP, VERSION, ROLLOUT_PLURAL, registry=registry)
+    async def rollout_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        await release(memo.rollouts, body, logger)
+
+
+register(kopf.get_default_registry())

@@ -1,0 +1,83 @@
+"""What a NanoGPTRollout reads of the NanoGPTModels: a typed view of each, and which ones it selects. Pure.
+
+A model is read leniently (it is another controller's resource, already validated there): `model_view`
+keeps only the facts the rollout decides on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nanogpt_operator.api import GROUP
+from nanogpt_operator.rollout.spec import RolloutSpec
+from nanogpt_operator.rollout.waves import Key
+
+# The lock: a NanoGPTModel carrying this annotation is being changed by the rollout it names.
+LOCK_ANNOTATION = f"{GROUP}/rollout"
+# Same default as NanoGPTModel spec.rollout.progressDeadlineSeconds (crds/nanogptmodels.yaml).
+MODEL_DEADLINE_DEFAULT_S = 600
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a rollout needs to know about one NanoGPTModel, read from its body."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    path: str | None
+    claim: str | None
+    lock: str | None
+    phase: str | None
+    served: str | None
+    generation: int | None
+    observed_generation: int | None
+    endpoint: str | None
+    deadline_s: int
+    # The checkpoint the model's own operator rolled back from in this generation, if it did.
+    rolled_back_from: str | None
+    resource_version: str | None
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def model_view(body: Mapping[str, Any]) -> ModelView:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    checkpoint = spec.get("checkpoint") or {}
+    generation = _opt_int(meta.get("generation"))
+    rollback = status.get("rollback") or {}
+    rolled_back = rollback.get("fromCheckpoint") if rollback.get("generation") == generation else None
+    deadline = _opt_int((spec.get("rollout") or {}).get("progressDeadlineSeconds"))
+    return ModelView(
+        namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+        labels=dict(meta.get("labels") or {}),
+        path=checkpoint.get("path"), claim=checkpoint.get("claimName"),
+        lock=(meta.get("annotations") or {}).get(LOCK_ANNOTATION),
+        phase=status.get("phase"), served=status.get("servedCheckpoint"),
+        generation=generation, observed_generation=_opt_int(status.get("observedGeneration")),
+        endpoint=status.get("endpoint"),
+        deadline_s=deadline if deadline is not None else MODEL_DEADLINE_DEFAULT_S,
+        rolled_back_from=rolled_back, resource_version=meta.get("resourceVersion"),
+    )
+
+
+def selected_keys(spec: RolloutSpec, models: Sequence[ModelView],
+                  namespace_labels: Mapping[str, Mapping[str, str]]) -> frozenset[Key]:
+    """The models the rollout's selectors match now; a namespace not in `namespace_labels` has no labels."""
+    keys = set()
+    for m in models:
+        if not spec.selector.matches(m.labels):
+            continue
+        if spec.namespace_selector is not None and not spec.namespace_selector.matches(
+                namespace_labels.get(m.namespace, {})):
+            continue
+        keys.add(m.key)
+    return frozenset(keys)
