@@ -276,19 +276,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             xs = block.step_parts(xs, [(t, mask, cache.k[i, sel], cache.v[i, sel], rows)
                                        for t, mask, sel, rows in contexts])
-        wanted = [i for i, p in enumerate(parts) if p.logits]
+        wanted = [i for i, p in enumerate(parts) if p.logits in ("all", "last")]
         heads = joint(lambda x: self.lm_head(self.transformer.ln_f(x)),
                       [xs[i][:, -1:] if parts[i].logits == "last" else xs[i] for i in wanted])
         out: list[torch.Tensor | None] = [None] * len(parts)
         for i, logits in zip(wanted, heads):
             out[i] = logits
+        for i, p in enumerate(parts):  # the caller runs the output layer itself, in pieces
+            if p.logits == "hidden":
+                out[i] = self.transformer.ln_f(xs[i])  # (B, T, C)
         return out
 
     def _stacked_step(self, p: "StepPart", cache: KVCache) -> list[torch.Tensor | None] | None:
         """step_parts([p]) for one-token steps of contiguous rows by self.decode_stack, the same
         ops in the same order (so the same numbers); None where it does not apply."""
         B, T = p.idx.shape
-        if T != 1 or p.rows is not None or not self.decode_stack.applies(B, cache.k):
+        if T != 1 or p.rows is not None or p.logits == "hidden" or not self.decode_stack.applies(B, cache.k):
             return None
         x = self.transformer.wte(p.idx) + self.transformer.wpe(p.pos.unsqueeze(1))
         x = self.decode_stack(x, p.pos, cache, p.row0)
@@ -298,7 +301,8 @@ class GPT(nn.Module):
 @dataclass
 class StepPart:
     """One batch of GPT.step's arguments, for GPT.step_parts. logits: "all" positions,
-    the "last" one, or None (a prompt chunk whose logits nobody reads)."""
+    the "last" one, None (a prompt chunk whose logits nobody reads), or "hidden": the final
+    hidden states (after ln_f) of all positions, for a caller that scores them in pieces."""
     idx: torch.Tensor
     pos: torch.Tensor
     row0: int = 0

@@ -56,8 +56,9 @@ async def health(request: web.Request) -> web.Response:
     lifecycle = request.app[keys.LIFECYCLE]
     config = request.app[keys.CONFIG]
     m = lifecycle.model
+    status = health_status(lifecycle)
     body = {
-        "status": "healthy" if lifecycle.alive else "unhealthy",
+        "status": status,
         "ready": lifecycle.ready,
         "draining": lifecycle.draining,
         "device": m.device if m else (config.device or "unknown"),
@@ -73,7 +74,17 @@ async def health(request: web.Request) -> web.Response:
                           "kv_cache_usage": s.kv_cache_usage, "tokens_per_second": s.tokens_per_second}
     if lifecycle.load_error:
         body["error"] = lifecycle.load_error
-    return web.json_response(body, status=200 if lifecycle.alive else 503)
+    return web.json_response(body, status=200 if status == "healthy" else 503)
+
+
+def health_status(lifecycle) -> str:
+    """healthy (200) only when a request would be served; else why not (503), as TGI's and vLLM's
+    /health do: a client that waits for healthy can send at once."""
+    if not lifecycle.alive:
+        return "unhealthy"  # the model failed to load, or the engine loop died
+    if lifecycle.draining:
+        return "draining"
+    return "healthy" if lifecycle.ready else "loading"
 
 
 @routes.get("/healthz")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import api_openai, api_seed, keys, openapi
+from . import api_chat, api_openai, api_seed, api_tokenize, keys, openapi
 from .auth import KeyStore
 from .breaker import RedisBreaker
 from .cache import MemoryCache, RedisCache, ResponseCache
+from .chat_template import ChatTemplate
 from .config import ServerConfig
 from .connections import ConnectionGuard, ConnectionLimits, listen
 from .errors import Draining
@@ -46,11 +48,14 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     app[keys.METRICS] = Metrics(model_name=Path(config.model_checkpoint).name or "model")
     app[keys.METRICS].queue_capacity.set(config.max_queue)
     app[keys.KEYS] = KeyStore(config.api_key, config.api_keys_file)
+    app[keys.CHAT_TEMPLATE] = ChatTemplate.load(config.chat_template)  # ConfigError before listening
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(_engine_ctx(engine))
     app.on_response_prepare.append(echo_request_id)
     app.add_routes(api_seed.routes)
     app.add_routes(api_openai.routes)
+    app.add_routes(api_chat.routes)
+    app.add_routes(api_tokenize.routes)
     app.add_routes(openapi.routes)
     return app
 
@@ -190,6 +195,13 @@ def load_engine(config: ServerConfig):
 
 
 def model_info(engine, config: ServerConfig) -> ModelInfo:
+    info = _checkpoint_info(engine)
+    names = config.served_model_name or (info.name,)
+    block_size = engine.model.config.block_size
+    return dataclasses.replace(info, name=names[0], aliases=names[1:], max_model_len=block_size)
+
+
+def _checkpoint_info(engine) -> ModelInfo:
     model = getattr(engine, "model", None)
     ci = getattr(model, "checkpoint_info", None)
     if ci is not None:

@@ -77,6 +77,10 @@ class ServerConfig:
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
     log_prompts: bool = False
     log_level: str = "INFO"
+    served_model_name: tuple[str, ...] = ()  # names clients send as `model`; the first is reported
+    chat_template: str | None = None  # a Jinja2 chat template file (default: server/chat_template.py's)
+    max_n: int = 16  # choices per prompt (`n`)
+    max_logprobs: int = 20  # top alternatives per token (`logprobs`, `top_logprobs`)
     # Hostile clients and bad checkpoints (docs/security.md).
     header_timeout: float = 10.0
     body_timeout: float = 60.0
@@ -192,6 +196,15 @@ def parse_rate_limit(raw: str) -> RateLimit | None:
     return RateLimit(count, mult * _PERIODS[unit])
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(","))
+    if raw.strip() and not all(names):
+        raise ValueError(f"must be a comma-separated list of non-empty names, got {raw!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {raw!r}")
+    return names if raw.strip() else ()
+
+
 def _optional_positive_int(raw: str) -> int | None:
     if not raw.strip() or raw.strip() == "0":
         return None
@@ -267,6 +280,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
+    Setting("served_model_name", "SERVED_MODEL_NAME", _names,
+            "model name(s) clients send, comma-separated; the first is reported, the rest are aliases "
+            "(default: the checkpoint's name)"),
+    Setting("chat_template", "CHAT_TEMPLATE", _str,
+            "Jinja2 chat template file for /v1/chat/completions (default: a plain transcript, docs/api.md)"),
+    Setting("max_n", "MAX_N", _int(1, 128), "most choices per prompt, `n` (default 16)"),
+    Setting("max_logprobs", "MAX_LOGPROBS", _int(0, 100),
+            "most top alternatives per token, `logprobs` / `top_logprobs` (default 20)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
     Setting("header_timeout", "HEADER_TIMEOUT", _float(0.001),
@@ -353,6 +374,8 @@ def _check_checkpoint_source(text: str, environ: Mapping[str, str]) -> None:
 def validate(config: ServerConfig) -> None:
     if config.api_keys_file and not Path(config.api_keys_file).is_file():
         raise ConfigError("API_KEYS_FILE", f"no such file: {config.api_keys_file}")
+    if config.chat_template and not Path(config.chat_template).is_file():
+        raise ConfigError("CHAT_TEMPLATE", f"no such file: {config.chat_template}")
     if config.tokenizer_path and not Path(config.tokenizer_path).is_file():
         raise ConfigError("TOKENIZER_PATH", f"no such file: {config.tokenizer_path}")
     if config.metrics_auth and not config.auth_enabled:

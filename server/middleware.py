@@ -22,7 +22,7 @@ log = logging.getLogger("server.access")
 # Probes and docs never need a key; /metrics is open unless METRICS_AUTH.
 OPEN_PATHS = {"/health", "/healthz", "/readyz", "/openapi.json"}
 # Routes that generate: rate limited, counted in flight, refused while draining.
-GENERATION_PATHS = {"/generate", "/batch_generate", "/v1/completions"}
+GENERATION_PATHS = {"/generate", "/batch_generate", "/v1/completions", "/v1/chat/completions"}
 REQUEST_ID, ACCESS = keys.REQUEST_ID, keys.ACCESS
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

@@ -51,6 +51,13 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # engine's: length, stop, eos
     cached: bool = False
+    token_ids: tuple[int, ...] = ()  # the continuation's tokens (empty when served from the cache)
+    logprobs: tuple | None = None  # model.logprobs.TokenLogprob per generated token, when asked for
+    prompt_logprobs: tuple | None = None  # ... per prompt token (the first None), when asked for
+
+
+def _wants_logprobs(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 class Generator:
@@ -121,10 +128,15 @@ class Generator:
 
     # ------------------------------------------------------------ non-streaming
 
-    async def complete(self, prompts: list[Prompt], params: SamplingParams, identity: str) -> list[Completion]:
-        """Completions for every prompt, in order; all engine requests run concurrently."""
+    async def complete(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
+                       identity: str) -> list[Completion]:
+        """Completions for every prompt (with one params, or one per prompt), in order; all engine
+        requests run concurrently."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
         out: list[Completion | None] = [None] * len(prompts)
-        keys: list[str | None] = [self.cache.key_for(p.ids, params) if self.cache else None for p in prompts]
+        # The cache keeps text only: requests for logprobs always run.
+        keys: list[str | None] = [self.cache.key_for(p.ids, q) if self.cache and not _wants_logprobs(q) else None
+                                  for p, q in zip(prompts, each)]
         for i, (p, key) in enumerate(zip(prompts, keys)):
             if key is None:
                 continue
@@ -137,10 +149,10 @@ class Generator:
         todo = [i for i, c in enumerate(out) if c is None]
         if not todo:
             return out  # type: ignore[return-value]
-        held = await self.limiter.reserve_tokens(identity, params.max_new_tokens * len(todo))
+        held = await self.limiter.reserve_tokens(identity, sum(each[i].max_new_tokens for i in todo))
         try:
             async with self.admission.slots(identity, len(todo)):
-                results = await self._run(prompts, todo, params, held)
+                results = await self._run(prompts, todo, each, held)
             for result in results:
                 self._account(result, held)
         finally:
@@ -152,13 +164,13 @@ class Generator:
                                                                result.finish_reason))
         return out  # type: ignore[return-value]
 
-    async def _run(self, prompts: list[Prompt], todo: list[int], params: SamplingParams, held) -> list:
+    async def _run(self, prompts: list[Prompt], todo: list[int], each: list[SamplingParams], held) -> list:
         """Submit every prompt in `todo` and await their engine results."""
         handles: list = []
         results = None
         try:
             for i in todo:  # submit all first: the engine batches them; Overloaded fails fast
-                handles.append(self._submit(prompts[i], params))
+                handles.append(self._submit(prompts[i], each[i]))
             try:
                 async with asyncio.timeout(self.config.request_timeout):
                     results = await asyncio.gather(*(h.result() for h in handles))
@@ -191,7 +203,9 @@ class Generator:
             raise ServerError("generation failed in the engine")
         if result.finish_reason == "cancelled":  # stopped without drain under us
             raise Draining("server is shutting down; retry on another replica", retry_after=1)
-        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason,
+                          token_ids=tuple(result.token_ids), logprobs=result.logprobs,
+                          prompt_logprobs=result.prompt_logprobs)
 
     # ------------------------------------------------------------ streaming
 

@@ -24,7 +24,7 @@ from model.engine.config import EngineConfig
 from model.engine.errors import EngineStopped, PromptTooLong
 from model.engine.request import EngineStats, Outbox, RequestHandle
 from model.engine.runner import ModelRunner
-from model.engine.scheduler import Request, Scheduler
+from model.engine.scheduler import Request, Scheduler, StepScores
 from model.generate import TextStream
 from model.gpt import GPT
 from model.sampling import SamplingParams
@@ -118,7 +118,8 @@ class Engine:
         handle = RequestHandle(self, asyncio.get_running_loop())
         self.scheduler.add(Request(
             handle=handle, params=params, tokens=list(prompt_ids), prompt_len=len(prompt_ids),
-            stream=TextStream(self.tokenizer, params.stop), submitted=time.perf_counter()),
+            stream=TextStream(self.tokenizer, params.stop), submitted=time.perf_counter(),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None]),
             tokens_per_second=self.runner.tokens_per_second)
         return handle
 
@@ -152,7 +153,8 @@ class Engine:
         out = Outbox()
         try:
             plan = self.scheduler.schedule(out)
-            tokens = self.runner.execute(plan)
-            self.scheduler.update(plan, tokens, out)
+            scores = StepScores()  # stays empty unless some request asked for logprobs
+            tokens = self.runner.execute(plan, scores)
+            self.scheduler.update(plan, tokens, out, scores)
         finally:
             out.send()

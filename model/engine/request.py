@@ -40,6 +40,8 @@ class GenerationResult:
     ttft_s: float | None
     total_s: float
     error: str | None = None
+    logprobs: tuple | None = None  # model.logprobs.TokenLogprob per generated token (params.logprobs)
+    prompt_logprobs: tuple | None = None  # ... per prompt token, the first None (params.prompt_logprobs)
 
 
 class Canceller(Protocol):

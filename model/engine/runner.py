@@ -9,6 +9,7 @@ scheduler's plan (model/engine/scheduler.py) says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -17,8 +18,9 @@ import torch
 from model.engine.config import EngineConfig
 from model.engine.cpu_setup import choose_cpu_attention, choose_cpu_linear
 from model.engine.cuda_graphs import DecodeGraphs
-from model.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
+from model.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan, StepScores
 from model.gpt import GPT, KVCache, StepPart, kv_cache_dtype
+from model.logprobs import prompt_logprobs, token_logprobs
 from model.sampling import BatchParams, SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -84,16 +86,18 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     # --- one step ---------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> list[int]:
+    def execute(self, plan: StepPlan, scores: StepScores | None = None) -> list[int]:
         """Run the plan: its prompt chunks, and one token for rows 0..B-1, then sampling on the
         device. Eager, it is one pass over the weights for both; with CUDA graphs the chunks run
         first (a one-row chunk as a captured prefill where one fits it: eager, a chunk costs
         many small launches) and the captured decode is replayed. Returns the sampled token of
-        each of plan.decode.rows (none without a decode)."""
-        eager = [self._step_part(c) for c in plan.prefill if not self._graph_prefill(c)]
+        each of plan.decode.rows (none without a decode). Logprobs the plan asks for (chunks
+        with targets, DecodeBatch.logprobs) go into `scores`."""
+        chunks = [c for c in plan.prefill if c.targets or not self._graph_prefill(c)]  # scoring runs eager
+        eager = [self._step_part(c) for c in chunks]
         d = plan.decode
         if eager and (d is None or self.graphs):  # no decode to share the pass, or a captured one
-            self.model.step_parts(eager, self.cache)
+            self._score_prompts(chunks, self.model.step_parts(eager, self.cache), scores)
             eager = []
         if d is None:
             self.last_batch = 0
@@ -108,10 +112,14 @@ class ModelRunner:
             decode = StepPart(torch.tensor(d.idx, device=self.device).unsqueeze(1),
                               torch.tensor(d.pos, device=self.device), kv_len=max(d.pos) + 1)
             step = torch.tensor(d.steps, device=self.device)
-            logits = self.model.step_parts(eager + [decode], self.cache)[-1]
+            *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
+            self._score_prompts(chunks if eager else [], hidden, scores)
         tokens = sample(logits[:, -1], bp, step, self.n_vocab).tolist()
+        sampled = [tokens[r] for r in d.rows]
+        if d.logprobs and scores is not None:
+            self._score_samples(logits, d, sampled, scores)
         self._count(len(d.rows), time.perf_counter() - t0)
-        return [tokens[r] for r in d.rows]
+        return sampled
 
     def _graph_prefill(self, c: PrefillChunk) -> bool:
         """A one-row chunk through a captured prefill graph; False where none applies."""
@@ -121,8 +129,30 @@ class ModelRunner:
         """A chunk as GPT.step_parts' batch (no logits: the decode produces the last token's)."""
         contiguous = c.rows[-1] - c.rows[0] == len(c.rows) - 1  # rows are distinct and sorted
         return StepPart(idx=torch.tensor(c.ids, device=self.device), pos=torch.tensor(c.pos, device=self.device),
-                        row0=c.rows[0], kv_len=max(c.pos) + len(c.ids[0]), logits=None,
+                        row0=c.rows[0], kv_len=max(c.pos) + len(c.ids[0]), logits="hidden" if c.targets else None,
                         rows=None if contiguous else torch.tensor(c.rows, device=self.device))
+
+    # --- logprobs, for the rows that asked (the plan says which) -------------------
+    def _score_prompts(self, chunks: list[PrefillChunk], hidden: list, scores: StepScores | None) -> None:
+        """Each scoring row's prompt logprobs: position p's final hidden state scores token p + 1,
+        the output layer over PROMPT_CHUNK positions at a time."""
+        for c, h in zip(chunks, hidden):
+            for b, targets in enumerate(c.targets):
+                if targets is None or scores is None:
+                    continue
+                ids = torch.tensor(targets, device=self.device)
+                scores.prompt[c.rows[b]] = prompt_logprobs(h[b, :len(targets)], self.model.lm_head, ids, c.top[b],
+                                                           self.n_vocab)
+
+    def _score_samples(self, logits: torch.Tensor, d: DecodeBatch, sampled: list[int], scores: StepScores) -> None:
+        """The sampled token's logprob and top alternatives, for the decoding rows that want them
+        (log-softmax of the raw logits: temperature and truncation do not enter)."""
+        want = [(r, t, n) for r, t, n in zip(d.rows, sampled, d.logprobs) if n is not None]
+        index = torch.tensor([r for r, _, _ in want], device=logits.device)
+        chosen = torch.tensor([t for _, t, _ in want], device=logits.device)
+        entries = token_logprobs(logits[index, -1], chosen, max(n for _, _, n in want), self.n_vocab)
+        for (r, _, n), entry in zip(want, entries):
+            scores.sampled[r] = dataclasses.replace(entry, top=entry.top[:n])
 
     def _sampling_params(self, d: DecodeBatch) -> BatchParams:
         """Per-row sampling tensors, rebuilt only when the batch's membership changes."""

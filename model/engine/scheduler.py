@@ -57,10 +57,16 @@ class Request:
     generated: list[int] = field(default_factory=list)
     admitted: float = 0.0
     first_token: float | None = None
+    logprobs: list = field(default_factory=list)  # per generated token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # [None, then one per prompt token], when params.prompt_logprobs
 
     @property
     def decodable(self) -> bool:
         return len(self.pending) == 1
+
+    def scores_prompt(self, pos: int) -> bool:
+        """Whether the chunk at `pos` holds prompt positions whose logprobs were asked for."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) == pos + 1 < self.prompt_len
 
 
 # --- the plan: what one step computes ---------------------------------------------
@@ -73,6 +79,10 @@ class PrefillChunk:
     rows: tuple[int, ...]
     pos: tuple[int, ...]
     ids: tuple[tuple[int, ...], ...]
+    # Prompt logprobs (only where some row asked): per row, the token each position is scored
+    # against (the next one) and how many alternatives, or None; the runner returns hidden states.
+    targets: tuple[tuple[int, ...] | None, ...] = ()
+    top: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,15 @@ class DecodeBatch:
     members: tuple[int | None, ...]  # the decoding request's uid, else None (sampling tensors follow it)
     params: tuple[SamplingParams | None, ...]  # the decoding request's sampling, else None
     seeds: tuple[int, ...]  # ... and its seed, else 0
+    logprobs: tuple[int | None, ...] = ()  # per decoding row, top alternatives wanted, or None; () for none
+
+
+@dataclass
+class StepScores:
+    """Logprobs a step computed (model/logprobs.TokenLogprob), by cache row: the prompt chunk's and
+    the sampled token's. Empty unless some request asked."""
+    prompt: dict = field(default_factory=dict)  # row -> [TokenLogprob] for its chunk's positions
+    sampled: dict = field(default_factory=dict)  # row -> TokenLogprob of the token it sampled
 
 
 @dataclass(frozen=True)
@@ -229,7 +248,7 @@ class Scheduler:
         for n, seqs in groups.items():
             seqs.sort(key=lambda s: s.row)
             chunks.append(PrefillChunk(tuple(s.row for s in seqs), tuple(s.n_cached for s in seqs),
-                                       tuple(tuple(s.pending[:n]) for s in seqs)))
+                                       tuple(tuple(s.pending[:n]) for s in seqs), **_prompt_scoring(seqs, n)))
             for seq in seqs:
                 seq.n_cached += n
                 del seq.pending[:n]
@@ -261,12 +280,16 @@ class Scheduler:
             pos=tuple(s.n_cached if s is not None else 0 for s in seqs),
             steps=tuple(len(s.generated) if s is not None else 0 for s in seqs),
             members=tuple(s.uid if s else None for s in live), params=tuple(s.params if s else None for s in live),
-            seeds=tuple(s.seed if s else 0 for s in live))
+            seeds=tuple(s.seed if s else 0 for s in live), logprobs=_sampled_scoring(self.state.rows, rows))
 
     # --- update: fold the sampled tokens back (worker thread) --------------------
-    def update(self, plan: StepPlan, tokens: list[int], out: Outbox) -> None:
+    def update(self, plan: StepPlan, tokens: list[int], out: Outbox, scores: StepScores | None = None) -> None:
         """Each decoding row's sampled token (tokens[i] for plan.decode.rows[i]): push it to the
-        stream, then retire the row (eos, a stop string, max_new_tokens) or slide a full context."""
+        stream, then retire the row (eos, a stop string, max_new_tokens) or slide a full context.
+        `scores`: the logprobs the runner computed for the rows that asked."""
+        scores = scores or StepScores()
+        for r, entries in scores.prompt.items():
+            self.state.rows[r].prompt_logprobs += entries
         if plan.decode is None:
             return
         now = time.perf_counter()
@@ -281,6 +304,8 @@ class Scheduler:
                 continue
             seq.tokens.append(token)
             seq.generated.append(token)
+            if r in scores.sampled:
+                seq.logprobs.append(scores.sampled[r])
             out.put(seq.handle, TokenChunk([token], seq.stream.push([token])))
             if seq.stream.stopped:
                 self._finish(seq, "stop", out)
@@ -317,9 +342,26 @@ class Scheduler:
             token_ids=list(seq.generated), text=seq.stream.text, prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.generated), finish_reason=reason, queue_s=admitted - seq.submitted,
             ttft_s=None if seq.first_token is None else seq.first_token - seq.submitted,
-            total_s=now - seq.submitted, error=error)
+            total_s=now - seq.submitted, error=error,
+            logprobs=None if seq.params.logprobs is None else tuple(seq.logprobs),
+            prompt_logprobs=None if seq.prompt_logprobs is None else tuple(seq.prompt_logprobs))
         out.put(seq.handle, TokenChunk([], tail) if tail else None, result)
         if seq.row >= 0:
             self.state.rows[seq.row] = None
             heapq.heappush(self.state.free, seq.row)
             seq.row = -1
+
+
+def _prompt_scoring(seqs: list[Request], n: int) -> dict:
+    """PrefillChunk's targets/top for a chunk of n tokens of each of seqs: {} when no row scores."""
+    if not any(s.scores_prompt(s.n_cached) for s in seqs):
+        return {}
+    targets = tuple(tuple(s.tokens[s.n_cached + 1:s.n_cached + 1 + n]) if s.scores_prompt(s.n_cached) else None
+                    for s in seqs)
+    return {"targets": targets, "top": tuple(s.params.prompt_logprobs or 0 for s in seqs)}
+
+
+def _sampled_scoring(rows: list, decoding: tuple[int, ...]) -> tuple[int | None, ...]:
+    """DecodeBatch.logprobs: per decoding row, its top-N wanted or None; () when no row wants any."""
+    wanted = tuple(rows[r].params.logprobs for r in decoding)
+    return wanted if any(w is not None for w in wanted) else ()

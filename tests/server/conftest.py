@@ -94,6 +94,16 @@ async def client(make_client):
     return await make_client()
 
 
+@pytest.fixture
+async def oai(client):
+    """The official `openai` client on the test server."""
+    import openai
+
+    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0, timeout=30)
+    yield api
+    await api.close()
+
+
 # ------------------------------------------------------------------ processes
 
 @pytest.fixture

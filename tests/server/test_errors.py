@@ -91,7 +91,7 @@ async def test_openai_validation(client):
     assert err["param"] == "max_tokens"
     err = await error_of(await client.post("/v1/completions", json={"prompt": [99999]}), 400)
     assert err["param"] == "prompt" and "out of range" in err["message"]
-    err = await error_of(await client.post("/v1/completions", json={"prompt": "a", "logprobs": 3}), 422)
+    err = await error_of(await client.post("/v1/completions", json={"prompt": "a", "logprobs": 3, "stream": True}), 422)
     assert err["param"] == "logprobs"
     err = await error_of(await client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True}), 422)
     assert err["param"] == "stream"
