@@ -107,9 +107,20 @@ def _compile(build_directory: Path | None = None) -> None:
     # it silently runs on one thread; the OpenMP runtime is torch's own (libtorch_cpu's).
     # The headers' hash is a flag because torch rebuilds when sources or flags change.
     header = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
-    cpp_extension.load(name="nanogpt_cpu", sources=[str(p) for p in SOURCES], is_python_module=False,
+    # In the shared cache (TORCH_EXTENSIONS_DIR) the build's name carries the sources' digest, so two
+    # checkouts with different sources keep a build each instead of rebuilding over each other.
+    name = "nanogpt_cpu" if build_directory is not None else f"nanogpt_cpu_{sources_digest()[:12]}"
+    cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DNANOGPT_SIMD_H={header}"],
                        build_directory=None if build_directory is None else str(build_directory))
+
+
+def sources_digest() -> str:
+    """sha256 over every source and header of the kernels, in a fixed order."""
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _stamp() -> str:
