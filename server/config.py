@@ -75,6 +75,7 @@ class ServerConfig:
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine_types.py)
+    engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
     log_level: str = "INFO"
 
@@ -253,6 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
+    Setting("engine_process", "ENGINE_PROCESS", _bool,
+            "run the engine core (model, scheduler, KV cache) in a process of its own, so the HTTP event loop "
+            "and the engine's step loop do not share one interpreter lock (default false; docs/engine-process.md)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
 )

@@ -7,6 +7,10 @@ import json
 import openai
 import pytest
 
+# Every test here runs against the in-process Engine and the engine core in its own process.
+pytestmark = pytest.mark.parametrize(
+    "engine_mode", ["in_process", pytest.param("remote", marks=pytest.mark.slow)], indirect=True)
+
 
 @pytest.fixture
 async def oai(client):
