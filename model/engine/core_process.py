@@ -73,7 +73,13 @@ def _build_engine(spec: CoreSpec) -> Engine:
 
     model = load_model_from_checkpoint(spec.checkpoint, device=spec.device, dtype=spec.dtype,
                                        tokenizer_path=spec.tokenizer_path)
-    return Engine(model, spec.engine, detokenize=False)
+    engine = Engine(model, spec.engine, detokenize=False)
+    if spec.prepare is not None:
+        import importlib
+
+        module, _, name = spec.prepare[0].partition(":")
+        getattr(importlib.import_module(module), name)(engine, **spec.prepare[1])
+    return engine
 
 
 def _hello(engine: Engine) -> Hello:

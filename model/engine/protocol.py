@@ -28,6 +28,9 @@ class CoreSpec:
     dtype: str | None = None
     tokenizer_path: str | None = None
     engine: EngineConfig = EngineConfig()
+    # ("module:function", kwargs): called with the built Engine before it starts, in the core
+    # process. For harnesses only (bench/sim_device.py replaces the forward); never from settings.
+    prepare: tuple[str, dict] | None = None
 
 
 class Params(msgspec.Struct, array_like=True):
