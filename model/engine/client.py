@@ -36,10 +36,6 @@ from model.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
-class EngineCoreDied(EngineError):
-    """The engine-core process exited while serving."""
-
-
 @dataclass(eq=False)
 class _Live:
     """A request the core has not finished yet, as the client tracks it."""
