@@ -115,12 +115,12 @@ async def _load_and_start(app: web.Application, engine) -> None:
     try:
         if engine is None:
             engine = await in_daemon_thread(load_engine, config)
-        info = model_info(engine, config)
+        lifecycle.engine = engine
+        await engine.start()  # returns at once if already started
+        info = model_info(engine, config)  # after start: an EngineClient learns it from its core
         lifecycle.model = info
         app[keys.METRICS].model_name = info.name
         app[keys.CACHE].digest = info.digest
-        lifecycle.engine = engine
-        await engine.start()  # returns at once if already started
         lifecycle.started = True
         log.info("model ready", extra={"model": info.name, "device": info.device, "dtype": info.dtype,
                                        "parameters": info.n_params, "digest": info.digest})
@@ -180,6 +180,16 @@ def load_engine(config: ServerConfig):
     from model.checkpoint import load_model_from_checkpoint
     from model.engine import Engine, EngineConfig
 
+    engine_config = EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
+                                 prefill_chunk=config.prefill_chunk, idle_prefill_chunk=config.idle_prefill_chunk,
+                                 cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention,
+                                 batch_invariant=config.batch_invariant)
+    if config.engine_process:  # the core process loads the model; start() waits for it
+        from model.engine.client import EngineClient
+        from model.engine.protocol import CoreSpec
+
+        return EngineClient(CoreSpec(checkpoint=config.model_checkpoint, device=config.device, dtype=config.dtype,
+                                     tokenizer_path=config.tokenizer_path, engine=engine_config))
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
                                        tokenizer_path=config.tokenizer_path,
                                        max_pickle_bytes=config.max_pickle_bytes)
@@ -187,23 +197,20 @@ def load_engine(config: ServerConfig):
     # On CPU the engine may keep float32 keys/values under half-precision weights.
     element_size = max(param.element_size(), 4) if param.device.type == "cpu" else param.element_size()
     check_kv_budget(model.config, config.max_batch, element_size, config.kv_cache_max_bytes)
-    return Engine(model, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
-                                      prefill_chunk=config.prefill_chunk,
-                                      idle_prefill_chunk=config.idle_prefill_chunk,
-                                      cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention,
-                                      batch_invariant=config.batch_invariant))
+    return Engine(model, engine_config)
 
 
 def model_info(engine, config: ServerConfig) -> ModelInfo:
     info = _checkpoint_info(engine)
     names = config.served_model_name or (info.name,)
-    block_size = engine.model.config.block_size
+    # an EngineClient has no model, only what its core reported at start
+    block_size = engine.block_size
     return dataclasses.replace(info, name=names[0], aliases=names[1:], max_model_len=block_size)
 
 
 def _checkpoint_info(engine) -> ModelInfo:
     model = getattr(engine, "model", None)
-    ci = getattr(model, "checkpoint_info", None)
+    ci = getattr(engine, "checkpoint_info", None) or getattr(model, "checkpoint_info", None)
     if ci is not None:
         return ModelInfo(name=ci.name, digest=ci.digest, n_params=ci.n_params, path=str(ci.path),
                          format=ci.format, device=engine.device, dtype=engine.dtype)
@@ -257,11 +264,18 @@ async def serve(config: ServerConfig, engine=None) -> int:
         if lifecycle.load_error is None:
             await asyncio.Event().wait()  # loaded fine: never returns
 
-    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(load_failed())]
+    async def engine_failed() -> None:
+        """An engine core process that dies: exit non-zero so the kubelet restarts the pod."""
+        await lifecycle.loaded.wait()
+        wait_failed = getattr(lifecycle.engine, "wait_failed", None)  # EngineClient only
+        await (wait_failed() if wait_failed is not None else asyncio.Event().wait())
+
+    failed = asyncio.create_task(engine_failed())
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(load_failed()), failed]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
         w.cancel()
-    code = 1 if lifecycle.load_error is not None else 0
+    code = 1 if lifecycle.load_error is not None or (failed.done() and not failed.cancelled()) else 0
 
     lifecycle.draining = True  # /readyz 503 and new generation requests 503, while still listening
     guard.cut_bodies(Draining("server is shutting down; retry on another replica", retry_after=1))

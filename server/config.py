@@ -75,6 +75,7 @@ class ServerConfig:
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
+    engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
     log_level: str = "INFO"
     served_model_name: tuple[str, ...] = ()  # names clients send as `model`; the first is reported
@@ -288,6 +289,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_n", "MAX_N", _int(1, 128), "most choices per prompt, `n` (default 16)"),
     Setting("max_logprobs", "MAX_LOGPROBS", _int(0, 100),
             "most top alternatives per token, `logprobs` / `top_logprobs` (default 20)"),
+    Setting("engine_process", "ENGINE_PROCESS", _bool,
+            "run the engine core (model, scheduler, KV cache) in a process of its own, so the HTTP event loop "
+            "and the engine's step loop do not share one interpreter lock (default false; docs/engine-process.md)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
     Setting("header_timeout", "HEADER_TIMEOUT", _float(0.001),

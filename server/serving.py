@@ -90,7 +90,7 @@ class Generator:
 
     def _check_bytes(self, text: str, field: str, engine) -> None:
         """Refuse a prompt too long to fit by its length alone, before spending CPU on tokenizing it."""
-        limit = self.config.max_prompt_bytes or PROMPT_BYTES_PER_POSITION * engine.model.config.block_size
+        limit = self.config.max_prompt_bytes or PROMPT_BYTES_PER_POSITION * engine.block_size
         n = len(text.encode("utf-8", "surrogatepass"))
         if n > limit:
             self.metrics.rejected.labels(reason="prompt_too_long").inc()

@@ -32,11 +32,28 @@ from model.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class TokensOnly:
+    """TextStream's surface without the text: what a request streams when another process
+    detokenizes and looks for stop strings (model/engine/client.py)."""
+
+    text = ""
+    stopped = False
+
+    def push(self, ids) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class Engine:
     """Serves one model: `await start()`, `submit()` requests from the event loop, `await stop()`."""
 
-    def __init__(self, model: GPT, config: EngineConfig | None = None):
+    def __init__(self, model: GPT, config: EngineConfig | None = None, detokenize: bool = True):
+        """`detokenize=False` (the engine-core process, model/engine/core_process.py): chunks
+        carry token ids only and stop strings are not looked for; the client does both."""
         self.model = model.eval()
+        self._detokenize = detokenize
         self.config = (config or EngineConfig()).validate()
         self._block_size = model.config.block_size
         self._n_vocab = model.tokenizer.n_vocab
@@ -46,6 +63,11 @@ class Engine:
         self._ready = False
 
     # --- properties -------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        """The model's context length: prompts must be shorter."""
+        return self._block_size
+
     @property
     def tokenizer(self):
         return self.model.tokenizer
@@ -104,8 +126,10 @@ class Engine:
             self.scheduler.stop(drain=False)
             await asyncio.to_thread(self._thread.join)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request (call from the event loop); see the module docstring for the flow."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               handle: RequestHandle | None = None) -> RequestHandle:
+        """Queue a request (call from the event loop); see the module docstring for the flow.
+        `handle`: where its outputs go (the core process passes its own); by default a new one."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
@@ -115,10 +139,11 @@ class Engine:
             raise ValueError(f"prompt_ids must be in [0, {self._n_vocab})")
         if not self.alive:
             raise EngineStopped("engine is stopped or draining")
-        handle = RequestHandle(self, asyncio.get_running_loop())
+        handle = handle or RequestHandle(self, asyncio.get_running_loop())
         self.scheduler.add(Request(
             handle=handle, params=params, tokens=list(prompt_ids), prompt_len=len(prompt_ids),
-            stream=TextStream(self.tokenizer, params.stop), submitted=time.perf_counter(),
+            stream=TextStream(self.tokenizer, params.stop) if self._detokenize else TokensOnly(),
+            submitted=time.perf_counter(),
             prompt_logprobs=None if params.prompt_logprobs is None else [None]),
             tokens_per_second=self.runner.tokens_per_second)
         return handle

@@ -59,6 +59,7 @@ class RequestHandle:
         self._result: asyncio.Future = loop.create_future()
         self._ended = False  # the end-of-stream mark has been read
         self.cancelled = False  # set by Engine.cancel, read by the worker thread
+        self.rid = -1  # the request's id between processes (model/engine/client.py)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

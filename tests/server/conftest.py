@@ -46,13 +46,27 @@ def tiny_model(tiny_checkpoint):
 
 
 @pytest.fixture
-def make_engine(tiny_model):
-    def make(**changes) -> Engine:
+def engine_mode(request) -> str:
+    """"in_process" (Engine) unless a module parametrizes it (indirect) with "remote": the
+    engine core in a process of its own behind model/engine/client.EngineClient."""
+    return getattr(request, "param", "in_process")
+
+
+@pytest.fixture
+def make_engine(tiny_model, tiny_checkpoint, engine_mode):
+    def make(**changes):
         from dataclasses import replace
 
+        if engine_mode == "remote":
+            from model.engine.client import EngineClient
+            from model.engine.protocol import CoreSpec
+
+            return EngineClient(CoreSpec(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32",
+                                         engine=replace(ENGINE_CONFIG, **changes)))
         return Engine(tiny_model, replace(ENGINE_CONFIG, **changes))
 
     return make
+
 
 
 @pytest.fixture(scope="session")
