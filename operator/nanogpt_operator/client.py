@@ -26,6 +26,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "Pod": ("v1", "pods"),
+    # From optional CRDs (model/integrations.py): a cluster without them answers 404.
+    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
+    "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     # Cluster-scoped: kopf's peering object, which the operator creates at startup if missing.
     "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings"),
 }

@@ -80,5 +80,7 @@ async def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
         path.write_text(yaml.safe_dump(kubeconfig))
         monkeypatch.setenv("KUBECONFIG", str(path))
         monkeypatch.setenv("NANOGPT_OPERATOR_STANDALONE", "true")
+        # Off by default: tests run side by side and a fixed port would collide; test_operator_metrics binds one.
+        monkeypatch.setenv("NANOGPT_OPERATOR_METRICS_PORT", "0")
         async with aiohttp.ClientSession() as session:
             yield emu, Api(session, url)

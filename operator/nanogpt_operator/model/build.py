@@ -54,6 +54,18 @@ def child_labels(name: str) -> dict[str, str]:
             "app.kubernetes.io/part-of": "nanogpt", "app.kubernetes.io/managed-by": MANAGER}
 
 
+# The Gateway API Inference Extension's endpoint picker reads each pod's metrics by the engine this label
+# names; the server exports vLLM's metric names (model/gateway.py builds the InferencePool).
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+
+
+def template_labels(m: ModelSpec) -> dict[str, str]:
+    labels = child_labels(m.name)
+    if m.gateway is not None:
+        labels[ENGINE_LABEL] = "vllm"
+    return labels
+
+
 def child_meta(m: ModelSpec, owner: Owner, name: str | None = None) -> dict[str, Any]:
     # No blockOwnerDeletion: it needs update on nanogptmodels/finalizers, which the operator never uses.
     return {"name": name or m.name, "namespace": m.namespace, "labels": child_labels(m.name),
@@ -174,7 +186,7 @@ def deployment_replicas(m: ModelSpec) -> int:
 
 
 def desired_deployment(m: ModelSpec, owner: Owner) -> dict[str, Any]:
-    template_meta = {"labels": child_labels(m.name),
+    template_meta = {"labels": template_labels(m),
                      "annotations": {**m.pod_annotations, CHECKPOINT_ANNOTATION: m.checkpoint.path}}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -226,8 +238,12 @@ def _hpa_metrics(m: ModelSpec) -> list[dict[str, Any]]:
     return metrics
 
 
+def wants_hpa(m: ModelSpec) -> bool:
+    return m.autoscaling is not None and m.autoscaling.keda is None  # KEDA makes and owns its own HPA
+
+
 def desired_hpa(m: ModelSpec, owner: Owner) -> dict[str, Any] | None:
-    if m.autoscaling is None:
+    if m.autoscaling is None or not wants_hpa(m):
         return None
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
             "metadata": child_meta(m, owner),
@@ -259,7 +275,7 @@ def desired_children(m: ModelSpec, owner: Owner) -> list[dict[str, Any]]:
 def unwanted_children(m: ModelSpec) -> list[tuple[str, str]]:
     """(kind, name) of optional children the spec no longer asks for, to delete if present."""
     unwanted = []
-    if m.autoscaling is None:
+    if not wants_hpa(m):
         unwanted.append(("HorizontalPodAutoscaler", m.name))
     if not wants_pdb(m):
         unwanted.append(("PodDisruptionBudget", m.name))

@@ -17,6 +17,7 @@ import kopf
 from nanogpt_operator.api import GROUP, MODEL_PLURAL, VERSION
 from nanogpt_operator.client import KubeClient
 from nanogpt_operator.config import load_config
+from nanogpt_operator.metrics import shared_metrics
 from nanogpt_operator.model import reconcile
 from nanogpt_operator.model.apply import ensure_peering
 
@@ -44,6 +45,9 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         memo.client = await KubeClient.connect(config)
+        if config.metrics_port:
+            memo.metrics_server, _ = shared_metrics(memo).serve(config.metrics_port)
+            logger.info("serving the operator's metrics on :%d/metrics", config.metrics_port)
         if not config.standalone and await ensure_peering(memo.client, config.peering_name):
             logger.info("created ClusterKopfPeering %s", config.peering_name)
         logger.info("configured: peering=%s priority=%s standalone=%s",
@@ -53,18 +57,20 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
     async def close(memo: kopf.Memo, **_: Any) -> None:
         if "client" in memo:
             await memo.client.close()
+        if "metrics_server" in memo:
+            memo.metrics_server.shutdown()
 
     @kopf.on.create(GROUP, VERSION, MODEL_PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, MODEL_PLURAL, field="spec", registry=registry)
     @kopf.on.resume(GROUP, VERSION, MODEL_PLURAL, registry=registry)
     async def reconcile_on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
                                   **_: Any) -> None:
-        await reconcile.run(memo.client, body, patch, logger, resync=False)
+        await reconcile.run(memo.client, body, patch, logger, resync=False, metrics=shared_metrics(memo))
 
     # Level-based safety net: re-measure children, repair drift, roll back failed rollouts.
     @kopf.timer(GROUP, VERSION, MODEL_PLURAL, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
     async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-        await reconcile.run(memo.client, body, patch, logger, resync=True)
+        await reconcile.run(memo.client, body, patch, logger, resync=True, metrics=shared_metrics(memo))
 
 
 register(kopf.get_default_registry())

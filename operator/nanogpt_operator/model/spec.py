@@ -14,6 +14,8 @@ from typing import Any
 
 from nanogpt_operator.errors import SpecError
 from nanogpt_operator.fields import DNS_SUBDOMAIN, QUANTITY, Fields
+from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
+                                                      parse_gateway, parse_keda, parse_monitoring)
 
 RATE_LIMIT = re.compile(r"^[1-9][0-9]*/(second|minute|hour|day)$")
 PERCENT = re.compile(r"^[0-9]+%$")
@@ -81,6 +83,7 @@ class AutoscalingSpec:
     min_replicas: int = 1
     target_cpu_utilization: int | None = None
     custom_metric: CustomMetric | None = None
+    keda: KedaSpec | None = None  # a KEDA ScaledObject instead of an HPA
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class ModelSpec:
     priority_class_name: str | None = None
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
+    monitoring: MonitorSpec | None = None
+    gateway: GatewaySpec | None = None
 
     @property
     def dtype(self) -> str:
@@ -176,6 +181,7 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
         return None
     metric = f.child("customMetric")
     f.required("maxReplicas")
+    check_min_replicas(f)
     scaling = AutoscalingSpec(
         min_replicas=f.int("minReplicas", 1, 1),
         max_replicas=f.int("maxReplicas", None, 1),
@@ -183,10 +189,13 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
         custom_metric=None if metric is None else CustomMetric(
             name=metric.str("name", required=True),
             target_average_value=str(metric.required("targetAverageValue"))),
+        keda=parse_keda(f.child("keda"), f.int("maxReplicas", None, 1)),
     )
     if scaling.min_replicas > scaling.max_replicas:
         raise SpecError(f.at("minReplicas"), f"must be <= maxReplicas ({scaling.max_replicas})")
-    if scaling.target_cpu_utilization is None and scaling.custom_metric is None:
+    if scaling.keda is not None and (scaling.target_cpu_utilization or scaling.custom_metric):
+        raise SpecError(f.at("keda"), "replaces the HPA: drop targetCPUUtilization and customMetric")
+    if scaling.keda is None and scaling.target_cpu_utilization is None and scaling.custom_metric is None:
         raise SpecError(f.at("targetCPUUtilization"), "set it or autoscaling.customMetric: the HPA needs a metric")
     return scaling
 
@@ -264,6 +273,8 @@ def parse_model(body: Mapping[str, Any]) -> ModelSpec:
         priority_class_name=spec.str("priorityClassName"),
         pod_annotations=spec.map("podAnnotations"),
         env=_parse_env(spec),
+        monitoring=parse_monitoring(spec.child("monitoring")),
+        gateway=parse_gateway(spec.child("gateway")),
     )
     _check_cpu_request(model)
     return model
