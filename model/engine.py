@@ -214,7 +214,8 @@ class Engine:
             running=len(running), waiting=waiting, max_batch=self.config.max_batch,
             kv_cache_bytes=self.kv_cache_bytes,
             kv_cache_usage=used / (self.config.max_batch * self._block_size),
-            tokens_per_second=self._tps, total_steps=self._total_steps, last_batch_size=self._last_batch)
+            tokens_per_second=self._tps, total_steps=self._total_steps, last_batch_size=self._last_batch,
+            block_size=self._block_size)
 
     def _retry_after(self) -> float:
         """Seconds until the queue has likely moved: queued work / measured throughput."""
