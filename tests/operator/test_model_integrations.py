@@ -232,3 +232,18 @@ class TestIntegrations:
         ok = integrations_condition(m, [], 3, {}, "2026-01-01T00:00:00Z")
         assert ok is not None and ok["status"] == "True" and "ServiceMonitor, ScaledObject" in ok["message"]
         assert integrations_condition(model(), [], 3, {}, "2026-01-01T00:00:00Z") is None
+
+
+def test_the_sections_are_valid_against_the_models_crd() -> None:
+    from test_model_crd import validate as validate_crd
+
+    body = copy.deepcopy(BASE_MODEL)
+    body["spec"].update(monitoring={"podMonitor": {"interval": "1m", "labels": {"a": "b"}}}, gateway=GATEWAY,
+                        autoscaling={**KEDA, "keda": {**KEDA["keda"], "metric": "vllm:num_requests_waiting",
+                                                      "fallback": {"failureThreshold": 2, "replicas": 2}}})
+    validate_crd(body)
+    parse_model(body)
+    bad = copy.deepcopy(body)
+    bad["spec"]["gateway"]["endpointPicker"]["failureMode"] = "Open"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_crd(bad)
