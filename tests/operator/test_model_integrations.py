@@ -247,3 +247,36 @@ def test_the_sections_are_valid_against_the_models_crd() -> None:
     bad["spec"]["gateway"]["endpointPicker"]["failureMode"] = "Open"
     with pytest.raises(jsonschema.ValidationError):
         validate_crd(bad)
+
+
+class TestServing:
+    def test_chat_template_is_mounted_and_named_and_served_names_set(self) -> None:
+        m = model(server={"chatTemplate": {"configMapKeyRef": {"name": "templates", "key": "chatml.jinja"}},
+                          "servedModelName": "nanogpt-small", "modelAliases": ["gpt2", "default"]})
+        deployment = desired_deployment(m, OWNER)
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+        pod = deployment["spec"]["template"]["spec"]
+        env = {v["name"]: v.get("value") for v in pod["containers"][0]["env"]}
+        assert env["CHAT_TEMPLATE"] == "/etc/nanogpt/chat-template/chatml.jinja"
+        assert env["SERVED_MODEL_NAME"] == "nanogpt-small,gpt2,default"
+        mount = next(v for v in pod["containers"][0]["volumeMounts"] if v["name"] == "chat-template")
+        assert mount == {"name": "chat-template", "mountPath": "/etc/nanogpt/chat-template", "readOnly": True}
+        volume = next(v for v in pod["volumes"] if v["name"] == "chat-template")
+        assert volume["configMap"] == {"name": "templates", "items": [{"key": "chatml.jinja", "path": "chatml.jinja"}]}
+
+    def test_unset_means_no_env(self) -> None:
+        env = {v["name"] for v in desired_deployment(model(), OWNER)["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert not {"CHAT_TEMPLATE", "SERVED_MODEL_NAME"} & env
+
+    @pytest.mark.parametrize("server,path", [
+        ({"chatTemplate": {}}, "spec.server.chatTemplate.configMapKeyRef"),
+        ({"chatTemplate": {"configMapKeyRef": {"name": "t", "key": "a/b"}}}, "spec.server.chatTemplate.configMapKeyRef.key"),
+        ({"servedModelName": "a,b"}, "spec.server.servedModelName"),
+        ({"modelAliases": ["x"]}, "spec.server.servedModelName"),
+        ({"servedModelName": "a", "modelAliases": ["a"]}, "spec.server.modelAliases"),
+        ({"servedModelName": "a", "modelAliases": ["b c"]}, "spec.server.modelAliases[0]"),
+    ])
+    def test_bad_fields_are_named(self, server: dict[str, Any], path: str) -> None:
+        with pytest.raises(SpecError) as err:
+            model(server=server)
+        assert err.value.path == path

@@ -20,6 +20,7 @@ SERVER_PORT = 5000
 READY_PATH, LIVE_PATH = "/readyz", "/healthz"
 MODEL_MOUNT = "/models"
 API_KEYS_MOUNT = "/etc/nanogpt/api-keys"
+CHAT_TEMPLATE_MOUNT = "/etc/nanogpt/chat-template"
 # Dockerfile.server creates this user; runAsNonRoot needs a numeric id to verify.
 SERVER_UID = 10001
 # The pod template records which checkpoint it serves; status and rollback read it back.
@@ -94,6 +95,8 @@ def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
         "REDIS_URL": m.server.redis_url,
         "DRAIN_SECONDS": str(m.server.drain_seconds),
         "API_KEYS_FILE": f"{API_KEYS_MOUNT}/{m.server.api_key_secret.key}" if m.server.api_key_secret else None,
+        "CHAT_TEMPLATE": f"{CHAT_TEMPLATE_MOUNT}/{m.server.chat_template.key}" if m.server.chat_template else None,
+        "SERVED_MODEL_NAME": ",".join(m.server.served_model_names) or None,
         # The root filesystem is read-only; libraries that cache under $HOME (triton, torch) need /tmp.
         "HOME": "/tmp",
     }
@@ -119,6 +122,8 @@ def _container(m: ModelSpec) -> dict[str, Any]:
               {"name": "tmp", "mountPath": "/tmp"}]
     if m.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+    if m.server.chat_template:
+        mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_MOUNT, "readOnly": True})
     startup_failures = math.ceil(m.server.startup_timeout_seconds / STARTUP_PERIOD_S)
     return {
         "name": "server",
@@ -147,6 +152,10 @@ def _volumes(m: ModelSpec) -> list[dict[str, Any]]:
     if ref:
         volumes.append({"name": "api-keys", "secret": {"secretName": ref.name,
                                                        "items": [{"key": ref.key, "path": ref.key}]}})
+    template = m.server.chat_template
+    if template:
+        volumes.append({"name": "chat-template", "configMap": {
+            "name": template.config_map, "items": [{"key": template.key, "path": template.key}]}})
     return volumes
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from nanogpt_operator.errors import SpecError
 from nanogpt_operator.fields import DNS_SUBDOMAIN, QUANTITY, Fields
+from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
 from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
                                                       parse_gateway, parse_keda, parse_monitoring)
 
@@ -60,6 +61,8 @@ class ServerSpec:
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
     drain_seconds: int = 30
     startup_timeout_seconds: int = 900
+    chat_template: ChatTemplateRef | None = None
+    served_model_names: tuple[str, ...] = ()  # SERVED_MODEL_NAME: the name, then its aliases
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ def _parse_server(f: Fields | None) -> ServerSpec:
         dtype=f.str("dtype", choices=DTYPES),
         drain_seconds=f.int("drainSeconds", 30, 0, 3600),
         startup_timeout_seconds=f.int("startupTimeoutSeconds", 900, 10, 86400),
+        chat_template=parse_chat_template(f.child("chatTemplate")),
+        served_model_names=parse_served_names(f),
     )
 
 
