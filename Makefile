@@ -10,7 +10,7 @@ PORT   ?= 5000
 IMAGE_REGISTRY ?=
 TAG    ?= latest
 
-.PHONY: run test bench demo-model gpu-check images deploy undeploy operator manifests-check lint clean
+.PHONY: run test soak bench demo-model gpu-check images images-check deploy undeploy operator manifests-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ run: $(VENV)/.server
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
+# A bounded soak of the real server (not in `make test`): mixed, cancelled, oversized and malformed
+# requests; prints requests by status, p50/p99, RSS and descriptors. SOAK_ARGS="--requests 500" for less.
+SOAK_ARGS ?=
+soak: $(VENV)/.dev
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
 # BENCH_ARGS=--quick for a smoke run; --llama-cpp to add llama-cpp-python where installed.
 BENCH_ARGS ?=
 bench: $(VENV)/.dev
@@ -45,11 +51,31 @@ gpu-check:
 demo-model: $(VENV)/.dev
 	$(BIN)/python scripts/train_demo.py --out model/demo
 
-images:
-	docker build -f Dockerfile.server -t $(IMAGE_REGISTRY)nanogpt-server:$(TAG) .
-	docker build -f Dockerfile.operator -t $(IMAGE_REGISTRY)nanogpt-operator:$(TAG) .
+# Docker where its engine answers, else buildah (chroot isolation: no daemon, no runc needed). Images:
+# nanogpt-server:TAG (CUDA), nanogpt-server:TAG-cpu (CPU torch, no CUDA), nanogpt-operator:TAG.
+# TIKTOKEN_CACHE=DIR bakes GPT-2's BPE from DIR (a tiktoken cache) instead of fetching it (docs/images.md).
+IMAGE_BUILD ?= $(shell if docker info >/dev/null 2>&1; then echo docker build; \
+	elif command -v buildah >/dev/null 2>&1; then echo buildah bud --isolation chroot --layers; fi)
+TIKTOKEN_CACHE ?=
+IMAGE_ARGS = --build-arg VERSION=$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
+	--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
+images:
+	@test -n "$(IMAGE_BUILD)" || { echo "make images: needs docker or buildah" >&2; exit 1; }
+	$(if $(TIKTOKEN_CACHE),cp $(TIKTOKEN_CACHE)/* docker/tiktoken-cache/)
+	$(IMAGE_BUILD) $(IMAGE_ARGS) -f Dockerfile.server -t $(IMAGE_REGISTRY)nanogpt-server:$(TAG) .
+	$(IMAGE_BUILD) $(IMAGE_ARGS) --build-arg FLAVOR=cpu -f Dockerfile.server -t $(IMAGE_REGISTRY)nanogpt-server:$(TAG)-cpu .
+	$(IMAGE_BUILD) $(IMAGE_ARGS) -f Dockerfile.operator -t $(IMAGE_REGISTRY)nanogpt-operator:$(TAG) .
+
+# Builds both Dockerfiles with buildah against stand-in bases and runs the images (tests/images/).
+images-check: $(VENV)/.dev
+	$(BIN)/python -m pytest -q tests/images tests/test_scripts.py
+
+# kopf's peering CRD is shared by every kopf operator in the cluster: created only if absent, and never
+# deleted by undeploy (deleting it would break the others). Models and rollouts carry no finalizers, so
+# undeploy finishes even though the operator goes first; created PVCs with deletePolicy Retain stay.
 deploy:
+	kubectl get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1 || kubectl create -f crds/kopfpeering.yaml
 	kubectl apply -k manifests/
 
 undeploy:

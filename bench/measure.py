@@ -246,8 +246,10 @@ async def http_clients(engine: Engine, texts: list[str], new_tokens: int, per_cl
     from server.app import create_app
     from server.config import load_config
 
+    # One tenant (every client is 127.0.0.1): it may hold every row, as the in-process replay does.
+    rows = str(engine.config.max_batch)
     config = load_config([], environ={"HOST": "127.0.0.1", "PORT": "0", "CACHE_TTL": "0", "LOG_LEVEL": "WARNING",
-                                      "MAX_BATCH": str(engine.config.max_batch), "MAX_QUEUE": "1024"})
+                                      "MAX_BATCH": rows, "MAX_QUEUE": "1024", "MAX_ROWS_PER_CALLER": rows})
     # when requests reach the engine (the first of each client's timed ones: its arrival)
     submitted, submit = [], engine.submit
     engine.submit = lambda *args, **kwargs: submitted.append(time.perf_counter()) or submit(*args, **kwargs)

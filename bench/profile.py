@@ -38,12 +38,12 @@ def profiled(run):
 
 def replay_ms(engine: Engine, batch: int, kv_needed: int = 128, n: int = 50) -> float | None:
     """The decode graph for this batch and a 128-position context (the runs' 64 + 64), alone."""
-    if not engine._graphs:
+    if not engine.runner.graphs:
         return None
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
-        engine._graphs.replay(batch, kv_needed)
+        engine.runner.graphs.replay(batch, kv_needed)
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e3
 
@@ -56,9 +56,9 @@ async def main(args) -> None:
     Engine._run = profiled(Engine._run)
     for batch in args.clients:
         engine = await measure.started_engine(model, max_batch=batch)
-        steps0 = engine._total_steps
+        steps0 = engine.stats().total_steps
         run = await measure.in_process_clients(engine, prompts[:batch], 64, args.per_client, warmup=1)
-        steps = engine._total_steps - steps0
+        steps = engine.stats().total_steps - steps0
         await engine.stop(drain=False)
         replay = replay_ms(engine, batch) if args.device.startswith("cuda") else None
         print(f"\n## batch {batch}: {run.summary()['tok_s']:.0f} tok/s, {run.wall_s / steps * 1e3:.2f} ms per step "

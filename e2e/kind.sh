@@ -55,8 +55,8 @@ fi
 
 log "images"
 docker build -f "$ROOT/Dockerfile.operator" -t "nanogpt-operator:$TAG" "$ROOT"
-# The server image's CUDA base is large but runs on CPU (DEVICE=cpu) just as well.
-docker build -f "$ROOT/Dockerfile.server" -t "nanogpt-server:$TAG" "$ROOT"
+# The CPU flavour: CPU torch and the prebuilt CPU kernels, no CUDA libraries (a fraction of the size).
+docker build -f "$ROOT/Dockerfile.server" --build-arg FLAVOR=cpu -t "nanogpt-server:$TAG" "$ROOT"
 if [ "$CLUSTER_TOOL" = kind ]; then
   kind load docker-image --name "$CLUSTER" "nanogpt-operator:$TAG" "nanogpt-server:$TAG"
 else
@@ -64,6 +64,7 @@ else
 fi
 
 log "install"
+kubectl get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1 || kubectl create -f "$ROOT/crds/kopfpeering.yaml"
 kubectl apply -k "$ROOT/crds"
 kubectl wait --for condition=established --timeout=60s crd/nanogptmodels.nanogpt.dev crd/clusterkopfpeerings.kopf.dev
 kubectl apply -k "$ROOT/manifests"
@@ -106,6 +107,7 @@ spec:
   replicas: 1
   gpus: 0
   resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+  server: {startupTimeoutSeconds: 120}
   rollout: {progressDeadlineSeconds: 120}
 YAML
 wait_phase demo Ready

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import export
+from . import export, quant
+from .fetch import resolve_checkpoint
 from .gpt import GPT, GPTConfig
-from .safe_load import ForeignConfig, UnsafeCheckpoint, safe_torch_load
+from .safe_load import BadArchive, ForeignConfig, UnsafeCheckpoint, safe_torch_load
 from .tokenizer import GPT2_N_VOCAB, Tokenizer, TokenizerError, load_gpt2_tokenizer, load_meta_pkl, load_tokenizer_from_spec
 
 logger = logging.getLogger(__name__)
@@ -82,13 +83,14 @@ class _Checkpoint:
     source: dict
     weight_files: list[Path]
     tokenizer_spec: dict | None = None  # only our export records one
+    quantization: str | None = None  # "int8": an int8 export (model/quant.py)
     meta_dirs: list[Path] = field(default_factory=list)  # where a char model's meta.pkl may be
 
 
 # --- reading each format -----------------------------------------------------------------
 
 
-def read_checkpoint(path: str | Path) -> _Checkpoint:
+def read_checkpoint(path: str | Path, max_pickle_bytes: int | None = None) -> _Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
@@ -102,7 +104,7 @@ def read_checkpoint(path: str | Path) -> _Checkpoint:
             return _read_hf(path)
         raise CheckpointError(path, "unknown format: a directory without config.json "
                                     "(expected a Hugging Face GPT-2 directory or a `python -m model convert` export)")
-    obj = _load_pickled(path)
+    obj = _load_pickled(path, max_pickle_bytes)
     if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
         return _read_nanogpt(path, obj)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj.get("config"), (ForeignConfig, dict)):
@@ -111,7 +113,7 @@ def read_checkpoint(path: str | Path) -> _Checkpoint:
                                 "{model, model_args, ...} or build-nanogpt's {model, config, step, ...}")
 
 
-def _load_pickled(path: Path):
+def _load_pickled(path: Path, max_pickle_bytes: int | None = None):
     with open(path, "rb") as f:
         head = f.read(16)
     is_zip = zipfile.is_zipfile(path)
@@ -128,13 +130,25 @@ def _load_pickled(path: Path):
     if is_zip and not _has_data_pkl(path):
         raise CheckpointError(path, "not a checkpoint: a zip archive without PyTorch's data.pkl")
     try:
-        return safe_torch_load(path)
+        return safe_torch_load(path, max_pickle_bytes=max_pickle_bytes)
+    except BadArchive as err:
+        raise CheckpointError(path, str(err)) from None
     except UnsafeCheckpoint as err:
         raise CheckpointError(path, f"refused: {err}; loading it could run code (only tensors, plain containers "
                                     "and a GPTConfig are allowed)") from None
     except Exception as err:  # EOFError, RuntimeError from the zip reader, UnpicklingError, ...
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(path, f"truncated or corrupt: {type(err).__name__}: {first}") from err
+        raise CheckpointError(path, f"truncated or corrupt: {_corruption(err)}") from err
+
+
+def _corruption(err: Exception) -> str:
+    """One line on what broke; exceptions with no message (a zip whose records are shorter than
+    declared raises a bare EOFError) get one."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    if first:
+        return f"{type(err).__name__}: {first}"
+    if isinstance(err, EOFError):
+        return "the data ends before what it declares (EOFError): a record is shorter than its header says"
+    return f"{type(err).__name__} while reading it"
 
 
 def _has_data_pkl(path: Path) -> bool:
@@ -212,7 +226,8 @@ def _hf_weight_files(path: Path) -> list[Path]:
         if not f.is_file():
             continue
         if name.endswith(".index.json"):  # sharded: {"weight_map": {tensor: shard file}}
-            shards = sorted(set(_read_json(f).get("weight_map", {}).values()))
+            shards = sorted(set(_read_json(f).get("weight_map", {}).values()), key=str)
+            _confine_shards(f, shards)
             missing = [s for s in shards if not (path / s).is_file()]
             if not shards or missing:
                 raise CheckpointError(f, "sharded index names missing shard files", got=missing or "no shards")
@@ -221,9 +236,22 @@ def _hf_weight_files(path: Path) -> list[Path]:
     raise CheckpointError(path, f"no weights: expected one of {', '.join(HF_WEIGHTS)}")
 
 
+def _confine_shards(index: Path, shards: list) -> None:
+    """A shard must be a plain file name inside the checkpoint's directory: an index naming
+    `../secrets` or `/etc/passwd` (or a symlink out) is refused, not read."""
+    root = index.parent.resolve()
+    for s in shards:
+        if not isinstance(s, str) or not s or Path(s).is_absolute() or ".." in Path(s).parts:
+            raise CheckpointError(index, "sharded index names a file outside the checkpoint directory", got=s)
+        if root not in (root / s).resolve().parents:
+            raise CheckpointError(index, "sharded index names a file outside the checkpoint directory "
+                                         "(through a symlink)", got=s)
+
+
 def _read_export(path: Path) -> _Checkpoint:
     try:
         config, spec, source = export.read_export_meta(path)
+        quantization = export.read_export_quantization(path)
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(path / export.CONFIG_FILE, f"invalid export config: {err}") from err
     weights = path / export.WEIGHTS_FILE
@@ -232,7 +260,10 @@ def _read_export(path: Path) -> _Checkpoint:
     state = _read_safetensors(weights)
     if LM_HEAD in state:  # as export.read_export_state: the tied embedding is stored once
         state[WTE] = state[LM_HEAD]
-    return _Checkpoint(path, "export", config, state, dict(source), [weights], tokenizer_spec=spec, meta_dirs=[path])
+    if quantization is not None and LM_HEAD + "_scale" in state:
+        state[export.TIED_SCALE_KEY] = state[LM_HEAD + "_scale"]
+    return _Checkpoint(path, "export", config, state, dict(source), [weights], tokenizer_spec=spec,
+                       meta_dirs=[path], quantization=quantization)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -352,28 +383,42 @@ def _check_state(path: Path, state: dict, expected: dict[str, torch.Tensor]) -> 
 
 
 def _place(state: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each tensor on device/dtype, in memory we own (tied tensors stay one tensor).
+    """Each tensor on device/dtype, in memory we own (tied tensors stay one tensor); int8
+    weights stay int8 and their scales float32 (model/quant.py).
 
     The file stays memory-mapped only while we copy out of it: nanoGPT's train.py rewrites
     ckpt.pt in place, and a served model must not change (or SIGBUS) when that happens."""
     placed: dict[int, torch.Tensor] = {}
-    for v in state.values():
+    for k, v in state.items():
         if id(v) not in placed:
-            out = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            keep = not v.is_floating_point() or k.endswith(quant.SCALE_SUFFIX)
+            out = v.to(device=device, dtype=v.dtype if keep else dtype)
             placed[id(v)] = out.clone() if out.data_ptr() == v.data_ptr() else out
     return {k: placed[id(v)] for k, v in state.items()}
 
 
 def build_model(ckpt: _Checkpoint, device: torch.device, dtype: torch.dtype) -> GPT:
     state = dict(ckpt.state)
-    _tie_embeddings(ckpt.path, state)
+    if ckpt.quantization is None:
+        _tie_embeddings(ckpt.path, state)
     # Built on the meta device (no memory, no random init); the checked tensors are then
     # assigned as the parameters, so the weights are copied exactly once.
     with torch.device("meta"):
         model = GPT(ckpt.config)
-    _check_state(ckpt.path, state, model.state_dict())
+        if ckpt.quantization is not None:
+            quant.quantize_model(model, ckpt.quantization)  # on meta: only the int8 modules' layout
+    expected = model.state_dict()
+    _check_state(ckpt.path, state, expected)
+    for k, want in expected.items():
+        if (state[k].dtype == torch.int8) != (want.dtype == torch.int8):
+            raise CheckpointError(ckpt.path, "tensor dtype does not match the quantization", key=k,
+                                  expected=str(want.dtype), got=str(state[k].dtype))
     model.load_state_dict(_place(state, device, dtype), strict=True, assign=True)
-    model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced both; tie them again
+    if ckpt.quantization is not None:
+        model.transformer.wte.dtype = dtype
+        quant.tie_quantized(model)
+    else:
+        model.transformer.wte.weight = model.lm_head.weight  # assign=True replaced both; tie them again
     return model.eval()
 
 
@@ -414,24 +459,38 @@ def _short_name(path: Path) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
-def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokenizer_path=None) -> GPT:
+def load_model_from_checkpoint(checkpoint_path, device=None, dtype=None, tokenizer_path=None,
+                               max_pickle_bytes: int | None = None, quantize: str | None = None) -> GPT:
     """Any supported checkpoint -> GPT in eval mode on `device`/`dtype`, with .tokenizer and .checkpoint_info.
+
+    checkpoint_path: a local path, or a https://, s3:// or hf:// URI (fetched and cached; docs/checkpoints.md).
 
     tokenizer_path: a char model's meta.pkl, or a GPT-2 `.tiktoken` ranks file (else tiktoken's cache/network).
     dtype: torch.dtype or a name ("float32", "bf16", ...); None picks by device; "auto" keeps the stored dtype.
+    max_pickle_bytes: the most a checkpoint's pickle may inflate to (model.safe_load.MAX_PICKLE_BYTES).
+    quantize: "int8" quantizes the weights on load (model/quant.py); None keeps them as stored
+    (an int8 export stays int8; `dtype` is then its activations', norms' and biases').
     """
-    ckpt = read_checkpoint(checkpoint_path)
+    if quantize is not None and quantize not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(quant.QUANTIZATIONS)} or None, got {quantize!r}")
+    local = resolve_checkpoint(checkpoint_path)  # a URI is fetched into the cache first (model/fetch)
+    ckpt = read_checkpoint(local.path, max_pickle_bytes)
     tokenizer = _tokenizer_for(ckpt, tokenizer_path)
     device = resolve_device(device)
     stored = next((v.dtype for v in ckpt.state.values() if v.is_floating_point()), torch.float32)
     dtype = resolve_dtype(dtype, device, stored)
-    model = build_model(ckpt, device, dtype)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if quantize is not None and ckpt.quantization is None:
+        # quantized from float32 weights, not from weights already rounded to dtype
+        model = quant.quantize_model(build_model(ckpt, device, torch.float32), quantize, dtype)
+    else:
+        model = build_model(ckpt, device, dtype)
+    n_bytes = quant.weight_bytes(model)
     model.tokenizer = tokenizer
     model.checkpoint_info = CheckpointInfo(
         path=str(ckpt.path), format=ckpt.format, digest=file_digest(ckpt.weight_files),
-        n_params=model.num_params(), n_bytes=n_bytes, source=ckpt.source, name=_short_name(ckpt.path))
+        n_params=quant.count_weights(model), n_bytes=n_bytes, source={**ckpt.source, **local.provenance},
+        name=local.name or _short_name(ckpt.path))
     logger.info("loaded %s checkpoint %s: %.2fM parameters, %.1f MiB as %s on %s, tokenizer %s",
-                ckpt.format, ckpt.path, model.num_params() / 1e6, n_bytes / 2**20,
+                ckpt.format, ckpt.path, quant.count_weights(model) / 1e6, n_bytes / 2**20,
                 str(dtype).removeprefix("torch."), device, tokenizer.name)
     return model

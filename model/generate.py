@@ -12,8 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from model.fastpath import kv_cache_dtype
-from model.gpt import GPT, KVCache
+from model.gpt import GPT, KVCache, kv_cache_dtype
 from model.sampling import BatchParams, SamplingParams, sample
 
 

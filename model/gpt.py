@@ -32,13 +32,18 @@ class GPTConfig:
     gelu_approximate: str = "none"
 
     def __post_init__(self) -> None:
+        # Sizes first, each by name: a checkpoint's n_head 0 or n_layer 1.5 must say so, not
+        # surface as a ZeroDivisionError or a TypeError from deep inside the model.
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +80,15 @@ class KVCache:
         return 2 * n_rows * per_row * torch.empty((), dtype=dtype).element_size()
 
 
+
+def kv_cache_dtype(model: "GPT") -> torch.dtype:
+    """The KV cache's dtype: the model's, except on CPU under torch's attention, where it is
+    float32 (torch's half-precision attention on CPU is several times slower; a fused decode
+    attention reads any cache dtype and computes in float32). Measurements: docs/engine.md."""
+    p = next(model.parameters())
+    fused = any(getattr(m, "decode_attention", None) is not None for m in model.modules())
+    return torch.float32 if p.device.type == "cpu" and not fused else p.dtype
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1's API)."""
 
@@ -89,7 +103,7 @@ class LayerNorm(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     # A device may supply a fused one-token step (cache writes + attention in one op, with the
-    # signature of model/cpukernels.decode_attention, returning None where it does not apply);
+    # signature of model/kernels/cpu.decode_attention, returning None where it does not apply);
     # None: the torch operators below. With fused_chunks it takes prompt chunks too (whose
     # tokens then get the very bits they would get one at a time: batch-invariant mode).
     decode_attention = None
@@ -171,7 +185,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # A device may supply every block's one-token step as one op (model/cpukernels.DecodeStack:
+    # A device may supply every block's one-token step as one op (model/kernels/cpu.DecodeStack:
     # applies(B, k_cache), then a call); None: block by block, module by module.
     decode_stack = None
 
@@ -262,19 +276,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             xs = block.step_parts(xs, [(t, mask, cache.k[i, sel], cache.v[i, sel], rows)
                                        for t, mask, sel, rows in contexts])
-        wanted = [i for i, p in enumerate(parts) if p.logits]
+        wanted = [i for i, p in enumerate(parts) if p.logits in ("all", "last")]
         heads = joint(lambda x: self.lm_head(self.transformer.ln_f(x)),
                       [xs[i][:, -1:] if parts[i].logits == "last" else xs[i] for i in wanted])
         out: list[torch.Tensor | None] = [None] * len(parts)
         for i, logits in zip(wanted, heads):
             out[i] = logits
+        for i, p in enumerate(parts):  # the caller runs the output layer itself, in pieces
+            if p.logits == "hidden":
+                out[i] = self.transformer.ln_f(xs[i])  # (B, T, C)
         return out
 
     def _stacked_step(self, p: "StepPart", cache: KVCache) -> list[torch.Tensor | None] | None:
         """step_parts([p]) for one-token steps of contiguous rows by self.decode_stack, the same
         ops in the same order (so the same numbers); None where it does not apply."""
         B, T = p.idx.shape
-        if T != 1 or p.rows is not None or not self.decode_stack.applies(B, cache.k):
+        if T != 1 or p.rows is not None or p.logits == "hidden" or not self.decode_stack.applies(B, cache.k):
             return None
         x = self.transformer.wte(p.idx) + self.transformer.wpe(p.pos.unsqueeze(1))
         x = self.decode_stack(x, p.pos, cache, p.row0)
@@ -284,7 +301,8 @@ class GPT(nn.Module):
 @dataclass
 class StepPart:
     """One batch of GPT.step's arguments, for GPT.step_parts. logits: "all" positions,
-    the "last" one, or None (a prompt chunk whose logits nobody reads)."""
+    the "last" one, None (a prompt chunk whose logits nobody reads), or "hidden": the final
+    hidden states (after ln_f) of all positions, for a caller that scores them in pieces."""
     idx: torch.Tensor
     pos: torch.Tensor
     row0: int = 0

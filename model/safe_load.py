@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import re
 import zipfile
 from pathlib import Path
 
@@ -57,12 +58,45 @@ def _pickle_globals(data: bytes) -> set[str]:
     return names
 
 
-def _zip_pickle(path: Path) -> bytes | None:
-    """The data.pkl record of a torch.save zip (stored as <archive name>/data.pkl)."""
+MAX_PICKLE_BYTES = 256 << 20  # GPT-2's data.pkl is tens of KiB; the tensors live in records beside it
+
+
+class BadArchive(Exception):
+    """A zip whose records declare sizes the file cannot hold, or that inflate past the limit."""
+
+
+def check_archive(zf: zipfile.ZipFile, file_size: int, max_pickle_bytes: int) -> None:
+    """Declared sizes against the file and the limit, before anything is inflated: a 1.5 MB
+    zip whose data.pkl inflates to 1.5 GB is refused here, in microseconds."""
+    inflated = 0
+    for info in zf.infolist():
+        if info.header_offset + info.compress_size > file_size:
+            raise BadArchive(f"truncated or corrupt: record {info.filename} declares {info.compress_size} bytes "
+                             f"at offset {info.header_offset}, past the end of the {file_size}-byte file")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                raise BadArchive(f"truncated or corrupt: stored record {info.filename} declares {info.file_size} "
+                                 f"bytes but holds {info.compress_size}")
+            continue
+        inflated += info.file_size  # torch.save stores records; only a hand-made zip compresses them
+        if inflated > max_pickle_bytes:
+            raise BadArchive(f"refused: compressed records inflate to {inflated} bytes or more (from "
+                             f"{info.compress_size} for {info.filename}), over the limit of {max_pickle_bytes} "
+                             "bytes (MAX_PICKLE_BYTES)")
+
+
+def _zip_pickle(path: Path, max_pickle_bytes: int = MAX_PICKLE_BYTES) -> bytes | None:
+    """The data.pkl record of a torch.save zip (stored as <archive name>/data.pkl), read only
+    after check_archive and never past the limit."""
     with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if name.endswith("/data.pkl") or name == "data.pkl":
-                return zf.read(name)
+        check_archive(zf, path.stat().st_size, max_pickle_bytes)
+        for info in zf.infolist():
+            if info.filename.endswith("/data.pkl") or info.filename == "data.pkl":
+                if info.file_size > max_pickle_bytes:
+                    raise BadArchive(f"refused: {info.filename} is {info.file_size} bytes, over the limit of "
+                                     f"{max_pickle_bytes} bytes (MAX_PICKLE_BYTES)")
+                with zf.open(info) as f:
+                    return f.read(max_pickle_bytes + 1)
     return None
 
 
@@ -104,16 +138,17 @@ def has_allowlist_api() -> bool:
     return hasattr(torch.serialization, "add_safe_globals")
 
 
-def safe_torch_load(path: Path, use_allowlist_api: bool | None = None):
+def safe_torch_load(path: Path, use_allowlist_api: bool | None = None, max_pickle_bytes: int | None = None):
     """torch.load(path) onto the CPU, memory-mapped when the file is a zip archive.
 
-    Raises UnsafeCheckpoint when the file names a global we do not allow; torch's other
+    Raises UnsafeCheckpoint when the file names a global we do not allow, BadArchive when its
+    records lie about their sizes or inflate past `max_pickle_bytes`; torch's other
     exceptions (truncated/corrupt files) pass through for the caller to translate.
     """
     is_zip = zipfile.is_zipfile(path)
     foreign: list[type] = []
     if is_zip:
-        data = _zip_pickle(path)
+        data = _zip_pickle(path, max_pickle_bytes or MAX_PICKLE_BYTES)
         if data is not None:
             names = _pickle_globals(data)
             unknown = names - set(_torch_allowed_globals())
@@ -139,9 +174,19 @@ def safe_torch_load(path: Path, use_allowlist_api: bool | None = None):
 
 
 def _refusal_reason(err: Exception) -> str:
-    """The informative line of torch's long weights_only message."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or "global" in line or "Trying to" in line:
-            return line[:300]
-    return (lines[0] if lines else type(err).__name__)[:300]
+    """What torch's weights_only refusal objected to, in one line. Its long message also
+    advises retrying with weights_only=False, which we never do and must never print."""
+    text = str(err)
+    named = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global ([\w.]+) is not allowed", text)
+    if named:
+        return f"global {named.group(1)} is not allowed"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        line = detail.group(1).strip()
+        opcode = re.fullmatch(r"Unsupported operand (\d+)", line)
+        if opcode:
+            code = bytes([int(opcode.group(1)) % 256]).decode("latin-1")
+            name = next((op.name for op in pickletools.opcodes if op.code == code), "unknown")
+            return f"pickle opcode {name} is not allowed"
+        return line[:200]
+    return f"{type(err).__name__} from the weights-only unpickler"

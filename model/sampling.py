@@ -21,9 +21,10 @@ from typing import Sequence
 
 import torch
 
-from model import cpukernels
+from model.kernels import cpu as cpukernels
 
 _M32 = 0xFFFFFFFF
+MAX_TOP_LOGPROBS = 100  # the engine's bound on top alternatives per token (the server's MAX_LOGPROBS is lower)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class SamplingParams:
     seed: int | None = None  # None: the engine draws one at admission
     stop: tuple[str, ...] = ()  # the text is cut before the first stop string
     stop_at_eot: bool = True  # stop at the tokenizer's end-of-text token, if it has one
+    # Log-probabilities (model/logprobs.py), computed only for requests that set them: for each
+    # generated token, and for each prompt token after the first, with this many top alternatives.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the field and its limit; return self for chaining."""
@@ -52,6 +57,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         if len(self.stop) > 16:
             raise ValueError(f"stop may hold at most 16 strings, got {len(self.stop)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions (JSON or SSE)."""
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions (JSON or SSE; n, echo, logprobs)."""
 
 from __future__ import annotations
 
@@ -7,45 +7,52 @@ import time
 from aiohttp import web
 
 from . import keys, protocol, sse
-from .errors import NotFound
 from .middleware import ACCESS, note_access, read_json
+from .protocol_logprobs import completion_logprobs
+from .served import served_name
 
 routes = web.RouteTableDef()
 
 
-def _model_name(app: web.Application) -> str:
-    lifecycle = app[keys.LIFECYCLE]
-    lifecycle.engine_or_raise()
-    return lifecycle.model.name
-
-
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    lifecycle = request.app[keys.LIFECYCLE]
-    name = _model_name(request.app)
-    return web.json_response(protocol.models_response(name, lifecycle.model.created))
+    served_name(request.app, None)  # 503 while loading
+    m = request.app[keys.LIFECYCLE].model
+    return web.json_response(protocol.models_response(m.names, m.created, m.path, m.max_model_len))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     req = protocol.parse_completion(await read_json(request), protocol.Limits.of(request.app[keys.CONFIG]))
-    name = _model_name(request.app)
-    if req.model is not None and req.model != name:
-        raise NotFound(f"model {req.model!r} is not served here; this server serves {name!r}", param="model",
-                       code="model_not_found")
+    name = served_name(request.app, req.model)
     gen = request.app[keys.GENERATOR]
     field = "prompt" if len(req.prompts) == 1 else None
-    prompts = [gen.prompt(p, field or f"prompt[{i}]") for i, p in enumerate(req.prompts)]
+    prompts = [await gen.prompt(p, field or f"prompt[{i}]") for i, p in enumerate(req.prompts)]
     if req.stream:
         return await _stream(request, name, prompts[0], req)
-    completions = await gen.complete(prompts, req.params, request[keys.IDENTITY])
+    each = protocol.choice_params(req.params, req.n)
+    expanded = [p for p in prompts for _ in range(req.n)]  # choice i*n + j: prompt i, sample j
+    completions = await gen.complete(expanded, each * len(prompts), request[keys.IDENTITY])
     note_access(request, prompts, completions)
-    choices = [protocol.completion_choice(i, (p.text if req.echo else "") + c.text,
-                                          protocol.openai_finish_reason(c.finish_reason))
-               for i, (p, c) in enumerate(zip(prompts, completions))]
+    tokenizer = request.app[keys.LIFECYCLE].engine.tokenizer
+    choices = [_choice(i, p, c, req, tokenizer) for i, (p, c) in enumerate(zip(expanded, completions))]
+    generated = 0 if req.echo_only else sum(c.completion_tokens for c in completions)
     return web.json_response(protocol.completion_response(
-        protocol.completion_id(), name, choices,
-        sum(len(p.ids) for p in prompts), sum(c.completion_tokens for c in completions)))
+        protocol.completion_id(), name, choices, sum(len(p.ids) for p in prompts), generated))
+
+
+def _choice(index: int, prompt, c, req: protocol.CompletionRequest, tokenizer) -> dict:
+    text = (prompt.text if req.echo else "") + ("" if req.echo_only else c.text)
+    finish = "length" if req.echo_only else protocol.openai_finish_reason(c.finish_reason)
+    logprobs = None
+    if req.params.logprobs is not None:
+        ids, entries = [], []
+        if req.echo:
+            ids, entries = list(prompt.ids), list(c.prompt_logprobs)
+        if not req.echo_only:
+            ids, entries = ids + list(c.token_ids), entries + list(c.logprobs)
+        logprobs = completion_logprobs(tokenizer, ids, entries, len(text) if c.finish_reason == "stop" else None)
+    return protocol.completion_choice(index, text, finish, logprobs)
 
 
 async def _stream(request: web.Request, name: str, prompt, req: protocol.CompletionRequest) -> web.StreamResponse:

@@ -16,7 +16,7 @@ routes = web.RouteTableDef()
 async def generate(request: web.Request) -> web.StreamResponse:
     req = protocol.parse_generate(await read_json(request), protocol.Limits.of(request.app[keys.CONFIG]))
     gen = request.app[keys.GENERATOR]
-    prompt = gen.prompt(req.prompts[0], "prompt")
+    prompt = await gen.prompt(req.prompts[0], "prompt")
     if req.stream:
         return await _stream_generate(request, prompt, req.params)
     [completion] = await gen.complete([prompt], req.params, request[keys.IDENTITY])
@@ -44,7 +44,7 @@ async def _stream_generate(request: web.Request, prompt, params) -> web.StreamRe
 async def batch_generate(request: web.Request) -> web.Response:
     req = protocol.parse_batch(await read_json(request), protocol.Limits.of(request.app[keys.CONFIG]))
     gen = request.app[keys.GENERATOR]
-    prompts = [gen.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
+    prompts = [await gen.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
     completions = await gen.complete(prompts, req.params, request[keys.IDENTITY])
     note_access(request, prompts, completions)
     return web.json_response({"results": [protocol.seed_result(p.text, c.text, c.completion_tokens)
@@ -56,8 +56,9 @@ async def health(request: web.Request) -> web.Response:
     lifecycle = request.app[keys.LIFECYCLE]
     config = request.app[keys.CONFIG]
     m = lifecycle.model
+    status = health_status(lifecycle)
     body = {
-        "status": "healthy" if lifecycle.alive else "unhealthy",
+        "status": status,
         "ready": lifecycle.ready,
         "draining": lifecycle.draining,
         "device": m.device if m else (config.device or "unknown"),
@@ -73,7 +74,17 @@ async def health(request: web.Request) -> web.Response:
                           "kv_cache_usage": s.kv_cache_usage, "tokens_per_second": s.tokens_per_second}
     if lifecycle.load_error:
         body["error"] = lifecycle.load_error
-    return web.json_response(body, status=200 if lifecycle.alive else 503)
+    return web.json_response(body, status=200 if status == "healthy" else 503)
+
+
+def health_status(lifecycle) -> str:
+    """healthy (200) only when a request would be served; else why not (503), as TGI's and vLLM's
+    /health do: a client that waits for healthy can send at once."""
+    if not lifecycle.alive:
+        return "unhealthy"  # the model failed to load, or the engine loop died
+    if lifecycle.draining:
+        return "draining"
+    return "healthy" if lifecycle.ready else "loading"
 
 
 @routes.get("/healthz")

@@ -1,6 +1,6 @@
 """API keys: `API_KEY` (one) and/or `API_KEYS_FILE` (one per line, '#' comments).
 
-The file is re-read when its mtime (or size) changes, so a rotated Kubernetes Secret
+The file is re-read when its content changes (compared by digest), so a rotated Kubernetes Secret
 takes effect without a restart; a file that vanishes or fails to read keeps the last
 good keys. Keys are compared with `hmac.compare_digest` against every accepted key (no
 early exit), and are never logged: callers get an opaque `identity` (a hash prefix) to
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from pathlib import Path
 
 from aiohttp import web
@@ -22,7 +21,13 @@ log = logging.getLogger(__name__)
 
 def key_identity(key: str) -> str:
     """A stable, non-reversible name for a key (rate-limit buckets, access logs)."""
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "key:" + hashlib.sha256(key_bytes(key)).hexdigest()[:16]
+
+
+def key_bytes(key: str) -> bytes:
+    """aiohttp decodes header bytes that are not UTF-8 as lone surrogates; give them back as
+    the bytes the client sent, so such a key is simply wrong (401), never an encoding error."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -42,7 +47,7 @@ class KeyStore:
         self._static = [api_key.encode()] if api_key else []
         self._path = Path(keys_file) if keys_file else None
         self._file_keys: list[bytes] = []
-        self._stamp: tuple[int, int] | None = None
+        self._digest: bytes | None = None  # sha256 of the file as last loaded
         self.reload_if_changed()
 
     @property
@@ -50,22 +55,25 @@ class KeyStore:
         return bool(self._static or self._path)
 
     def reload_if_changed(self) -> None:
+        # By content, not by mtime and size: a rotated file of the same length written within
+        # the filesystem's timestamp granularity would otherwise keep the old keys. The file
+        # is small and in the page cache; reading it costs about as much as the stat did.
         if self._path is None:
             return
         try:
-            st = os.stat(self._path)
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return
-            lines = self._path.read_text().splitlines()
+            raw = self._path.read_bytes()
         except OSError as e:
-            if self._stamp is not None:
+            if self._digest is not None:
                 log.warning("cannot read API_KEYS_FILE; keeping the previous keys",
                             extra={"path": str(self._path), "error": type(e).__name__})
-                self._stamp = None
+                self._digest = None
             return
-        self._file_keys = [ln.strip().encode() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        self._stamp = stamp
+        digest = hashlib.sha256(raw).digest()
+        if digest == self._digest:
+            return
+        lines = raw.decode("utf-8", "surrogateescape").splitlines()
+        self._file_keys = [key_bytes(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        self._digest = digest
         log.info("loaded API keys", extra={"path": str(self._path), "n_keys": len(self._file_keys)})
 
     def check(self, key: str | None) -> bool:
@@ -73,7 +81,7 @@ class KeyStore:
         self.reload_if_changed()
         if key is None:
             return False
-        given = key.encode()
+        given = key_bytes(key)
         ok = False
         for accepted in self._static + self._file_keys:
             ok |= hmac.compare_digest(given, accepted)  # no short-circuit: every key is compared

@@ -63,11 +63,14 @@ class MemoryCache:
 
 
 class RedisCache:
-    def __init__(self, redis, ttl: float):
-        self._redis, self.ttl = redis, ttl
+    def __init__(self, redis, ttl: float, breaker=None):
+        self._redis, self.ttl, self._breaker = redis, ttl, breaker
+
+    async def _call(self, fn):
+        return await (self._breaker.call(fn) if self._breaker else fn())
 
     async def get(self, key: str) -> CachedCompletion | None:
-        raw = await self._redis.get(key)
+        raw = await self._call(lambda: self._redis.get(key))
         if raw is None:
             return None
         try:
@@ -76,7 +79,8 @@ class RedisCache:
             return None  # written by an incompatible version: a miss
 
     async def set(self, key: str, value: CachedCompletion) -> None:
-        await self._redis.set(key, json.dumps(dataclasses.asdict(value)), px=max(1, int(self.ttl * 1000)))
+        blob = json.dumps(dataclasses.asdict(value))
+        await self._call(lambda: self._redis.set(key, blob, px=max(1, int(self.ttl * 1000))))
 
 
 class ResponseCache:

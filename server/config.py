@@ -70,13 +70,32 @@ class ServerConfig:
     cache_max_entries: int = 4096
     max_batch: int = 32
     max_queue: int = 256
-    prefill_chunk: int = 128  # prompt tokens per step while rows decode (model/engine_types.py)
+    prefill_chunk: int = 128  # prompt tokens per step while rows decode (model/engine/config.py)
     idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
-    batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine_types.py)
+    batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
+    engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
     log_level: str = "INFO"
+    served_model_name: tuple[str, ...] = ()  # names clients send as `model`; the first is reported
+    chat_template: str | None = None  # a Jinja2 chat template file (default: server/chat_template.py's)
+    max_n: int = 16  # choices per prompt (`n`)
+    max_logprobs: int = 20  # top alternatives per token (`logprobs`, `top_logprobs`)
+    # Hostile clients and bad checkpoints (docs/security.md).
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 30.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
+    max_pickle_bytes: int = 256 << 20  # model/safe_load.py MAX_PICKLE_BYTES
+    kv_cache_max_bytes: int = 16 << 30
+    redis_retry_seconds: float = 5.0
+    max_prompts_per_request: int = 32
+    max_rows_per_caller: int = 0  # 0: MAX_BATCH less an eighth (at least one row) for other callers
+    max_prompt_bytes: int = 0  # 0: 32 bytes per position of the model's context (server/serving.py)
+    tokenizer_threads: int = 2
+    max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
 
     @property
     def auth_enabled(self) -> bool:
@@ -178,6 +197,15 @@ def parse_rate_limit(raw: str) -> RateLimit | None:
     return RateLimit(count, mult * _PERIODS[unit])
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(","))
+    if raw.strip() and not all(names):
+        raise ValueError(f"must be a comma-separated list of non-empty names, got {raw!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {raw!r}")
+    return names if raw.strip() else ()
+
+
 def _optional_positive_int(raw: str) -> int | None:
     if not raw.strip() or raw.strip() == "0":
         return None
@@ -216,7 +244,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model_checkpoint", "MODEL_CHECKPOINT", _str,
-            "checkpoint file or export directory (default: the embedded demo model)"),
+            "checkpoint file or directory, or a https://, s3:// or hf:// URI fetched into NANOGPT_CACHE_DIR "
+            "(docs/checkpoints.md; default: the embedded demo model)"),
     Setting("host", "HOST", _str, "address to listen on (default 0.0.0.0)"),
     Setting("port", "PORT", _int(0, 65535), "port to listen on (default 5000)"),
     Setting("device", "DEVICE", _device, "cpu, cuda, cuda:N (default: cuda if available)"),
@@ -252,8 +281,45 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
+    Setting("served_model_name", "SERVED_MODEL_NAME", _names,
+            "model name(s) clients send, comma-separated; the first is reported, the rest are aliases "
+            "(default: the checkpoint's name)"),
+    Setting("chat_template", "CHAT_TEMPLATE", _str,
+            "Jinja2 chat template file for /v1/chat/completions (default: a plain transcript, docs/api.md)"),
+    Setting("max_n", "MAX_N", _int(1, 128), "most choices per prompt, `n` (default 16)"),
+    Setting("max_logprobs", "MAX_LOGPROBS", _int(0, 100),
+            "most top alternatives per token, `logprobs` / `top_logprobs` (default 20)"),
+    Setting("engine_process", "ENGINE_PROCESS", _bool,
+            "run the engine core (model, scheduler, KV cache) in a process of its own, so the HTTP event loop "
+            "and the engine's step loop do not share one interpreter lock (default false; docs/engine-process.md)"),
     Setting("log_prompts", "LOG_PROMPTS", _bool, "include prompts in access logs (default false)"),
     Setting("log_level", "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level (default INFO)"),
+    Setting("header_timeout", "HEADER_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request's head, from its first byte (default 10)"),
+    Setting("body_timeout", "BODY_TIMEOUT", _float(0.001),
+            "seconds a client may take to send a request body after its head; then 408 (default 60)"),
+    Setting("keepalive_timeout", "KEEPALIVE_TIMEOUT", _float(0.001),
+            "seconds an idle keep-alive connection stays open (default 30)"),
+    Setting("max_connections", "MAX_CONNECTIONS", _int(1),
+            "open client connections before new ones get 503; lowered to fit the file limit (default 1024)"),
+    Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", _int(1),
+            "open connections per client address (default 256)"),
+    Setting("max_pickle_bytes", "MAX_PICKLE_BYTES", _int(1024),
+            "the most a checkpoint's pickle (and any compressed record) may inflate to (default 268435456)"),
+    Setting("kv_cache_max_bytes", "KV_CACHE_MAX_BYTES", _int(1),
+            "refuse a model whose KV cache (MAX_BATCH rows x block_size) would exceed this (default 17179869184)"),
+    Setting("max_prompt_bytes", "MAX_PROMPT_BYTES", _int(0),
+            "longest prompt in UTF-8 bytes, refused before tokenizing; 0: 32 x the model's block_size (default 0)"),
+    Setting("tokenizer_threads", "TOKENIZER_THREADS", _int(1, 64),
+            "threads that tokenize long prompts off the event loop (default 2)"),
+    Setting("max_prompts_per_request", "MAX_PROMPTS_PER_REQUEST", _int(1),
+            "prompts in one /batch_generate or /v1/completions request (default 32)"),
+    Setting("max_rows_per_caller", "MAX_ROWS_PER_CALLER", _int(0),
+            "engine requests one API key (or client address) may hold at once; the rest wait their turn, "
+            "round robin across callers; 0: MAX_BATCH less an eighth, at least one row (default 0)"),
+    Setting("redis_retry_seconds", "REDIS_RETRY_SECONDS", _float(0.01),
+            "after a Redis failure, skip Redis this long and probe it in the background (default 5)"),
+    Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),
 )
 
 
@@ -292,12 +358,28 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         values["model_checkpoint"] = default_checkpoint()
     config = ServerConfig(**values)
     validate(config)
+    _check_checkpoint_source(config.model_checkpoint, environ)
     return config
+
+
+def _check_checkpoint_source(text: str, environ: Mapping[str, str]) -> None:
+    """A URI's syntax and scheme (http:// only when allowed) are checked here, so a typo fails at start-up
+    rather than after the engine's set-up; the fetch settings (NANOGPT_*) are model.fetch's own."""
+    from model.fetch import FetchConfigError, FetchSettings, check_source
+
+    try:
+        check_source(text, FetchSettings.from_env(environ))
+    except FetchConfigError as e:
+        raise ConfigError(e.variable, e.problem) from None
+    except ValueError as e:
+        raise ConfigError("MODEL_CHECKPOINT", str(e)) from None
 
 
 def validate(config: ServerConfig) -> None:
     if config.api_keys_file and not Path(config.api_keys_file).is_file():
         raise ConfigError("API_KEYS_FILE", f"no such file: {config.api_keys_file}")
+    if config.chat_template and not Path(config.chat_template).is_file():
+        raise ConfigError("CHAT_TEMPLATE", f"no such file: {config.chat_template}")
     if config.tokenizer_path and not Path(config.tokenizer_path).is_file():
         raise ConfigError("TOKENIZER_PATH", f"no such file: {config.tokenizer_path}")
     if config.metrics_auth and not config.auth_enabled:

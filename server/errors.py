@@ -2,12 +2,12 @@
 
     ServerError (500 server_error)
     ├── BadRequest (400 invalid_request_error; names .field and the limit)
-    │   ├── InvalidJSON (400)
+    │   ├── InvalidJSON (400), InvalidBody (400: corrupt gzip/deflate)
     │   ├── PromptTooLong (400 context_length_exceeded; token count and limit)
     │   └── Unprocessable (422)
     ├── Unauthorized (401 authentication_error)
     ├── NotFound (404), MethodNotAllowed (405)
-    ├── PayloadTooLarge (413), UnsupportedMediaType (415)
+    ├── RequestTimeout (408), PayloadTooLarge (413), UnsupportedMediaType (415)
     ├── RateLimited (429 rate_limit_exceeded; Retry-After)
     ├── Unavailable (503; Retry-After): Overloaded (queue full), NotReady (loading), Draining (SIGTERM)
     └── GenerationTimeout (504)
@@ -67,6 +67,15 @@ class InvalidJSON(BadRequest):
         super().__init__(None, message)
 
 
+class InvalidBody(BadRequest):
+    """The body could not be read as sent: a corrupt Content-Encoding, a broken chunked body."""
+
+    code = "invalid_body"
+
+    def __init__(self, reason: str):
+        super().__init__(None, f"request body could not be read: {reason}")
+
+
 class PromptTooLong(BadRequest):
     """The prompt has more tokens than the model's context allows."""
 
@@ -105,6 +114,13 @@ class NotFound(ServerError):
 class MethodNotAllowed(ServerError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
+    def __init__(self, message: str, allowed: frozenset[str] | set[str] = frozenset()):
+        super().__init__(message)
+        self.allowed = sorted(allowed)
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}  # RFC 9110 15.5.6: a 405 must carry Allow
+
 
 class PayloadTooLarge(ServerError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
@@ -112,6 +128,12 @@ class PayloadTooLarge(ServerError):
     def __init__(self, limit: int):
         super().__init__(f"request body exceeds the limit of {limit} bytes")
         self.limit = limit
+
+
+class RequestTimeout(ServerError):
+    """The client did not finish sending its request within HEADER_TIMEOUT / BODY_TIMEOUT."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class UnsupportedMediaType(ServerError):
@@ -169,7 +191,8 @@ class GenerationTimeout(ServerError):
 # aiohttp raises its own HTTPExceptions for routing and body size; give them our shape.
 _HTTP_MAP = {
     404: lambda e: NotFound("no route for this path"),
-    405: lambda e: MethodNotAllowed("method not allowed on this path"),
+    405: lambda e: MethodNotAllowed(f"method {e.method} not allowed on this path; allowed: "
+                                    f"{', '.join(sorted(e.allowed_methods))}", e.allowed_methods),
 }
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .auth import KeyStore
 from .cache import ResponseCache
+from .chat_template import ChatTemplate
 from .config import ServerConfig
 from .lifecycle import Lifecycle
 from .metrics import Metrics
@@ -19,6 +20,7 @@ KEYS = web.AppKey("keys", KeyStore)
 LIMITER = web.AppKey("limiter", RateLimiter)
 CACHE = web.AppKey("cache", ResponseCache)
 GENERATOR = web.AppKey("generator", Generator)
+CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
 
 # Per request.
 IDENTITY = web.RequestKey("identity", str)  # hashed API key or client address: rate limits, logs

@@ -26,6 +26,12 @@ class ModelInfo:
     device: str
     dtype: str
     created: int = field(default_factory=lambda: int(time.time()))
+    aliases: tuple[str, ...] = ()  # further names clients may send (SERVED_MODEL_NAME)
+    max_model_len: int = 0  # the context window, in tokens
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 class Lifecycle:

@@ -15,14 +15,14 @@ from aiohttp import web
 
 from . import keys
 from .auth import key_identity, presented_key
-from .errors import InvalidJSON, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response, translate
+from .errors import InvalidBody, InvalidJSON, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response, translate
 
 log = logging.getLogger("server.access")
 
 # Probes and docs never need a key; /metrics is open unless METRICS_AUTH.
 OPEN_PATHS = {"/health", "/healthz", "/readyz", "/openapi.json"}
 # Routes that generate: rate limited, counted in flight, refused while draining.
-GENERATION_PATHS = {"/generate", "/batch_generate", "/v1/completions"}
+GENERATION_PATHS = {"/generate", "/batch_generate", "/v1/completions", "/v1/chat/completions"}
 REQUEST_ID, ACCESS = keys.REQUEST_ID, keys.ACCESS
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -132,12 +132,41 @@ async def read_json(request: web.Request) -> object:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(limit) from None
+    except web.RequestPayloadError as e:  # a corrupt gzip/deflate body, a cut chunked body
+        raise InvalidBody(str(e).splitlines()[-1].strip() or "the body could not be read") from None
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidJSON(f"malformed JSON body: {type(e).__name__}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidJSON(f"malformed JSON body: not UTF-8 (byte {e.start})") from None
+    max_depth = request.app[keys.CONFIG].max_json_depth
+    if _nesting(text, max_depth) > max_depth:
+        raise InvalidJSON(f"malformed JSON body: nested deeper than MAX_JSON_DEPTH={max_depth}")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:  # JSONDecodeError (with its position), NaN/Infinity, integers past 4300 digits
+        reason = str(e).split("; use sys.set_int_max_str_digits", 1)[0]  # no advice meant for programmers
+        raise InvalidJSON(f"malformed JSON body: {reason}") from None
+    except RecursionError:
+        raise InvalidJSON(f"malformed JSON body: nested too deeply for MAX_JSON_DEPTH={max_depth}") from None
+
+
+def _nesting(text: str, limit: int) -> int:
+    """The deepest [ / { nesting outside strings (stops counting past the limit)."""
+    if text.count("[") + text.count("{") <= limit:
+        return 0  # cannot nest deeper than it has brackets: the common case costs two counts
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRINGS.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+    return deepest
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+    raise ValueError(f"{name} is not valid JSON (RFC 8259 has no NaN or Infinity)")
 

@@ -34,6 +34,16 @@ def _sampling(config: ServerConfig, length_field: str) -> dict:
     }
 
 
+def _choices(config: ServerConfig) -> dict:
+    return {"n": {"type": "integer", "minimum": 1, "maximum": config.max_n},
+            "best_of": {"type": "integer", "minimum": 1, "maximum": config.max_n,
+                        "description": "accepted only equal to n"}}
+
+
+def _stream_options() -> dict:
+    return {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}
+
+
 def _json_body(schema_ref: str) -> dict:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": schema_ref}}}}
 
@@ -78,9 +88,42 @@ def build_openapi(config: ServerConfig) -> dict:
             "prompt": {"oneOf": [prompt, {"type": "array", "minItems": 1, "maxItems": config.max_queue,
                                           "items": prompt}]},
             **_sampling(config, "max_tokens"),
-            "n": {"type": "integer", "minimum": 1, "maximum": 1},
+            **_choices(config),
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": config.max_logprobs, "nullable": True,
+                         "description": "top alternatives per token; log-softmax of the raw logits"},
             "stream": {"type": "boolean"}, "echo": {"type": "boolean"}, "user": {"type": "string"},
-            "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}},
+            "stream_options": _stream_options()}},
+        "ChatRequest": {"type": "object", "required": ["messages"], "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+                "type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"oneOf": [prompt, {"type": "array", "items": {
+                        "type": "object", "required": ["type", "text"],
+                        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": prompt}}}]},
+                    "name": {"type": "string"}}}},
+            **_sampling(config, "max_tokens"),
+            "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": config.max_length_limit},
+            **_choices(config),
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": config.max_logprobs},
+            "stream": {"type": "boolean"}, "stream_options": _stream_options(), "user": {"type": "string"}}},
+        "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                           "properties": {"id": {"type": "string"}, "object": {"type": "string"},
+                                          "created": {"type": "integer"}, "model": {"type": "string"},
+                                          "choices": {"type": "array", "items": {"type": "object"}},
+                                          "usage": {"type": "object"}}},
+        "TokenizeRequest": {"type": "object", "properties": {
+            "model": {"type": "string"}, "prompt": {"type": "string", "maxLength": 2000},
+            "add_special_tokens": {"type": "boolean"}, "return_token_strs": {"type": "boolean"}}},
+        "TokenizeResponse": {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+            "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "token_strs": {"type": "array", "items": {"type": "string"}, "nullable": True}}},
+        "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
+            "model": {"type": "string"},
+            "tokens": {"type": "array", "maxItems": 2000, "items": {"type": "integer", "minimum": 0}}}},
+        "DetokenizeResponse": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
         "Completion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                       "created": {"type": "integer"}, "model": {"type": "string"},
@@ -114,7 +157,21 @@ def build_openapi(config: ServerConfig) -> dict:
                                            _responses("#/components/schemas/Completion", 404, *gen_errors,
                                                       stream=True),
                                            "#/components/schemas/CompletionRequest")},
-            "/v1/models": {"get": op("The served model", _responses("#/components/schemas/Models", 401, 503))},
+            "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions (through the chat template)",
+                                                _responses("#/components/schemas/ChatCompletion", 404, *gen_errors,
+                                                           stream=True),
+                                                "#/components/schemas/ChatRequest")},
+            "/v1/models": {"get": op("The served model, one card per served name",
+                                     _responses("#/components/schemas/Models", 401, 503))},
+            "/tokenize": {"post": op("Token ids of a prompt or of chat messages (vLLM's shape)",
+                                     _responses("#/components/schemas/TokenizeResponse", 400, 401, 404, 413, 415, 503),
+                                     "#/components/schemas/TokenizeRequest")},
+            "/detokenize": {"post": op("Text of token ids (vLLM's shape)",
+                                       _responses("#/components/schemas/DetokenizeResponse", 400, 401, 404, 413, 415,
+                                                  503),
+                                       "#/components/schemas/DetokenizeRequest")},
+            "/tokenizer_info": {"get": op("The tokenizer's kind, special tokens and chat template",
+                                          _responses(None, 401, 503))},
             "/health": {"get": op("Health, device and model", probe, secured=False)},
             "/healthz": {"get": op("Liveness probe", probe, secured=False)},
             "/readyz": {"get": op("Readiness probe", probe, secured=False)},

@@ -7,6 +7,8 @@ ignored, as OpenAI's API does.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import time
 import uuid
@@ -31,11 +33,15 @@ OPENAI_DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0}
 class Limits:
     max_length: int  # MAX_LENGTH_LIMIT
     max_prompts: int  # prompts per /batch_generate or /v1/completions request
+    max_n: int = 1  # MAX_N: choices per prompt
+    max_logprobs: int = 0  # MAX_LOGPROBS: top alternatives per token
 
     @staticmethod
     def of(config) -> "Limits":
-        # A request's prompts all wait in the engine queue at once, so MAX_QUEUE bounds them.
-        return Limits(max_length=config.max_length_limit, max_prompts=config.max_queue)
+        # Its own limit, not MAX_QUEUE: one request must not be able to fill the whole queue.
+        return Limits(max_length=config.max_length_limit,
+                      max_prompts=min(config.max_prompts_per_request, config.max_queue), max_n=config.max_n,
+                      max_logprobs=config.max_logprobs)
 
 
 # ------------------------------------------------------------------ field readers
@@ -111,9 +117,9 @@ def require_object(body: Any) -> dict:
 
 
 def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-            stop: tuple[str, ...]) -> SamplingParams:
+            stop: tuple[str, ...], logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop=stop)
+                            top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         params.validate()
     except ValueError as e:  # the engine's own limits, stricter than ours
@@ -177,10 +183,12 @@ def seed_result(prompt: str, text: str, tokens_generated: int) -> dict:
 class CompletionRequest:
     model: str | None
     prompts: list[str | list[int]]  # text, or token ids
-    params: SamplingParams
+    params: SamplingParams  # max_new_tokens >= 1 even for max_tokens 0 (see echo_only)
     stream: bool
     include_usage: bool
     echo: bool
+    n: int = 1
+    echo_only: bool = False  # max_tokens 0 with echo: the prompt (and its logprobs), nothing generated
 
 
 def _openai_prompts(value: Any, limits: Limits) -> list[str | list[int]]:
@@ -203,44 +211,86 @@ def _openai_prompts(value: Any, limits: Limits) -> list[str | list[int]]:
     raise BadRequest("prompt", "must be a string, a list of strings, or a list of token ids")
 
 
-def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
-    body = require_object(body)
-    if _missing(body, "prompt"):
-        raise BadRequest("prompt", "is required")
+def read_model(body: dict) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("model", "must be a string")
-    prompts = _openai_prompts(body["prompt"], limits)
-    if read_int(body, "n", 1, 1, 128) != 1:
-        raise Unprocessable("n", "only n=1 is supported")
-    if read_int(body, "best_of", 1, 1, 128) != 1:
-        raise Unprocessable("best_of", "only best_of=1 is supported")
-    if body.get("logprobs") not in (None, 0):
-        raise Unprocessable("logprobs", "logprobs are not supported")
+    return model
+
+
+def read_n(body: dict, limits: Limits, n_prompts: int) -> int:
+    """`n` choices per prompt; `best_of` only where it changes nothing (= n)."""
+    n = read_int(body, "n", 1, 1, limits.max_n)
+    best_of = read_int(body, "best_of", None, 1, limits.max_n)
+    if best_of is not None and best_of != n:
+        raise Unprocessable("best_of", f"only best_of equal to n ({n}) is supported")
+    if n * n_prompts > limits.max_prompts:
+        raise BadRequest("n", f"n x prompts may be at most {limits.max_prompts} (MAX_PROMPTS_PER_REQUEST), got {n * n_prompts}")
+    return n
+
+
+def reject_unsupported(body: dict) -> None:
+    """Fields we parse but cannot honour: 422 unless they have their neutral value."""
     for field in ("presence_penalty", "frequency_penalty"):
         if read_number(body, field, 0.0, -2.0, 2.0) != 0.0:
             raise Unprocessable(field, "only 0 is supported")
     if body.get("logit_bias") not in (None, {}):
         raise Unprocessable("logit_bias", "logit_bias is not supported")
-    if body.get("suffix") not in (None, ""):
-        raise Unprocessable("suffix", "suffix is not supported")
+
+
+def read_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
     stream = read_bool(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("stream_options", "must be an object")
-    include_usage = read_bool(options or {}, "include_usage", False, "stream_options.include_usage")
-    if stream and len(prompts) > 1:
-        raise Unprocessable("stream", "streaming supports one prompt per request")
+    return stream, read_bool(options or {}, "include_usage", False, "stream_options.include_usage")
+
+
+def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
+    body = require_object(body)
+    if _missing(body, "prompt"):
+        raise BadRequest("prompt", "is required")
+    model = read_model(body)
+    prompts = _openai_prompts(body["prompt"], limits)
+    n = read_n(body, limits, len(prompts))
+    logprobs = read_int(body, "logprobs", None, 0, limits.max_logprobs)
+    reject_unsupported(body)
+    if body.get("suffix") not in (None, ""):
+        raise Unprocessable("suffix", "suffix is not supported")
+    stream, include_usage = read_stream(body)
+    if stream and len(prompts) * n > 1:
+        raise Unprocessable("stream", "streaming supports one prompt and n=1 per request")
+    echo = read_bool(body, "echo", False)
     d = OPENAI_DEFAULTS
+    max_tokens = read_int(body, "max_tokens", d["max_tokens"], 0 if echo else 1, limits.max_length)
+    if stream and logprobs is not None:
+        raise Unprocessable("logprobs", "logprobs are not streamed; send stream: false")
+    if max_tokens == 0 and stream:
+        raise Unprocessable("max_tokens", "0 (echo only) cannot be streamed")
     params = _params(
-        max_new_tokens=read_int(body, "max_tokens", d["max_tokens"], 1, limits.max_length),
+        max_new_tokens=max(1, max_tokens),  # the engine generates at least one; echo_only drops it
         temperature=read_number(body, "temperature", d["temperature"], 0.0, 2.0),
         top_k=read_int(body, "top_k", 0, 0, 1_000_000),  # vLLM's extension; 0 = off
         top_p=read_number(body, "top_p", d["top_p"], 0.0, 1.0, lo_open=True),
         seed=read_int(body, "seed", None, 0, MAX_SEED),
         stop=read_stop(body),
+        logprobs=logprobs,
+        prompt_logprobs=logprobs if echo and logprobs is not None else None,
     )
-    return CompletionRequest(model, prompts, params, stream, include_usage, read_bool(body, "echo", False))
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, n, echo_only=max_tokens == 0)
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of n independent samples. A seeded request's first sample keeps its seed (so n=1
+    is the single request) and the others get seeds derived from it: the same choices every time."""
+    if params.seed is None:
+        return [params] * n  # the engine draws a seed for each
+    out = [params]
+    for j in range(1, n):
+        digest = hashlib.sha256(f"{params.seed}:{j}".encode()).digest()
+        out.append(dataclasses.replace(params, seed=int.from_bytes(digest[:8], "big") & MAX_SEED))
+    return out
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -260,8 +310,8 @@ def completion_response(cid: str, model: str, choices: list[dict], prompt_tokens
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_chunk(cid: str, model: str, created: int, choices: list[dict], usage: dict | None = None) -> dict:
@@ -271,6 +321,8 @@ def completion_chunk(cid: str, model: str, created: int, choices: list[dict], us
     return out
 
 
-def models_response(name: str, created: int) -> dict:
-    return {"object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "nanogpt-k8s"}]}
+def models_response(names: tuple[str, ...], created: int, root: str, max_model_len: int) -> dict:
+    """One card per served name (aliases too), with the fields vLLM's clients read."""
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "nanogpt-k8s", "root": root,
+         "parent": None, "max_model_len": max_model_len, "permission": []} for name in names]}

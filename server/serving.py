@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -20,6 +21,7 @@ from model.engine import PromptTooLong as EnginePromptTooLong
 from model.sampling import SamplingParams
 from model.tokenizer import TokenizerError
 
+from .admission import FairAdmission, default_rows_per_caller
 from .cache import CachedCompletion, ResponseCache
 from .config import ServerConfig
 from .errors import BadRequest, Draining, GenerationTimeout, Overloaded, PromptTooLong, ServerError
@@ -28,6 +30,11 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+# A GPT-2 token is a few bytes on average and rarely more than a few dozen (runs of spaces,
+# repeated punctuation): a prompt with more bytes than this per context position cannot fit.
+PROMPT_BYTES_PER_POSITION = 32
+INLINE_TOKENIZE_CHARS = 2048  # below this, tokenizing costs less than a trip to the pool
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,13 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # engine's: length, stop, eos
     cached: bool = False
+    token_ids: tuple[int, ...] = ()  # the continuation's tokens (empty when served from the cache)
+    logprobs: tuple | None = None  # model.logprobs.TokenLogprob per generated token, when asked for
+    prompt_logprobs: tuple | None = None  # ... per prompt token (the first None), when asked for
+
+
+def _wants_logprobs(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 class Generator:
@@ -51,14 +65,19 @@ class Generator:
                  cache: ResponseCache | None):
         self.config, self.lifecycle, self.metrics = config, lifecycle, metrics
         self.limiter, self.cache = limiter, cache
+        self._pool: ThreadPoolExecutor | None = None  # tokenizes long prompts off the event loop
+        self.admission = FairAdmission(config.max_rows_per_caller or default_rows_per_caller(config.max_batch),
+                                       config.max_queue)
 
     # ------------------------------------------------------------ input
 
-    def prompt(self, value: str | list[int], field: str) -> Prompt:
-        tokenizer = self.lifecycle.engine_or_raise().tokenizer
+    async def prompt(self, value: str | list[int], field: str) -> Prompt:
+        engine = self.lifecycle.engine_or_raise()
+        tokenizer = engine.tokenizer
         if isinstance(value, str):
+            self._check_bytes(value, field, engine)
             try:
-                ids = tokenizer.encode(value)
+                ids = await self._encode(tokenizer, value)
             except TokenizerError as e:
                 raise BadRequest(field, str(e)) from None
             if not ids:
@@ -68,6 +87,29 @@ class Generator:
         if bad:
             raise BadRequest(field, f"token id {bad[0]} is out of range; this model has {tokenizer.n_vocab} tokens")
         return Prompt(field, tokenizer.decode(value), list(value))
+
+    def _check_bytes(self, text: str, field: str, engine) -> None:
+        """Refuse a prompt too long to fit by its length alone, before spending CPU on tokenizing it."""
+        limit = self.config.max_prompt_bytes or PROMPT_BYTES_PER_POSITION * engine.block_size
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if n > limit:
+            self.metrics.rejected.labels(reason="prompt_too_long").inc()
+            raise BadRequest(field, f"prompt is {n} bytes; the limit is {limit} (MAX_PROMPT_BYTES)",
+                             code="context_length_exceeded")
+
+    async def _encode(self, tokenizer, text: str) -> list[int]:
+        """Short prompts inline; long ones on the tokenizer pool, so that /healthz and other
+        streams' tokens do not wait behind them on the event loop."""
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode(text)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, tokenizer.encode, text)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _submit(self, prompt: Prompt, params: SamplingParams):
         engine = self.lifecycle.engine_or_raise()
@@ -86,10 +128,15 @@ class Generator:
 
     # ------------------------------------------------------------ non-streaming
 
-    async def complete(self, prompts: list[Prompt], params: SamplingParams, identity: str) -> list[Completion]:
-        """Completions for every prompt, in order; all engine requests run concurrently."""
+    async def complete(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams],
+                       identity: str) -> list[Completion]:
+        """Completions for every prompt (with one params, or one per prompt), in order; all engine
+        requests run concurrently."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
         out: list[Completion | None] = [None] * len(prompts)
-        keys: list[str | None] = [self.cache.key_for(p.ids, params) if self.cache else None for p in prompts]
+        # The cache keeps text only: requests for logprobs always run.
+        keys: list[str | None] = [self.cache.key_for(p.ids, q) if self.cache and not _wants_logprobs(q) else None
+                                  for p, q in zip(prompts, each)]
         for i, (p, key) in enumerate(zip(prompts, keys)):
             if key is None:
                 continue
@@ -100,11 +147,30 @@ class Generator:
             self.metrics.cache_hits.inc()
             out[i] = Completion(hit.text, len(p.ids), hit.completion_tokens, hit.finish_reason, cached=True)
         todo = [i for i, c in enumerate(out) if c is None]
+        if not todo:
+            return out  # type: ignore[return-value]
+        held = await self.limiter.reserve_tokens(identity, sum(each[i].max_new_tokens for i in todo))
+        try:
+            async with self.admission.slots(identity, len(todo)):
+                results = await self._run(prompts, todo, each, held)
+            for result in results:
+                self._account(result, held)
+        finally:
+            await self.limiter.settle(held)
+        for i, result in zip(todo, results):
+            out[i] = self._completion(result)
+            if keys[i] is not None and result.finish_reason in ("length", "stop", "eos"):
+                await self.cache.set(keys[i], CachedCompletion(result.text, result.completion_tokens,
+                                                               result.finish_reason))
+        return out  # type: ignore[return-value]
+
+    async def _run(self, prompts: list[Prompt], todo: list[int], each: list[SamplingParams], held) -> list:
+        """Submit every prompt in `todo` and await their engine results."""
         handles: list = []
         results = None
         try:
             for i in todo:  # submit all first: the engine batches them; Overloaded fails fast
-                handles.append(self._submit(prompts[i], params))
+                handles.append(self._submit(prompts[i], each[i]))
             try:
                 async with asyncio.timeout(self.config.request_timeout):
                     results = await asyncio.gather(*(h.result() for h in handles))
@@ -112,15 +178,10 @@ class Generator:
                 raise GenerationTimeout(f"generation exceeded REQUEST_TIMEOUT of {self.config.request_timeout:g} s")
         finally:
             if results is None:  # disconnect, timeout, or a sibling refused: free every slot
-                await self._abandon(handles, identity)
-        for i, result in zip(todo, results):
-            out[i] = await self._finished(result, identity)
-            if keys[i] is not None and result.finish_reason in ("length", "stop", "eos"):
-                await self.cache.set(keys[i], CachedCompletion(result.text, result.completion_tokens,
-                                                               result.finish_reason))
-        return out  # type: ignore[return-value]
+                await self._abandon(handles, held)
+        return results
 
-    async def _abandon(self, handles: list, identity: str) -> None:
+    async def _abandon(self, handles: list, held) -> None:
         """Cancel engine requests nobody will read, and still account for what they generated."""
         for h in handles:
             h.cancel()  # harmless for finished requests
@@ -128,17 +189,23 @@ class Generator:
             with contextlib.suppress(Exception):  # accounting must not mask the original error
                 result = await asyncio.wait_for(h.result(), timeout=5)  # the engine frees it next step
                 self.metrics.record_result(result)
-                await self.limiter.spend_tokens(identity, result.completion_tokens)
+                if held is not None:
+                    held.used += result.completion_tokens
 
-    async def _finished(self, result, identity: str) -> Completion:
+    def _account(self, result, held) -> None:
         self.metrics.record_result(result)
-        await self.limiter.spend_tokens(identity, result.completion_tokens)
+        if held is not None:
+            held.used += result.completion_tokens
+
+    def _completion(self, result) -> Completion:
         if result.finish_reason == "error":
             log.error("engine failed a request", extra={"error": result.error})
             raise ServerError("generation failed in the engine")
         if result.finish_reason == "cancelled":  # stopped without drain under us
             raise Draining("server is shutting down; retry on another replica", retry_after=1)
-        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason,
+                          token_ids=tuple(result.token_ids), logprobs=result.logprobs,
+                          prompt_logprobs=result.prompt_logprobs)
 
     # ------------------------------------------------------------ streaming
 
@@ -149,20 +216,25 @@ class Generator:
         Submits on entry (so Overloaded and friends raise before any response bytes);
         cancels the engine request on exit unless it finished.
         """
-        handle = self._submit(prompt, params)
-        s = Stream(self, handle, identity)
+        held = await self.limiter.reserve_tokens(identity, params.max_new_tokens)
         try:
-            yield s
+            async with self.admission.slots(identity, 1):
+                handle = self._submit(prompt, params)
+                s = Stream(self, handle, held)
+                try:
+                    yield s
+                finally:
+                    if not s.accounted:  # the client left, or a timeout, before the engine finished
+                        await self._abandon([handle], held)
         finally:
-            if not s.accounted:  # the client left, or a timeout, before the engine finished
-                await self._abandon([handle], identity)
+            await self.limiter.settle(held)
 
 
 class Stream:
     """Async iterator of text deltas; `.completion` is set once the engine finishes."""
 
-    def __init__(self, gen: Generator, handle, identity: str):
-        self._gen, self._handle, self._identity = gen, handle, identity
+    def __init__(self, gen: Generator, handle, held):
+        self._gen, self._handle, self._held = gen, handle, held
         self.completion: Completion | None = None
         self.accounted = False  # the engine's result has been recorded (metrics, token budget)
 
@@ -172,4 +244,5 @@ class Stream:
                 yield chunk.text
         result = await self._handle.result()
         self.accounted = True
-        self.completion = await self._gen._finished(result, self._identity)
+        self._gen._account(result, self._held)
+        self.completion = self._gen._completion(result)

@@ -15,8 +15,9 @@ from typing import Any
 
 import aiohttp
 
+from nanogpt_operator.api import models_path
 from nanogpt_operator.config import OperatorConfig
-from nanogpt_operator.errors import ApiError, ConflictError, TransientApiError
+from nanogpt_operator.errors import ApiError, ClientClosedError, ConflictError, TransientApiError
 
 # kind -> (apiVersion, plural): only the kinds the operator manages or reads (and that RBAC allows).
 KINDS: dict[str, tuple[str, str]] = {
@@ -26,6 +27,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "Pod": ("v1", "pods"),
+    # Read by name only: the API-key Secret a model references, for the rollout's smoke test.
+    "Secret": ("v1", "secrets"),
     # From optional CRDs (model/integrations.py): a cluster without them answers 404.
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),
@@ -88,6 +91,10 @@ class KubeClient:
         # Called per request: the in-cluster loader re-reads the rotating service-account token.
         self._authorization = authorization
         self._field_manager = field_manager
+        # Requests in flight, so that `close` lets them finish instead of failing them mid-way.
+        self._inflight = 0
+        self._closing = False
+        self._idle = asyncio.Condition()
 
     @classmethod
     async def connect(cls, config: OperatorConfig) -> KubeClient:
@@ -101,13 +108,34 @@ class KubeClient:
 
         return cls(session, cfg.host, authorization, config.field_manager)
 
-    async def close(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._session.closed or self._closing
+
+    async def close(self, wait_s: float = 10.0) -> None:
+        """Refuse new requests, let those in flight finish (up to `wait_s`), then close the session."""
+        self._closing = True
+        try:
+            async with self._idle:
+                await asyncio.wait_for(self._idle.wait_for(lambda: self._inflight == 0), wait_s)
+        except asyncio.TimeoutError:
+            pass  # a hung request must not keep the operator from exiting
         await self._session.close()
 
     async def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
                        content_type: str = "application/json") -> Any:
-        if self._session.closed:  # the operator is stopping while a timer still runs
-            raise TransientApiError(0, "ClientClosed", "the operator is shutting down")
+        if self.closed:  # the operator is stopping while a timer still runs
+            raise ClientClosedError(0, "ClientClosed", "the operator is shutting down")
+        self._inflight += 1
+        try:
+            return await self._send(method, path, body, params, content_type)
+        finally:
+            self._inflight -= 1
+            async with self._idle:
+                self._idle.notify_all()
+
+    async def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
+                    content_type: str) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         token = self._authorization()
         if token:
@@ -120,6 +148,8 @@ class KubeClient:
                     raise error_for(response.status, data)
                 return data
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            if self.closed:  # "Connector is closed": the request outlived close()'s wait
+                raise ClientClosedError(0, "ClientClosed", "the operator is shutting down") from err
             raise TransientApiError(0, type(err).__name__, str(err) or "request failed") from err
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -150,6 +180,21 @@ class KubeClient:
             "PATCH", f"{collection_path(kind, namespace)}/{name}", body=patch,
             params={"fieldManager": self._field_manager}, content_type=MERGE_PATCH)
         return result
+
+    async def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One NanoGPTModel, or None when it is gone."""
+        try:
+            result: dict[str, Any] = await self._request("GET", models_path(namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return result
+
+    async def patch_status(self, path: str, status: Mapping[str, Any]) -> None:
+        """Merge-patch the status subresource of the custom resource at `path` (see api.models_path)."""
+        await self._request("PATCH", f"{path}/status", body={"status": dict(status)},
+                            params={"fieldManager": self._field_manager}, content_type=MERGE_PATCH)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete if present; False when it was already gone."""

@@ -8,6 +8,7 @@ half-configured (kopf does not touch the API until the startup handlers succeed)
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class OperatorConfig:
     metrics_port: int = 8081
     # KUBECONFIG, read here because the kubernetes package reads it once, at its own import time.
     kubeconfig: str | None = None
+    # Server image of a model without spec.image: the GPU build, or the CPU build (prebuilt CPU kernels)
+    # for `spec.gpus: 0`, so a CPU-only cluster gets the fast CPU path without naming an image.
+    image: str = "nanogpt-server:latest"
+    cpu_image: str = "nanogpt-server:latest-cpu"
+    # The cluster's DNS domain (kubelet --cluster-domain), for status.endpoint.
+    cluster_domain: str = "cluster.local"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -61,6 +68,18 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(PREFIX + name, f"must be true or false, got {raw!r}")
 
 
+def _name(env: Mapping[str, str], name: str, default: str, pattern: re.Pattern[str]) -> str:
+    value = env.get(PREFIX + name, "").strip() or default
+    if not pattern.match(value):
+        raise ConfigError(PREFIX + name, f"{value!r} does not match {pattern.pattern}")
+    return value
+
+
+# An image reference has no whitespace; a DNS domain is dot-separated DNS-1123 labels.
+_IMAGE = re.compile(r"^\S+$")
+_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
 def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
     """Parse settings from a mapping (os.environ in production, a dict in tests)."""
     # A random priority keeps two replicas of one Deployment from tying: with equal priorities kopf
@@ -77,6 +96,9 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
         request_timeout_s=float(timeout),
         metrics_port=_int(env, "METRICS_PORT", 8081, 0, 65535),
         kubeconfig=env.get("KUBECONFIG") or None,
+        image=_name(env, "IMAGE", OperatorConfig.image, _IMAGE),
+        cpu_image=_name(env, "CPU_IMAGE", OperatorConfig.cpu_image, _IMAGE),
+        cluster_domain=_name(env, "CLUSTER_DOMAIN", OperatorConfig.cluster_domain, _DOMAIN),
     )
 
 

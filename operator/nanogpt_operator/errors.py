@@ -7,6 +7,7 @@
     └── ApiError(status)           the Kubernetes API refused a request
         ├── ConflictError          409: the object already exists (apply turns it into a patch)
         └── TransientApiError      429, 5xx, timeouts, refused connections: retry later
+            └── ClientClosedError  the operator is stopping: nothing to retry, nothing to report
 """
 
 from __future__ import annotations
@@ -50,3 +51,7 @@ class ConflictError(ApiError):
 
 class TransientApiError(ApiError):
     """The API is overloaded, unreachable or timed out; the same request may work later."""
+
+
+class ClientClosedError(TransientApiError):
+    """The client was closed because the operator is stopping; a handler still running just ends."""

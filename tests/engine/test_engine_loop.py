@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_helpers import one_thread, tiny_model  # noqa: F401 (autouse fixture)
-import model.engine as engine_module
+import model.engine.runner as runner_module
 from model.engine import Engine, EngineConfig, EngineStopped, Overloaded, PromptTooLong
 from model.generate import generate_ids
 from model.sampling import SamplingParams
@@ -35,20 +35,8 @@ async def collect(handle):
         return await handle.result(), streamed
 
 
-def spy_forwards(model) -> list:
-    """Record each forward the engine runs: one list per GPT.step_parts call, of
-    (idx shape, scattered rows or None) per batch in it."""
-    calls, step_parts = [], model.step_parts
-
-    def spy(parts, cache):
-        calls.append([(tuple(p.idx.shape), None if p.rows is None else p.rows.tolist()) for p in parts])
-        return step_parts(parts, cache)
-    model.step_parts = spy
-    return calls
-
-
 def assert_no_leak(engine):
-    st = engine._state
+    st = engine.scheduler.state
     assert sorted(st.free) == list(range(engine.config.max_batch))
     assert all(s is None for s in st.rows) and not st.waiting
     assert engine.stats().running == 0 and engine.stats().kv_cache_usage == 0
@@ -69,7 +57,7 @@ def mixed_requests(tok):
 
 @pytest.mark.parametrize("cpu_linear, cpu_attention, dtype", [
     ("out_in", "torch", torch.float32),  # torch's operators throughout
-    ("kernel", "kernel", torch.float32),  # model/cpukernels.py
+    ("kernel", "kernel", torch.float32),  # model/kernels/cpu.py
     ("kernel", "kernel", torch.bfloat16),  # ... with half-precision weights and cache
     ("kernel", "torch", torch.bfloat16),  # ... with torch's attention over a float32 cache
 ])
@@ -78,8 +66,8 @@ async def test_batched_equals_solo_for_greedy_and_seeded_requests(cpu_linear, cp
     prompts, params = mixed_requests(model.tokenizer)
     async with running_engine(model, max_batch=4, prefill_chunk=6, idle_prefill_chunk=6,
                               cpu_linear=cpu_linear, cpu_attention=cpu_attention) as engine:
-        cache_dtype = torch.float32 if cpu_attention == "torch" else dtype  # fastpath.kv_cache_dtype
-        assert engine._cache.k.dtype == cache_dtype and engine.kv_cache_bytes == engine._cache.nbytes
+        cache_dtype = torch.float32 if cpu_attention == "torch" else dtype  # gpt.kv_cache_dtype
+        assert engine.runner.cache.k.dtype == cache_dtype and engine.kv_cache_bytes == engine.runner.cache.nbytes
         solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
         handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # 6 requests, 4 rows
         batched = await asyncio.gather(*(collect(h) for h in handles))
@@ -104,14 +92,14 @@ async def test_batch_invariant_engine_gives_each_step_the_same_logits_alone_batc
     params[2] = SamplingParams(max_new_tokens=16, temperature=0.7, top_k=5, top_p=0.9, seed=12)
     seen: list[dict] = []  # per run: context (prompt + generated) -> that decode's logits
     engines: list[Engine] = []
-    sample = engine_module.sample
+    sample = runner_module.sample
 
     def recording(logits, bp, step, n_vocab):
         if engines:  # not the first engine's warm-up (the second's finds the first's rows empty)
-            rows = engines[-1]._state.rows[:logits.shape[0]]
+            rows = engines[-1].scheduler.state.rows[:logits.shape[0]]
             seen[-1].update({tuple(s.tokens): logits[r].clone() for r, s in enumerate(rows) if s and s.decodable})
         return sample(logits, bp, step, n_vocab)
-    monkeypatch.setattr(engine_module, "sample", recording)
+    monkeypatch.setattr(runner_module, "sample", recording)
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch's linear/attention called in batch-invariant mode")
@@ -143,9 +131,10 @@ async def test_batch_invariant_mode_is_refused_off_the_cpu_and_against_torch_ker
             pass
 
 
-async def test_equal_length_prompts_prefill_together_and_match_solo():
-    """Four 10-token prompts prefill in one forward (rows 0-3); two of them finish at once, and
-    the two waiting requests then prefill together into the scattered rows 1 and 3."""
+async def test_equal_length_prompts_prefilled_together_match_solo():
+    """Six 10-token prompts on four rows, all admitted by one step: four share a chunk, two
+    finish at once and the waiting two then share one in the scattered rows 1 and 3 (the
+    plans: tests/engine/test_scheduler.py); every request gets the tokens it gets alone."""
     model = tiny_model()
     prompts = [model.tokenizer.encode(t) for t in
                ("the cat sa", "a dog ran.", "zebras nap", "owls hoot,", "bees buzz.", "frogs jump")]
@@ -153,61 +142,12 @@ async def test_equal_length_prompts_prefill_together_and_match_solo():
               for i, (n, t) in enumerate([(15, 0.0), (1, 0.9), (15, 0.8), (1, 0.0), (12, 0.0), (12, 1.1)])]
     async with running_engine(model, max_batch=4, prefill_chunk=64) as engine:
         solo = [(await collect(engine.submit(p, sp)))[0] for p, sp in zip(prompts, params)]
-        calls = spy_forwards(model)
-        with engine._cv:  # the worker admits all six at its next step, not the first alone
+        with engine.scheduler.cv:  # the worker admits all six at its next step, not the first alone
             handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
         batched = await asyncio.gather(*(collect(h) for h in handles))
         assert_no_leak(engine)
-    # one pass over the weights: four 9-token chunks, then the first token of those four rows
-    assert calls[0] == [((4, 9), None), ((4, 1), None)]
-    assert any(((2, 9), [1, 3]) in call for call in calls)
     for s, (b, streamed) in zip(solo, batched):
         assert b.token_ids == s.token_ids and b.text == streamed
-
-
-async def test_prefill_budget_is_large_only_while_no_row_decodes():
-    """A burst into an idle engine prefills in one forward past prefill_chunk; once a row is
-    decoding, a step's prefill stays within prefill_chunk so the decoder is not stalled."""
-    model = tiny_model()
-    prompts = [model.tokenizer.encode(t) for t in ("the cat sa", "a dog ran.", "zebras nap")]
-    short = SamplingParams(max_new_tokens=3, temperature=0.0)
-    async with running_engine(model, max_batch=4, prefill_chunk=4, idle_prefill_chunk=64) as engine:
-        calls = spy_forwards(model)
-        with engine._cv:  # all three are admitted by the same step
-            handles = [engine.submit(p, short) for p in prompts]
-        await asyncio.gather(*(collect(h) for h in handles))
-        assert calls[0][0] == ((3, 9), None)  # 27 prompt tokens in one forward, while prefill_chunk is 4
-
-        long = engine.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0.0))
-        await long.__aiter__().__anext__()  # its first token: the row is decoding from now on
-        calls.clear()
-        await collect(engine.submit(prompts[1], short))
-        long.cancel()
-        assert (await long.result()).finish_reason == "cancelled"
-        assert_no_leak(engine)
-    prefills = [sum(b * t for (b, t), _ in call if t > 1) for call in calls]
-    assert max(prefills) > 0 and max(prefills) <= 4
-
-
-@pytest.mark.parametrize("idle_prefill_chunk, first_chunk", [(64, (4, 3)), (6, (2, 3))])
-async def test_prompts_that_outnumber_the_decoding_rows_start_together(idle_prefill_chunk, first_chunk):
-    """Four prompts arrive while one row decodes: the step's budget is prefill_chunk per
-    decoding row for each of them (4 x 3 tokens), so all four prefill in one forward rather
-    than one per step behind the decoder; never past idle_prefill_chunk (6: two of them)."""
-    model = tiny_model()
-    prompts = [model.tokenizer.encode(t) for t in ("abcd", "efgh", "ijkl", "mnop")]
-    async with running_engine(model, max_batch=5, prefill_chunk=3, idle_prefill_chunk=idle_prefill_chunk) as engine:
-        long = engine.submit(model.tokenizer.encode("the cat"), SamplingParams(max_new_tokens=10_000, temperature=0.0))
-        await long.__aiter__().__anext__()  # decoding from now on
-        calls = spy_forwards(model)
-        with engine._cv:  # admitted by the same step
-            handles = [engine.submit(p, SamplingParams(max_new_tokens=2, temperature=0.0)) for p in prompts]
-        await asyncio.gather(*(collect(h) for h in handles))
-        long.cancel()
-        assert (await long.result()).finish_reason == "cancelled"
-        assert_no_leak(engine)
-    first = next(call for call in calls if any(t > 1 for (_, t), _ in call))
-    assert first[0][0] == first_chunk
 
 
 async def test_long_prompts_span_several_prefill_chunks_and_cross_block_size():
@@ -272,6 +212,7 @@ async def test_overload_rejects_cleanly_and_the_rest_complete():
         assert_no_leak(engine)
 
 
+@pytest.mark.slow
 async def test_no_slot_leak_after_thousands_of_short_requests():
     async with running_engine(max_batch=8, max_queue=64) as engine:
         prompts = [[i % 30, (i * 7) % 30] for i in range(2000)]
@@ -314,7 +255,7 @@ async def test_submit_errors_and_stop():
         with pytest.raises(ValueError, match="top_p"):
             engine.submit([1], SamplingParams(top_p=2.0))
         stats = engine.stats()
-        assert stats.kv_cache_bytes == engine._cache.nbytes > 0 and stats.max_batch == 4
+        assert stats.kv_cache_bytes == engine.runner.cache.nbytes > 0 and stats.max_batch == 4
         assert engine.ready and engine.alive and engine.device == "cpu" and engine.dtype == "float32"
         handle = engine.submit([1, 2], SamplingParams(max_new_tokens=20, temperature=0.0))
         await asyncio.wait_for(engine.stop(drain=True), DEADLINE)  # drains: the request completes

@@ -69,6 +69,7 @@ def _mixed_batches(n_vocab: int, trials: int):
                                                                                                 generator=g).tolist()
 
 
+@pytest.mark.slow
 def test_the_cpus_shortcuts_pick_the_tokens_of_the_full_race(monkeypatch):
     """On a CPU the sampler races only the top candidates when every kept token is among them,
     and looks for a nucleus among the top 1024 logits first; the tokens are those of the full
@@ -95,6 +96,7 @@ def test_the_cpus_shortcuts_pick_the_tokens_of_the_full_race(monkeypatch):
     assert runs["candidates"] > 50 and runs["full"] > 50  # both paths were taken
 
 
+@pytest.mark.slow
 def test_top_k_and_top_p_restrict_the_candidates():
     torch.manual_seed(2)
     logits = torch.randn(1, 100) * 2

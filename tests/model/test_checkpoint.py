@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("via_export", [False, True], ids=["direct", "export"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_format_matches_hf_reference(case, via_export, tmp_path):
@@ -212,6 +214,7 @@ def test_malicious_raw_pickle_refused_and_inert(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_foreign_gptconfig_loads_as_plain_object_in_fallback(tmp_path, monkeypatch):
     ref = hf_reference("gelu_new", vocab_size=50304)
     path = save_build_nanogpt(ref, tmp_path / "model_00010.pt")
@@ -415,3 +418,46 @@ def test_cuda_default_dtype_and_device(tmp_path):
         ours = model(idx.cuda())[0].float().cpu()
         want = ref(idx, use_cache=False).logits
     assert (ours - want).abs().max() < 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n_head", 0, "n_head must be >= 1, got 0"),
+    ("n_layer", 1.5, "n_layer must be an integer, got 1.5"),
+    ("n_embd", True, "n_embd must be an integer"),
+])
+def test_bad_model_args_name_the_field(field, value, words, tmp_path):
+    path = _ckpt(tmp_path, edit=lambda c: c["model_args"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match="invalid model config") as err:
+        load_model_from_checkpoint(path, device="cpu")
+    assert words in str(err.value)
+
+
+def test_refusal_names_the_global_and_never_advises_weights_only_false(tmp_path):
+    marker = tmp_path / "pwned"
+    for protocol in (2, 4):
+        path = tmp_path / f"raw{protocol}.pt"
+        path.write_bytes(pickle.dumps({"model": Evil(marker)}, protocol=protocol))
+        with warnings.catch_warnings(), pytest.raises(CheckpointError, match="refused") as err:
+            warnings.simplefilter("ignore")  # torch warns about protocol 4 on some versions
+            load_model_from_checkpoint(path, device="cpu")
+        message = str(err.value)
+        assert "weights_only" not in message and "will likely succeed" not in message
+        assert ("global posix.system is not allowed" if protocol == 2 else "pickle opcode FRAME") in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "link/model.safetensors"])
+def test_sharded_index_is_confined_to_the_checkpoint_directory(shard, tmp_path):
+    ref = hf_reference("gelu", vocab_size=50257)
+    path = save_hf(ref, tmp_path / "hf")
+    weights = path / "model.safetensors"
+    (tmp_path / "outside.safetensors").write_bytes(weights.read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.safetensors").write_bytes(weights.read_bytes())
+    (path / "link").symlink_to(tmp_path / "elsewhere")
+    weights.unlink()
+    (path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"transformer.wte.weight": "%s"}}' % shard)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory") as err:
+        load_model_from_checkpoint(path, device="cpu")
+    assert shard in str(err.value)

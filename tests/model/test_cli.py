@@ -28,6 +28,7 @@ def char_ckpt(tmp_path_factory) -> Path:
                         bias=False, dataset="shakespeare_char")
 
 
+@pytest.mark.slow
 def test_info_json_as_a_real_subprocess(char_ckpt):
     out = subprocess.run([sys.executable, "-m", "model", "info", str(char_ckpt), "--json"], cwd=REPO,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

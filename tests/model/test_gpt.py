@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
-from model.fastpath import DecodeGraphs, chunk_buckets, kv_buckets
 from model.gpt import StepPart
 
 CFG = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate="tanh")
@@ -83,30 +82,11 @@ def test_batched_decode_of_mixed_lengths_equals_full_recompute(kv_len_from):
         idx = torch.stack([s[n + step] for n, s in zip(lengths, seqs)])[:, None]  # (B, 1)
         needed = int((pos + step).max()) + 1
         kv_len = {"positions": None, "block": CFG.block_size,
-                  "bucket": min(n for n in kv_buckets(CFG.block_size) if n >= needed)}[kv_len_from]
+                  "bucket": min(n for n in (4, 8, 16, 32) if n >= needed)}[kv_len_from]  # the engine's buckets
         logits = model.step(idx, pos + step, cache, kv_len=kv_len)  # (B, 1, V)
         for b, (n, s) in enumerate(zip(lengths, seqs)):
             want = model(s[None, : n + step + 1])[0][0, -1]
             torch.testing.assert_close(logits[b, 0], want, atol=1e-5, rtol=0)
-
-
-def test_kv_buckets_halve_the_block():
-    assert kv_buckets(1024) == [128, 256, 512, 1024]
-    assert kv_buckets(64) == [8, 16, 32, 64]
-    assert kv_buckets(2) == [1, 2]
-
-
-def test_prompt_chunks_replay_the_smallest_captured_prefill_that_holds_them():
-    assert chunk_buckets(128, 1024) == [16, 32, 64, 128]
-    assert chunk_buckets(100, 1024) == [16, 32, 64, 100]
-    assert chunk_buckets(128, 64) == [16, 32, 64]
-    graphs = DecodeGraphs()  # the choice alone (capturing needs CUDA)
-    graphs.block_size, graphs.lengths, graphs.chunks = 64, kv_buckets(64), chunk_buckets(128, 64)
-    assert graphs.prefill_shape(10, 0) == (16, 16)
-    assert graphs.prefill_shape(17, 5) == (32, 64)  # positions 5..36 need the 64-long cache
-    assert graphs.prefill_shape(16, 48) == (16, 64)  # padding ends exactly at the block's end
-    assert graphs.prefill_shape(10, 50) is None  # padded to 16 it would pass the block's end
-    assert graphs.prefill_shape(65, 0) is None  # longer than any bucket: eager
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 import kopf
 from kopf.testing import KopfRunner
 
@@ -47,7 +48,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "nanogpt.dev/v1alpha1/nanogptmodels": dict(kind="NanoGPTModel", namespaced=True, shortnames={"ngm"},
                                                verbs={"list", "watch", "get", "patch", "create", "delete"},
                                                subresources={"status", "scale"}),
-    "apps/v1/deployments": dict(kind="Deployment", namespaced=True, verbs={"get", "list", "create", "patch", "delete"}),
+    "apps/v1/deployments": dict(kind="Deployment", namespaced=True,
+                                verbs={"get", "list", "watch", "create", "patch", "delete"}),
     "v1/services": dict(kind="Service", namespaced=True, verbs={"get", "list", "create", "patch", "delete"}),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True,
                                       verbs={"get", "list", "create", "patch", "delete"}),
@@ -63,6 +65,20 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False,
                                             verbs={"list", "watch", "get", "patch", "create"}),
 }
+
+
+@contextlib.asynccontextmanager
+async def serve_loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 (a free port) and yield its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 class Api:

@@ -20,7 +20,7 @@ def test_rolls_back_after_the_deadline_to_the_last_good(model_body) -> None:
     assert decision is not None
     assert (decision["toCheckpoint"], decision["toImage"], decision["generation"]) == ("good.pt", "srv:1", 5)
     assert (decision["fromCheckpoint"], decision["reason"]) == ("bad.pt", "OOMKilled")
-    assert "600s" in decision["message"] and "Edit the spec" in decision["message"]
+    assert "960s" in decision["message"] and "Edit the spec" in decision["message"]
 
 
 def test_no_rollback_before_the_deadline_or_when_disabled(model_body) -> None:

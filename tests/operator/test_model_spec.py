@@ -16,7 +16,8 @@ def test_defaults_match_the_crd(model_body) -> None:
     assert (m.server.max_length, m.server.drain_seconds, m.server.startup_timeout_seconds) == (1000, 30, 900)
     assert (m.service.type, m.service.port) == ("ClusterIP", 80)
     assert (m.rollout.max_surge, m.rollout.max_unavailable) == (0, 1)
-    assert (m.rollout.progress_deadline_seconds, m.rollout.auto_rollback) == (600, True)
+    assert (m.rollout.progress_deadline_seconds, m.rollout.auto_rollback) == (None, True)
+    assert m.progress_deadline_seconds == 960 and m.server.pre_stop_seconds == 5
     assert m.autoscaling is None and m.tokenizer_path is None and m.affinity is None
     assert m.dtype == "bfloat16"
 

@@ -91,7 +91,7 @@ def test_deadline_exceeded_is_degraded_with_the_pod_reason(model_body) -> None:
     assert status["phase"] == "Degraded"
     assert conditions(status)["Degraded"] == ("True", "Unschedulable")
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-    assert "600s" in degraded["message"] and "Insufficient nvidia.com/gpu" in degraded["message"]
+    assert "960s" in degraded["message"] and "Insufficient nvidia.com/gpu" in degraded["message"]
 
 
 def test_steady_deployment_losing_pods_is_degraded(model_body) -> None:

@@ -9,6 +9,7 @@ status.endpoint points at. Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,8 @@ from kopf.testing import KopfRunner
 from nanogpt_operator.rollout import handlers as rollout_handlers
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION
-from operator_helpers import kopf_running
+from k8s_rules import deletion_completes
+from operator_helpers import kopf_running, serve_loopback
 
 OLD, NEW = "log/model_40000.pt", "log/model_50000.pt"
 MODELS = "/apis/nanogpt.dev/v1alpha1/namespaces/{ns}/nanogptmodels"
@@ -116,26 +118,25 @@ def nanogpt_rollout(name: str = "r1", **strategy: Any) -> dict[str, Any]:
 @pytest.fixture
 async def smoke_server() -> AsyncIterator[dict[str, Any]]:
     """A real HTTP server standing in for each model's Service: /<ns>/<name>/generate."""
-    state: dict[str, Any] = {"hits": [], "broken": set()}
+    state: dict[str, Any] = {"hits": [], "broken": set(), "keys": {}, "auth": []}
 
     async def generate(request: web.Request) -> web.Response:
         ns, name = request.match_info["ns"], request.match_info["name"]
         body = await request.json()
         state["hits"].append((ns, name, body))
+        key = state["keys"].get((ns, name))  # as the server does with API_KEYS_FILE (server/auth.py)
+        state["auth"].append((ns, name, request.headers.get("Authorization")))
+        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
         if (ns, name) in state["broken"]:
             return web.json_response({"prompt": body["prompt"], "generated_text": ""})
         return web.json_response({"prompt": body["prompt"], "generated_text": body["prompt"] + " there was"})
 
     app = web.Application()
     app.router.add_post("/{ns}/{name}/generate", generate)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state["url"] = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    async with serve_loopback(app) as url:
+        state["url"] = url
+        yield state
 
 
 @pytest.fixture
@@ -150,6 +151,7 @@ async def cluster(smoke_server: dict[str, Any]) -> AsyncIterator[tuple[kmock.Kub
     emu.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
         kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"})
     emu.resources["v1/events"] = info(kind="Event", namespaced=True, verbs={"create"})
+    emu.resources["v1/secrets"] = info(kind="Secret", namespaced=True, verbs={"get", "create"})
     async with emu, kmock.Server(emu) as server, aiohttp.ClientSession(base_url=str(server.url)) as session:
         api = Api(session)
         for ns, name in FLEET:
@@ -229,6 +231,9 @@ async def test_happy_rollout_across_three_waves(cluster, smoke_server):
     assert all(body == {"prompt": "Once upon a time", "max_length": 8} for _, _, body in smoke_server["hits"])
     reasons = [e["reason"] for e in _events(emu)]
     assert reasons.count("WaveStarted") == 3 and "Succeeded" in reasons
+    # No finalizer on the rollout or any model: a DELETE completes with the operator down (issue 17).
+    assert deletion_completes(await api.rollout())
+    assert all(deletion_completes(m) for m in await api.models())
 
 
 async def test_failed_gate_stops_and_reverts(cluster, smoke_server):
@@ -330,3 +335,31 @@ async def test_a_second_rollout_waits_for_the_first_with_a_condition(cluster, sm
 
 async def _locked(api: Api, key: tuple[str, str], owner: str) -> bool:
     return ((await api.model(*key))["metadata"].get("annotations") or {}).get(LOCK_ANNOTATION) == owner
+
+
+async def test_the_smoke_gate_sends_the_model_s_own_api_key(cluster, smoke_server):
+    emu, api, _ = cluster
+    smoke_server["keys"][("prod", "a")] = "k-123"  # its server takes only this key
+    data = base64.b64encode(b"# rotated monthly\nk-123\nk-old\n").decode()
+    await api.send("POST", "/api/v1/namespaces/prod/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a-keys", "namespace": "prod"},
+        "data": {"keys": data}})
+    await api.patch_model("prod", "a", {"spec": {"server": {"apiKeySecretRef": {"name": "a-keys"}}}})
+    async with operator(str(api.session._base_url)):
+        await api.send("POST", ROLLOUTS, nanogpt_rollout(waves=[1, "100%"]))
+        await eventually(_phase(api, "Succeeded"), "the rollout to succeed")
+    assert ("prod", "a", "Bearer k-123") in smoke_server["auth"]
+    # Models without apiKeySecretRef get no key: it is only ever sent to the server it belongs to.
+    assert all(auth is None for ns, name, auth in smoke_server["auth"] if (ns, name) != ("prod", "a"))
+
+
+async def test_a_missing_key_secret_fails_the_gate_naming_it(cluster, smoke_server):
+    emu, api, _ = cluster
+    smoke_server["keys"][("prod", "a")] = "k-123"
+    await api.patch_model("prod", "a", {"spec": {"server": {"apiKeySecretRef": {"name": "a-keys"}}}})
+    async with operator(str(api.session._base_url)):
+        await api.send("POST", ROLLOUTS, nanogpt_rollout(progressDeadlineSeconds=4))
+        done = await eventually(_phase(api, "RolledBack"), "the rollout to roll back")
+    message = _entries(done)[("prod", "a")]["message"]
+    assert "no API key in Secret prod/a-keys (key 'keys') named by spec.server.apiKeySecretRef" in message
+    assert not [h for h in smoke_server["hits"] if h[:2] == ("prod", "a")]  # never sent without its key

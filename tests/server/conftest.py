@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,12 @@ import pytest
 import torch
 
 from model import load_model_from_checkpoint
-from model.engine import Engine, EngineConfig
+from model.engine import Engine
 from model.export import save_export
 from model.gpt import GPT, GPTConfig
 from server import create_app
 from server.config import ServerConfig
-from server_helpers import free_port, wait_for, wait_for_sync
+from server_helpers import ENGINE_CONFIG, free_port, wait_for, wait_for_sync
 
 REPO = Path(__file__).resolve().parents[2]
 # Printable ASCII plus newline: schemathesis's random prompts mostly encode; the rest are 400s.
@@ -42,17 +43,30 @@ def tiny_model(tiny_checkpoint):
     return load_model_from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
 
 
-ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, cpu_linear="out_in", seed=0)
 
 
 @pytest.fixture
-def make_engine(tiny_model):
-    def make(**changes) -> Engine:
+def engine_mode(request) -> str:
+    """"in_process" (Engine) unless a module parametrizes it (indirect) with "remote": the
+    engine core in a process of its own behind model/engine/client.EngineClient."""
+    return getattr(request, "param", "in_process")
+
+
+@pytest.fixture
+def make_engine(tiny_model, tiny_checkpoint, engine_mode):
+    def make(**changes):
         from dataclasses import replace
 
+        if engine_mode == "remote":
+            from model.engine.client import EngineClient
+            from model.engine.protocol import CoreSpec
+
+            return EngineClient(CoreSpec(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32",
+                                         engine=replace(ENGINE_CONFIG, **changes)))
         return Engine(tiny_model, replace(ENGINE_CONFIG, **changes))
 
     return make
+
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +108,16 @@ async def client(make_client):
     return await make_client()
 
 
+@pytest.fixture
+async def oai(client):
+    """The official `openai` client on the test server."""
+    import openai
+
+    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0, timeout=30)
+    yield api
+    await api.close()
+
+
 # ------------------------------------------------------------------ processes
 
 @pytest.fixture
@@ -121,9 +145,9 @@ def server_process(tiny_checkpoint, tmp_path):
 
 # ------------------------------------------------------------------ redis
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a free port, no persistence. Absent binary: fail in CI, skip elsewhere."""
+def _start_redis(directory: Path):
+    """A real redis-server on a free port, no persistence: (url, Popen, sync client).
+    Absent binary: fail in CI, skip elsewhere."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI", "").lower() == "true":
@@ -131,8 +155,7 @@ def redis_url(tmp_path_factory):
         pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
@@ -146,8 +169,81 @@ def redis_url(tmp_path_factory):
 
     try:
         wait_for_sync(pings, timeout=15, what="redis-server PING")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
+    except BaseException:
+        proc.kill()
+        raise
+    return f"redis://127.0.0.1:{port}/0", proc, client
+
+
+def _stop_redis(proc, client) -> None:
+    client.close()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a test may have stopped it
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server shared by the session's tests."""
+    url, proc, client = _start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        _stop_redis(proc, client)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which it may SIGSTOP: (url, Popen)."""
+    url, proc, client = _start_redis(tmp_path)
+    try:
+        yield url, proc
+    finally:
+        _stop_redis(proc, client)
+
+
+@pytest.fixture
+async def guarded_server():
+    """start(app, **ConnectionLimits fields) -> (port, guard): `app` served as `serve()` serves it,
+    through server.connections.listen (aiohttp_client's test server bypasses it)."""
+    from aiohttp import web
+
+    from server import keys
+    from server.connections import ConnectionGuard, ConnectionLimits, listen
+
+    started = []
+
+    async def start(app, **limits):
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        guard = ConnectionGuard(ConnectionLimits(**limits), app.get(keys.METRICS))
+        listener = await listen(runner, "127.0.0.1", 0, guard)
+        started.append((listener, runner))
+        return listener.sockets[0].getsockname()[1], guard
+
+    yield start
+    for listener, runner in started:
+        listener.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+def guarded_app(guarded_server, make_engine, config):
+    """start(config=None, **limits) -> (port, guard, app): the real app with the engine ready."""
+    import aiohttp
+
+    from server_helpers import wait_for
+
+    async def start(cfg: ServerConfig | None = None, **limits):
+        app = create_app(cfg or config, make_engine())
+        port, guard = await guarded_server(app, **limits)
+
+        async def ready():
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                return r.status == 200
+
+        await wait_for(ready, what="/readyz")
+        return port, guard, app
+
+    return start

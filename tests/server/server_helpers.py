@@ -7,6 +7,11 @@ import socket
 import time
 from typing import Awaitable, Callable
 
+from model.engine import EngineConfig
+
+# The engine the server tests run: small, seeded, on torch's CPU paths (no kernel build needed).
+ENGINE_CONFIG = EngineConfig(max_batch=4, max_queue=8, cuda_graphs=False, cpu_linear="out_in", seed=0)
+
 
 async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, what: str = "condition"):
     """Poll `predicate` until true; fail after `timeout` seconds (never a bare sleep to synchronise)."""
@@ -82,3 +87,26 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 20.0) -> bytes:
+    """Send raw bytes (headers aiohttp's client refuses to write) and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one HTTP/1.x response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import openai
 import pytest
-
-
-@pytest.fixture
-async def oai(client):
-    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0, timeout=30)
-    yield api
-    await api.close()
+import torch
 
 
 async def test_models_lists_the_served_model(oai):
@@ -82,5 +77,91 @@ async def test_openai_errors(oai):
         await oai.completions.create(model="tiny-char", prompt="x", max_tokens=100000)
     assert e.value.body["param"] == "max_tokens" and "1000" in e.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError) as e:
-        await oai.completions.create(model="tiny-char", prompt="x", n=2)
+        await oai.completions.create(model="tiny-char", prompt="x", presence_penalty=0.5)
+    assert e.value.body["param"] == "presence_penalty"
+
+
+async def test_models_cards_carry_the_fields_clients_read(client, tiny_checkpoint):
+    body = await (await client.get("/v1/models")).json()
+    [card] = body["data"]
+    assert card["max_model_len"] == 128 and card["parent"] is None and card["owned_by"] == "nanogpt-k8s"
+    assert card["root"] == str(tiny_checkpoint) and isinstance(card["created"], int)
+
+
+async def test_served_model_name_and_aliases(make_client, config):
+    client = await make_client(dataclasses.replace(config, served_model_name=("team/char", "char")))
+    api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+    try:
+        assert [m.id for m in (await api.models.list()).data] == ["team/char", "char"]
+        for name in ("team/char", "char"):
+            c = await api.completions.create(model=name, prompt="ab", max_tokens=2, temperature=0)
+            assert c.model == name
+        with pytest.raises(openai.NotFoundError) as e:
+            await api.completions.create(model="tiny-char", prompt="ab", max_tokens=2)  # the checkpoint's own name
+        assert e.value.body["param"] == "model"
+        health = await (await client.get("/health")).json()
+        assert health["model"] == "team/char"
+    finally:
+        await api.close()
+
+
+async def test_n_choices_are_independent_and_seeded_ones_reproducible(oai):
+    kwargs = dict(model="tiny-char", prompt=["ab", "cd"], max_tokens=12, temperature=1.0, n=3, seed=11)
+    first = await oai.completions.create(**kwargs)
+    again = await oai.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == list(range(6))
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices[:3]}) == 3  # three samples, not one thrice
+    single = await oai.completions.create(model="tiny-char", prompt="ab", max_tokens=12, temperature=1.0, seed=11)
+    assert single.choices[0].text == first.choices[0].text  # sample 0 keeps the request's seed
+    assert first.usage.completion_tokens == 6 * 12 and first.usage.prompt_tokens == 4
+
+
+async def test_n_and_best_of_limits(oai, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        await oai.completions.create(model="tiny-char", prompt="ab", max_tokens=2, n=17)
     assert e.value.body["param"] == "n"
+    resp = await client.post("/v1/completions", json={"prompt": "ab", "n": 2, "best_of": 3})
+    assert resp.status == 422 and (await resp.json())["error"]["param"] == "best_of"
+    ok = await client.post("/v1/completions", json={"prompt": "ab", "n": 2, "best_of": 2, "max_tokens": 1})
+    assert ok.status == 200
+
+
+async def test_echo_logprobs_are_the_prompts_own(oai, tiny_model):
+    """lm-eval's loglikelihood request: token ids, echo, max_tokens 1 (or 0), logprobs, temperature 0."""
+    ids = tiny_model.tokenizer.encode("ROMEO: wherefore")
+    c = await oai.completions.create(model="tiny-char", prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                     logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        logits, _ = tiny_model(torch.tensor([ids]))
+    ref = torch.log_softmax(logits[0].float(), dim=-1)
+    for p in range(1, len(ids)):
+        assert abs(lp.token_logprobs[p] - ref[p - 1, ids[p]].item()) < 1e-4
+        token = lp.tokens[p]
+        assert lp.top_logprobs[p][token] == lp.token_logprobs[p] and len(lp.top_logprobs[p]) in (2, 3)
+    assert lp.text_offset == list(range(len(ids) + 1))  # one character per token
+    assert abs(lp.token_logprobs[-1] - ref[-1].max().item()) < 1e-4  # greedy: the generated token is the top one
+    zero = await oai.completions.create(model="tiny-char", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert zero.choices[0].text == "ROMEO: wherefore" and zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+
+
+async def test_logprobs_without_echo_and_with_stop(oai):
+    c = await oai.completions.create(model="tiny-char", prompt="xy", max_tokens=8, temperature=1.0, seed=5,
+                                     logprobs=1)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+    assert all(v <= 0 for v in lp.token_logprobs)
+    stop = c.choices[0].text[3]
+    cut = await oai.completions.create(model="tiny-char", prompt="xy", max_tokens=8, temperature=1.0, seed=5,
+                                       logprobs=1, stop=[stop])
+    assert "".join(cut.choices[0].logprobs.tokens) == cut.choices[0].text == c.choices[0].text[:3]
+
+
+async def test_logprobs_limits(client):
+    for body, field in (({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+                        ({"prompt": "a", "logprobs": 1, "stream": True}, "logprobs")):
+        resp = await client.post("/v1/completions", json=body)
+        assert resp.status in (400, 422) and (await resp.json())["error"]["param"] == field, body

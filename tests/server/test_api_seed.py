@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+# Every test here runs against the in-process Engine and the engine core in its own process.
+pytestmark = pytest.mark.parametrize(
+    "engine_mode", ["in_process", pytest.param("remote", marks=pytest.mark.slow)], indirect=True)
+
 async def test_generate_returns_the_seeds_shape(client):
     resp = await client.post("/generate", json={"prompt": "ROMEO:", "max_length": 12, "temperature": 0.8, "top_k": 5})
     assert resp.status == 200, await resp.text()

@@ -81,3 +81,16 @@ async def test_keys_are_never_logged(make_client, config, caplog):
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert "access" in text or "request" in text
     assert "s3cret-key" not in text and "guess-me" not in text
+
+
+async def test_rotation_with_the_same_size_and_mtime_is_seen(make_client, config, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("alpha\n")
+    before = keys_file.stat()
+    client = await make_client(dataclasses.replace(config, api_keys_file=str(keys_file)))
+    assert (await client.get("/v1/models", headers={"X-API-Key": "alpha"})).status == 200
+    keys_file.write_text("gamma\n")  # same length; put the old timestamps back
+    os.utime(keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert keys_file.stat().st_size == before.st_size and keys_file.stat().st_mtime_ns == before.st_mtime_ns
+    assert (await client.get("/v1/models", headers={"X-API-Key": "gamma"})).status == 200
+    assert (await client.get("/v1/models", headers={"X-API-Key": "alpha"})).status == 401

@@ -37,7 +37,7 @@ def test_environment_then_flags():
 
 
 def test_prefill_budgets_reach_the_engine():
-    from model.engine_types import EngineConfig
+    from model.engine import EngineConfig
     from server.app import load_engine
     c = load_config([], {})  # the engine's own defaults (server/config.py does not import torch)
     assert (c.prefill_chunk, c.idle_prefill_chunk) == (EngineConfig.prefill_chunk, EngineConfig.idle_prefill_chunk)
@@ -108,3 +108,20 @@ def test_help_lists_every_setting():
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         ServerConfig().port = 1  # type: ignore[misc]
+
+
+def test_a_checkpoint_uri_is_accepted_and_checked_at_start_up():
+    assert load_config([], {"MODEL_CHECKPOINT": "hf://openai-community/gpt2@main"}).model_checkpoint == \
+        "hf://openai-community/gpt2@main"
+    assert load_config([], {"MODEL_CHECKPOINT": "s3://models/gpt2/ckpt.pt"}).model_checkpoint.startswith("s3://")
+    with pytest.raises(ConfigError) as err:
+        load_config([], {"MODEL_CHECKPOINT": "http://models.internal/ckpt.pt"})
+    assert err.value.variable == "MODEL_CHECKPOINT" and "NANOGPT_FETCH_ALLOW_HTTP" in err.value.problem
+    cfg = load_config([], {"MODEL_CHECKPOINT": "http://models.internal/ckpt.pt", "NANOGPT_FETCH_ALLOW_HTTP": "1"})
+    assert cfg.model_checkpoint == "http://models.internal/ckpt.pt"
+    with pytest.raises(ConfigError) as err:
+        load_config([], {"MODEL_CHECKPOINT": "gs://bucket/ckpt.pt"})
+    assert err.value.variable == "MODEL_CHECKPOINT" and "unsupported scheme gs://" in err.value.problem
+    with pytest.raises(ConfigError) as err:
+        load_config([], {"MODEL_CHECKPOINT": "hf://gpt2", "NANOGPT_FETCH_READ_TIMEOUT": "soon"})
+    assert err.value.variable == "NANOGPT_FETCH_READ_TIMEOUT"

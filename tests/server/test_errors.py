@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 
 import pytest
 
 from server import keys
 
-from server_helpers import wait_for
+from server_helpers import parse_response, raw_exchange, wait_for
 
 
 async def error_of(resp, status: int) -> dict:
@@ -89,7 +91,7 @@ async def test_openai_validation(client):
     assert err["param"] == "max_tokens"
     err = await error_of(await client.post("/v1/completions", json={"prompt": [99999]}), 400)
     assert err["param"] == "prompt" and "out of range" in err["message"]
-    err = await error_of(await client.post("/v1/completions", json={"prompt": "a", "logprobs": 3}), 422)
+    err = await error_of(await client.post("/v1/completions", json={"prompt": "a", "logprobs": 3, "stream": True}), 422)
     assert err["param"] == "logprobs"
     err = await error_of(await client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True}), 422)
     assert err["param"] == "stream"
@@ -104,7 +106,8 @@ async def test_unknown_route_and_method_are_json(client):
 
 async def test_overloaded_engine_is_503_with_retry_after(make_client, make_engine, config):
     engine = make_engine(max_batch=1, max_queue=1)
-    client = await make_client(dataclasses.replace(config, max_batch=1, max_queue=1), engine=engine)
+    client = await make_client(dataclasses.replace(config, max_batch=1, max_queue=1, max_rows_per_caller=3),
+                               engine=engine)  # the engine's queue, not the caller's share, is what fills
     long = {"prompt": "a", "max_length": 1000, "stream": True}
     first = await client.post("/generate", json=long)  # stream headers are sent once submitted
     await wait_for(lambda: engine.stats().running == 1, what="first request running")
@@ -150,3 +153,53 @@ async def test_request_timeout_cancels_and_is_504(make_client, config):
     assert err["code"] == "timeout" and "REQUEST_TIMEOUT" in err["message"]
     engine = client.server.app[keys.LIFECYCLE].engine
     await wait_for(lambda: engine.stats().running == 0, what="timed-out request freed")
+
+
+def _post(headers: bytes, body: bytes) -> bytes:
+    return (b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + headers + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_corrupt_compressed_body_is_400(guarded_app, caplog):
+    port, _, _ = await guarded_app()  # as served: aiohttp's test server logs its own error on the rest
+    for encoding in (b"gzip", b"deflate"):
+        raw = await raw_exchange(port, _post(b"Content-Encoding: " + encoding + b"\r\n", b"not " * 8))
+        status, _, body = parse_response(raw)
+        assert status == 400, raw
+        err = json.loads(body)["error"]
+        assert err["code"] == "invalid_body" and encoding.decode() in err["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_non_utf8_api_key_is_401(make_client, config, caplog):
+    client = await make_client(dataclasses.replace(config, api_key="s3cret-key"))
+    for header in (b"X-API-Key: \xff\xfe\r\n", b"Authorization: Bearer \xc3\x28\r\n"):
+        raw = await raw_exchange(client.server.port, _post(header, b'{"prompt": "a", "max_length": 2}'))
+        status, _, body = parse_response(raw)
+        assert status == 401, raw
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"prompt": NaN}', "NaN is not valid JSON"),
+    (b'{"prompt": "a", "max_length": -Infinity}', "-Infinity is not valid JSON"),
+    (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "4300 digits"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "MAX_JSON_DEPTH=64"),
+    (b'{"prompt": "a",}', "line 1 column"),
+])
+async def test_malformed_json_says_why(client, body, words):
+    err = await error_of(await client.post("/generate", data=body, headers={"Content-Type": "application/json"}), 400)
+    assert err["code"] == "invalid_json" and words in err["message"], err["message"]
+    assert "set_int_max_str_digits" not in err["message"]
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(client):
+    resp = await client.post("/generate", json={"prompt": "[{" * 50, "max_length": 1})
+    assert resp.status == 200, await resp.text()
+
+
+async def test_405_carries_allow(client):
+    resp = await client.get("/generate")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert "POST" in (await resp.json())["error"]["message"]

@@ -6,13 +6,18 @@ import asyncio
 import json
 import logging
 import signal
+import sys
+from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.engine import Engine
 from server import keys
 from server_helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class GatedEngine(Engine):
@@ -28,7 +33,7 @@ class GatedEngine(Engine):
 
 
 async def test_not_ready_until_engine_warmed_up(make_client, tiny_model):
-    from conftest import ENGINE_CONFIG
+    from server_helpers import ENGINE_CONFIG
 
     engine = GatedEngine(tiny_model, ENGINE_CONFIG)
     client = await make_client(engine=engine, ready=False)
@@ -155,3 +160,73 @@ async def test_a_stopped_app_lets_go_of_its_engine(aiohttp_client, make_engine, 
     del engine
     gc.collect()
     assert gone() is None
+
+
+def test_kv_cache_over_the_budget_is_refused_with_size_and_budget(config_factory):
+    from server.app import KVCacheTooLarge, load_engine
+
+    # The tiny model: 2 layers x 4 rows x 128 positions x 32 wide x keys and values x 4 bytes.
+    with pytest.raises(KVCacheTooLarge) as err:
+        load_engine(config_factory(kv_cache_max_bytes=100_000))
+    assert "262144 bytes" in str(err.value) and "KV_CACHE_MAX_BYTES=100000" in str(err.value)
+    assert load_engine(config_factory(kv_cache_max_bytes=262_144)) is not None
+
+
+async def test_sigterm_interrupts_a_slow_checkpoint_load(server_process, tmp_path):
+    """A pickle that takes minutes to scan (allowed by a raised MAX_PICKLE_BYTES): SIGTERM still exits at once."""
+    sys.path.insert(0, str(REPO / "tests" / "model"))
+    from test_safe_load import write_bomb
+
+    bomb = tmp_path / "slow.pt"
+    write_bomb(bomb, 256 << 20)
+    proc, base = server_process(bomb, MAX_PICKLE_BYTES=str(1 << 30))
+
+    async def listening():
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.get(base + "/healthz") as r:
+                    return r.status == 200  # alive, loading
+            except aiohttp.ClientConnectionError:
+                assert proc.poll() is None, proc.log_path.read_text()
+                return False
+
+    await wait_for(listening, timeout=60, what="server listening")
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)  # before: the load ran to its end first
+    log = proc.log_path.read_text()
+    assert code == 0, log
+    assert '"stopped"' in log and '"model ready"' not in log
+
+
+async def test_requests_cut_at_the_end_of_the_drain_get_an_answer(server_process):
+    proc, base = server_process(DRAIN_SECONDS="0")
+    async with aiohttp.ClientSession() as http:
+        async def ready():
+            try:
+                async with http.get(base + "/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                assert proc.poll() is None, proc.log_path.read_text()
+                return False
+
+        await wait_for(ready, timeout=60, what="server ready")
+        long = {"prompt": "ROMEO:", "max_length": 1000}
+        async with http.post(base + "/generate", json={**long, "stream": True}) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            plain = asyncio.create_task(http.post(base + "/generate", json=long))
+
+            async def both_running():
+                async with http.get(base + "/health") as r:
+                    return (await r.json())["engine"]["running"] == 2
+
+            await wait_for(both_running, timeout=30, what="both requests running")
+            proc.send_signal(signal.SIGTERM)
+            events = await read_events(stream)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "draining"
+        resp = await plain
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+        resp.release()
+    code = await asyncio.to_thread(proc.wait, 60)
+    assert code == 0, proc.log_path.read_text()

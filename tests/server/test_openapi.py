@@ -23,9 +23,9 @@ EXAMPLES = 15  # per operation and mode: bounded so the whole run stays well und
 def fuzz_server(tiny_model, config_factory):
     """A real listening server (thread) with short generations and small limits: a fuzzer's
     request must never take long."""
-    from conftest import ENGINE_CONFIG
+    from server_helpers import ENGINE_CONFIG
 
-    cfg = config_factory(max_length_limit=8, max_body_bytes=4096, cache_ttl=60)
+    cfg = config_factory(max_length_limit=8, max_body_bytes=4096, cache_ttl=60, max_n=2)
     with ThreadServer(create_app(cfg, Engine(tiny_model, ENGINE_CONFIG))) as server:
 
         def ready() -> bool:
@@ -38,7 +38,8 @@ def fuzz_server(tiny_model, config_factory):
 def test_openapi_describes_every_route(fuzz_server):
     base = fuzz_server
     doc = requests.get(base + "/openapi.json", timeout=5).json()
-    assert set(doc["paths"]) == {"/generate", "/batch_generate", "/v1/completions", "/v1/models", "/health",
+    assert set(doc["paths"]) == {"/generate", "/batch_generate", "/v1/completions", "/v1/chat/completions",
+                                 "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info", "/health",
                                  "/healthz", "/readyz", "/metrics"}
     gen = doc["components"]["schemas"]["GenerateRequest"]["properties"]
     assert gen["max_length"]["maximum"] == 8  # the configured limit

@@ -67,15 +67,29 @@ def template_labels(m: ModelSpec) -> dict[str, str]:
     return labels
 
 
-def child_meta(m: ModelSpec, owner: Owner, name: str | None = None) -> dict[str, Any]:
+def child_meta(m: ModelSpec, owner: Owner | None, name: str | None = None) -> dict[str, Any]:
+    """Metadata of a child; with an owner the garbage collector deletes it with the model, without it stays."""
     # No blockOwnerDeletion: it needs update on nanogptmodels/finalizers, which the operator never uses.
-    return {"name": name or m.name, "namespace": m.namespace, "labels": child_labels(m.name),
-            "ownerReferences": [{"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
-                                 "uid": owner.uid, "controller": True}]}
+    meta: dict[str, Any] = {"name": name or m.name, "namespace": m.namespace, "labels": child_labels(m.name)}
+    if owner is not None:
+        meta["ownerReferences"] = [{"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
+                                    "uid": owner.uid, "controller": True}]
+    return meta
 
 
 def endpoint(m: ModelSpec) -> str:
-    return f"http://{m.name}.{m.namespace}.svc.cluster.local:{m.service.port}"
+    return f"http://{m.name}.{m.namespace}.svc.{m.cluster_domain}:{m.service.port}"
+
+
+def stored_form(value: Any) -> Any:
+    """`value` as the API server stores it: optional string fields of the core types are `omitempty`
+    (k8s.io/api/core/v1 types.go: EnvVar.value, Toleration.key/operator/value/effect), so an empty
+    string is dropped on write. Sending one anyway would read back as a difference on every resync."""
+    if isinstance(value, Mapping):
+        return {k: stored_form(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [stored_form(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def checkpoint_file(m: ModelSpec) -> str:
@@ -102,7 +116,8 @@ def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
     }
     user = {var["name"] for var in m.env}
     own = [{"name": k, "value": v} for k, v in values.items() if v is not None and k not in user]
-    return own + [copy.deepcopy(dict(var)) for var in m.env]
+    # An env var's valueFrom is the user's own object, passed as is; only `value: ""` is dropped.
+    return own + [{k: v for k, v in copy.deepcopy(dict(var)).items() if v != ""} for var in m.env]
 
 
 def _resources(m: ModelSpec) -> dict[str, Any]:
@@ -133,14 +148,33 @@ def _container(m: ModelSpec) -> dict[str, Any]:
         "env": _server_env(m),
         "resources": _resources(m),
         "volumeMounts": mounts,
-        # Loading a large checkpoint can take minutes; liveness only starts once this succeeds.
-        "startupProbe": _probe(LIVE_PATH, STARTUP_PERIOD_S, startup_failures, 5),
+        # The startup probe measures loading: /readyz turns 200 once the model is loaded and warmed, so a
+        # load slower than startupTimeoutSeconds (or hung) restarts the container. Liveness (/healthz, a
+        # wedged process) only starts after it; /healthz is 200 while loading, so it cannot measure that.
+        "startupProbe": _probe(READY_PATH, STARTUP_PERIOD_S, startup_failures, 5),
         "readinessProbe": _probe(READY_PATH, 5, 3, 3),
         "livenessProbe": _probe(LIVE_PATH, 10, 3, 5),
         "securityContext": {"runAsNonRoot": True, "runAsUser": SERVER_UID, "runAsGroup": SERVER_UID,
                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
+        **_lifecycle(m),
     }
+
+
+def _lifecycle(m: ModelSpec) -> dict[str, Any]:
+    # A terminating pod leaves the Service's endpoints only after the endpoint controller and every
+    # kube-proxy/gateway have seen it; until then it still gets new requests. The preStop delay keeps it
+    # serving meanwhile, and SIGTERM (the server's drain) comes after. The `sleep` handler needs neither a
+    # shell nor python in the image: beta and on by default since Kubernetes 1.30 (PodLifecycleSleepAction),
+    # GA in 1.34. Seconds must be >= 1 before 1.32 (PodLifecycleSleepActionAllowZero), so 0 means none.
+    if m.server.pre_stop_seconds <= 0:
+        return {}
+    return {"lifecycle": {"preStop": {"sleep": {"seconds": m.server.pre_stop_seconds}}}}
+
+
+def termination_grace_seconds(m: ModelSpec) -> int:
+    """Kubelet's SIGKILL comes after the preStop delay, the server's drain, and a margin: it counts both."""
+    return m.server.pre_stop_seconds + m.server.drain_seconds + GRACE_MARGIN_S
 
 
 def _volumes(m: ModelSpec) -> list[dict[str, Any]]:
@@ -160,7 +194,7 @@ def _volumes(m: ModelSpec) -> list[dict[str, Any]]:
 
 
 def _tolerations(m: ModelSpec) -> list[dict[str, Any]]:
-    tolerations = [copy.deepcopy(dict(t)) for t in m.tolerations]
+    tolerations = [stored_form(dict(t)) for t in m.tolerations]
     # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule so that CPU pods stay off them.
     if m.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
@@ -174,13 +208,13 @@ def _pod_spec(m: ModelSpec) -> dict[str, Any]:
         # The server never calls the Kubernetes API, so it gets no token.
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "terminationGracePeriodSeconds": m.server.drain_seconds + GRACE_MARGIN_S,
+        "terminationGracePeriodSeconds": termination_grace_seconds(m),
     }
     optional = {
         "nodeSelector": dict(m.node_selector) or None,
         "tolerations": _tolerations(m) or None,
         "affinity": copy.deepcopy(dict(m.affinity)) if m.affinity else None,
-        "priorityClassName": m.priority_class_name,
+        "priorityClassName": m.priority_class_name or None,
         "imagePullSecrets": [{"name": n} for n in m.image_pull_secrets] or None,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
@@ -205,7 +239,7 @@ def desired_deployment(m: ModelSpec, owner: Owner) -> dict[str, Any]:
             "selector": {"matchLabels": pod_labels(m.name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {
                 "maxSurge": m.rollout.max_surge, "maxUnavailable": m.rollout.max_unavailable}},
-            "progressDeadlineSeconds": m.rollout.progress_deadline_seconds,
+            "progressDeadlineSeconds": m.progress_deadline_seconds,
             "revisionHistoryLimit": 5,
             "template": {"metadata": template_meta, "spec": _pod_spec(m)},
         },
@@ -226,12 +260,15 @@ def desired_pvc(m: ModelSpec, owner: Owner) -> dict[str, Any] | None:
     create = m.checkpoint.create
     if create is None:
         return None
-    spec: dict[str, Any] = {"accessModes": list(create.access_modes),
+    spec: dict[str, Any] = {"accessModes": list(m.pvc_access_modes),
                             "resources": {"requests": {"storage": create.size}}}
     if create.storage_class_name is not None:
         spec["storageClassName"] = create.storage_class_name
+    # Retain (the default): no owner reference, so deleting the model leaves the checkpoints a person
+    # copied into the claim; Delete: owned, so the garbage collector removes it with the model.
+    claim_owner = owner if create.delete_policy == "Delete" else None
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": child_meta(m, owner, m.checkpoint.claim_name), "spec": spec}
+            "metadata": child_meta(m, claim_owner, m.checkpoint.claim_name), "spec": spec}
 
 
 def _hpa_metrics(m: ModelSpec) -> list[dict[str, Any]]:
@@ -262,8 +299,7 @@ def desired_hpa(m: ModelSpec, owner: Owner) -> dict[str, Any] | None:
 
 
 def wants_pdb(m: ModelSpec) -> bool:
-    most = m.autoscaling.max_replicas if m.autoscaling else m.replicas
-    return most > 1
+    return m.max_replicas > 1
 
 
 def desired_pdb(m: ModelSpec, owner: Owner) -> dict[str, Any] | None:

@@ -14,9 +14,10 @@ from typing import Any
 
 import kopf
 
-from nanogpt_operator.api import MODEL_KIND
+from nanogpt_operator.api import MODEL_KIND, models_path
 from nanogpt_operator.client import KubeClient
-from nanogpt_operator.errors import ApiError, SpecError, TransientApiError
+from nanogpt_operator.config import OperatorConfig
+from nanogpt_operator.errors import ApiError, ClientClosedError, SpecError, TransientApiError
 from nanogpt_operator.metrics import OperatorMetrics
 from nanogpt_operator.model.apply import Applied, apply, remove
 from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, owner_of, pod_labels,
@@ -82,10 +83,11 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int((body.get("metadata") or {}).get("generation") or 1)
 
 
-async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync: bool, now: str) -> Outcome:
+async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync: bool, now: str,
+                          config: OperatorConfig = OperatorConfig()) -> Outcome:
     """Converge the children on the spec (or on a pinned rollback) and derive the status."""
     generation, previous = generation_of(body), body.get("status") or {}
-    m, owner = parse_model(body), owner_of(body)
+    m, owner = parse_model(body, config), owner_of(body)
     rollback = pinned_rollback(previous, generation)
     target = effective_spec(m, rollback)
     results = await apply_children(client, target, owner)
@@ -134,21 +136,43 @@ def count(metrics: OperatorMetrics | None, body: kopf.Body, outcome: Outcome | N
             metrics.rollbacks.labels(namespace=body.metadata.namespace, name=body.metadata.name).inc()
 
 
+async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: OperatorConfig) -> bool:
+    """Re-derive a model's status from its live Deployment and pods, without writing any child.
+
+    Called on its Deployment's watch events, so status (and the rollout gates that read it) follow the
+    pods at once; the resync timer stays the safety net. True when the status changed and was written."""
+    meta, previous = body.get("metadata") or {}, body.get("status") or {}
+    generation = generation_of(body)
+    try:
+        m = parse_model(body, config)
+    except SpecError:
+        return False  # the Failed status of the spec handlers stands
+    rollback = pinned_rollback(previous, generation)
+    target = effective_spec(m, rollback)
+    deployment = await client.get("Deployment", m.namespace, m.name)
+    pods = await client.list("Pod", m.namespace, pod_labels(m.name))
+    status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
+    if all(previous.get(k) == v for k, v in status.items()):
+        return False
+    await client.patch_status(models_path(m.namespace, meta["name"]), status)
+    return True
+
+
 async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *, resync: bool,
-              metrics: OperatorMetrics | None = None) -> None:
+              config: OperatorConfig = OperatorConfig(), metrics: OperatorMetrics | None = None) -> None:
     """Reconcile for kopf: write status through kopf's patch, post Events, map errors to kopf's types."""
     outcome: Outcome | None = None
     try:
-        outcome = await _run(client, body, patch, logger, resync=resync)
+        outcome = await _run(client, body, patch, logger, resync=resync, config=config)
     finally:
         count(metrics, body, outcome)
 
 
 async def _run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *,
-               resync: bool) -> Outcome | None:
+               resync: bool, config: OperatorConfig) -> Outcome | None:
     now = _now()
     try:
-        outcome = await reconcile_model(client, body, resync=resync, now=now)
+        outcome = await reconcile_model(client, body, resync=resync, now=now, config=config)
     except SpecError as err:
         # Nothing was applied: parsing comes before every write.
         if resync and _reported(body):
@@ -156,10 +180,15 @@ async def _run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: k
         patch.status.update(invalid_spec_status(err.path, err.problem, generation_of(body), body.status, now))
         kopf.warn(body, reason="InvalidSpec", message=str(err))
         raise kopf.PermanentError(f"invalid spec: {err}") from err
+    except ClientClosedError:
+        logger.info("the operator is stopping; this reconcile ends here")
+        return None
     except TransientApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=TRANSIENT_DELAY_S) from err
     except ApiError as err:
         if err.status == 422:  # the API rejected what the spec produced (e.g. a malformed affinity)
+            if resync and _reported(body):
+                return None  # as for an invalid spec: one Warning per generation, not one per resync
             patch.status.update(invalid_spec_status("spec", err.message, generation_of(body), body.status, now))
             kopf.warn(body, reason="Rejected", message=str(err))
             raise kopf.PermanentError(f"the API rejected a child: {err}") from err

@@ -51,6 +51,6 @@ def decide_rollback(m: ModelSpec, generation: int, ds: DeploymentState, problems
         "toCheckpoint": good_ckpt, "toImage": good_image,
         "reason": problems[0].reason if problems else "ProgressDeadlineExceeded",
         "message": (f"checkpoint {ds.checkpoint} (image {ds.image}) was not ready within "
-                    f"{m.rollout.progress_deadline_seconds}s ({cause}); rolled back to {good_ckpt} "
+                    f"{m.progress_deadline_seconds}s ({cause}); rolled back to {good_ckpt} "
                     f"(image {good_image}). Edit the spec to try again."),
     }

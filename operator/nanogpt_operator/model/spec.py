@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import DNS_SUBDOMAIN, QUANTITY, Fields
-from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
+from nanogpt_operator.fields import DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, Fields
 from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
                                                       parse_gateway, parse_keda, parse_monitoring)
+from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
 
 RATE_LIMIT = re.compile(r"^[1-9][0-9]*/(second|minute|hour|day)$")
 PERCENT = re.compile(r"^[0-9]+%$")
@@ -27,6 +28,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
+DELETE_POLICIES = ("Retain", "Delete")
+# The name becomes the Service's name (a DNS-1035 label) and a label value: both at most 63 characters.
+NAME_MAX = 63
+# A Deployment's rollout deadline must cover the pods' load budget, plus the readiness probe's first passes.
+LOAD_MARGIN_S = 60
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -36,7 +42,10 @@ class PvcTemplate:
 
     size: str
     storage_class_name: str | None = None
-    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+    # None: ReadWriteOnce for one replica, ReadWriteMany for more (see `access_modes_for`).
+    access_modes: tuple[str, ...] | None = None
+    # Retain: the claim outlives the model (it holds checkpoints a person copied in); Delete: owned by it.
+    delete_policy: str = "Retain"
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class ServerSpec:
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
     drain_seconds: int = 30
     startup_timeout_seconds: int = 900
+    # Seconds a terminating pod keeps serving before SIGTERM, while endpoints stop sending it traffic.
+    pre_stop_seconds: int = 5
     chat_template: ChatTemplateRef | None = None
     served_model_names: tuple[str, ...] = ()  # SERVED_MODEL_NAME: the name, then its aliases
 
@@ -96,7 +107,7 @@ class RollingUpdateSpec:
     # Surge 0: a full GPU node has no room for an extra pod, so replace in place.
     max_surge: int | str = 0
     max_unavailable: int | str = 1
-    progress_deadline_seconds: int = 600
+    progress_deadline_seconds: int | None = None  # None: server.startupTimeoutSeconds + LOAD_MARGIN_S
     auto_rollback: bool = True
 
 
@@ -108,7 +119,7 @@ class ModelSpec:
     namespace: str
     checkpoint: CheckpointSpec
     tokenizer_path: str | None = None
-    image: str = "nanogpt-server:latest"
+    image: str = OperatorConfig.image
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     replicas: int = 1
@@ -124,6 +135,7 @@ class ModelSpec:
     priority_class_name: str | None = None
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
+    cluster_domain: str = OperatorConfig.cluster_domain
     monitoring: MonitorSpec | None = None
     gateway: GatewaySpec | None = None
 
@@ -131,16 +143,34 @@ class ModelSpec:
     def dtype(self) -> str:
         return self.server.dtype or ("bfloat16" if self.gpus > 0 else "float32")
 
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        given = self.rollout.progress_deadline_seconds
+        return given if given is not None else self.server.startup_timeout_seconds + LOAD_MARGIN_S
+
+    @property
+    def pvc_access_modes(self) -> tuple[str, ...]:
+        """The created claim's modes: one replica attaches anywhere with RWO; pods on many nodes need RWX."""
+        create = self.checkpoint.create
+        if create is not None and create.access_modes:
+            return create.access_modes
+        return ("ReadWriteOnce",) if self.max_replicas <= 1 else ("ReadWriteMany",)
+
 
 def _parse_create(f: Fields) -> PvcTemplate:
-    modes = f.list("accessModes") or ("ReadWriteOnce",)
+    modes = f.list("accessModes")
     for i, mode in enumerate(modes):
         if mode not in ACCESS_MODES:
             raise SpecError(f"{f.at('accessModes')}[{i}]", f"must be one of {', '.join(ACCESS_MODES)}")
     return PvcTemplate(
         size=f.str("size", required=True, pattern=QUANTITY),
         storage_class_name=f.str("storageClassName"),
-        access_modes=tuple(modes),
+        access_modes=tuple(modes) or None,
+        delete_policy=f.str("deletePolicy", "Retain", choices=DELETE_POLICIES),
     )
 
 
@@ -169,6 +199,7 @@ def _parse_server(f: Fields | None) -> ServerSpec:
         dtype=f.str("dtype", choices=DTYPES),
         drain_seconds=f.int("drainSeconds", 30, 0, 3600),
         startup_timeout_seconds=f.int("startupTimeoutSeconds", 900, 10, 86400),
+        pre_stop_seconds=f.int("preStopSeconds", 5, 0, 300),
         chat_template=parse_chat_template(f.child("chatTemplate")),
         served_model_names=parse_served_names(f),
     )
@@ -193,7 +224,7 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
         target_cpu_utilization=f.int("targetCPUUtilization", None, 1, 100),
         custom_metric=None if metric is None else CustomMetric(
             name=metric.str("name", required=True),
-            target_average_value=str(metric.required("targetAverageValue"))),
+            target_average_value=_quantity(metric, "targetAverageValue")),
         keda=parse_keda(f.child("keda"), f.int("maxReplicas", None, 1)),
     )
     if scaling.min_replicas > scaling.max_replicas:
@@ -203,6 +234,16 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
     if scaling.keda is None and scaling.target_cpu_utilization is None and scaling.custom_metric is None:
         raise SpecError(f.at("targetCPUUtilization"), "set it or autoscaling.customMetric: the HPA needs a metric")
     return scaling
+
+
+def _quantity(f: Fields, key: str) -> str:
+    # An int-or-string quantity, checked as the API server's resource.Quantity parser would: a bad one
+    # would otherwise only be refused (422) when the HPA is written, after the Deployment exists.
+    value = f.required(key)
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not QUANTITY.match(text):
+        raise SpecError(f.at(key), f"must be a quantity such as 4, 500m or 1k, got {value!r}")
+    return text
 
 
 def _surge(f: Fields, key: str, default: int) -> int | str:
@@ -224,7 +265,7 @@ def _parse_rollout(f: Fields | None) -> RollingUpdateSpec:
     rollout = RollingUpdateSpec(
         max_surge=_surge(f, "maxSurge", 0),
         max_unavailable=_surge(f, "maxUnavailable", 1),
-        progress_deadline_seconds=f.int("progressDeadlineSeconds", 600, 10),
+        progress_deadline_seconds=f.int("progressDeadlineSeconds", None, 10),
         auto_rollback=f.bool("autoRollback", True),
     )
     # The Deployment API rejects this pair: nothing could ever be replaced.
@@ -251,22 +292,42 @@ def _parse_env(spec: Fields) -> tuple[dict[str, Any], ...]:
     return tuple(dict(var) for var in env)
 
 
-def parse_model(body: Mapping[str, Any]) -> ModelSpec:
-    """Turn a NanoGPTModel object into a ModelSpec, or raise SpecError naming the bad field."""
+def _parse_name(meta: Mapping[str, Any]) -> str:
+    # Checked before any child is written: a Service named after a bad name would be refused (422)
+    # after the Deployment already holds GPUs (the CRD's CEL rule refuses it at admission too).
+    name = meta.get("name")
+    if not isinstance(name, str) or len(name) > NAME_MAX or not DNS_LABEL_1035.match(name):
+        raise SpecError("metadata.name", f"must be a DNS-1035 label (a lowercase letter first, then letters, "
+                                         f"digits or '-', no dots) of at most {NAME_MAX} characters, got {name!r}")
+    return name
+
+
+def _image(spec: Fields, gpus: int, config: OperatorConfig) -> str:
+    image: str | None = spec.str("image")
+    if image:
+        return image
+    return config.image if gpus > 0 else config.cpu_image
+
+
+def parse_model(body: Mapping[str, Any], config: OperatorConfig = OperatorConfig()) -> ModelSpec:
+    """Turn a NanoGPTModel object into a ModelSpec, or raise SpecError naming the bad field.
+
+    `config` supplies the operator-wide defaults: the server images and the cluster domain."""
     meta = body.get("metadata") or {}
     spec = Fields(body.get("spec") or {}, "spec")
     tokenizer = spec.child("tokenizer")
+    gpus: int = spec.int("gpus", 1, 0, 16)
     model = ModelSpec(
-        name=meta["name"],
+        name=_parse_name(meta),
         namespace=meta.get("namespace") or "default",
         checkpoint=_parse_checkpoint(spec),
         tokenizer_path=None if tokenizer is None else tokenizer.relative_path("path"),
-        image=spec.str("image", "nanogpt-server:latest"),
+        image=_image(spec, gpus, config),
         image_pull_policy=spec.str("imagePullPolicy", "IfNotPresent", choices=PULL_POLICIES),
         image_pull_secrets=tuple(Fields(s, f"spec.imagePullSecrets[{i}]").str("name", required=True)
                                  for i, s in enumerate(spec.list("imagePullSecrets"))),
         replicas=spec.int("replicas", 1, 0, 1000),
-        gpus=spec.int("gpus", 1, 0, 16),
+        gpus=gpus,
         resources=_parse_resources(spec),
         server=_parse_server(spec.child("server")),
         service=_parse_service(spec.child("service")),
@@ -275,14 +336,24 @@ def parse_model(body: Mapping[str, Any]) -> ModelSpec:
         node_selector=spec.map("nodeSelector"),
         tolerations=tuple(dict(t) for t in spec.list("tolerations")),
         affinity=spec.map("affinity") or None,
-        priority_class_name=spec.str("priorityClassName"),
+        priority_class_name=spec.str("priorityClassName") or None,
         pod_annotations=spec.map("podAnnotations"),
         env=_parse_env(spec),
+        cluster_domain=config.cluster_domain,
         monitoring=parse_monitoring(spec.child("monitoring")),
         gateway=parse_gateway(spec.child("gateway")),
     )
     _check_cpu_request(model)
+    _check_deadline(model)
     return model
+
+
+def _check_deadline(m: ModelSpec) -> None:
+    given = m.rollout.progress_deadline_seconds
+    if given is not None and given < m.server.startup_timeout_seconds:
+        raise SpecError("spec.rollout.progressDeadlineSeconds",
+                        f"must be >= spec.server.startupTimeoutSeconds ({m.server.startup_timeout_seconds}): "
+                        "a pod may take that long to load, and the rollout would be judged failed before")
 
 
 def _check_cpu_request(m: ModelSpec) -> None:

@@ -148,7 +148,7 @@ def derive_status(m: ModelSpec, generation: int, deployment: Mapping[str, Any] |
     good_ckpt, good_image = previous.get("lastGoodCheckpoint"), previous.get("lastGoodImage")
     if rs is not None and rs.complete and rs.desired > 0 and rollback is None:
         good_ckpt, good_image = rs.checkpoint, rs.image  # proven: every replica served it
-    verdict = _verdict(rs, pod_problems(pods), rollback, m.rollout.progress_deadline_seconds, bool(good_ckpt))
+    verdict = _verdict(rs, pod_problems(pods), rollback, m.progress_deadline_seconds, bool(good_ckpt))
     old = previous.get("conditions") or []
     return {
         "phase": verdict.phase,

@@ -1,7 +1,9 @@
 """kopf registrations of the NanoGPTRollout controller, and nothing else (see reconcile.py).
 
 A timer drives each rollout's state machine (level-based: every tick re-measures the models); deleting a
-rollout only drops its locks and leaves every model on the checkpoint it has at that moment.
+rollout only drops its locks and leaves every model on the checkpoint it has at that moment. No handler
+needs a finalizer, so a rollout deleted while the operator is down still goes: the locks it leaves name a
+rollout that no longer exists, and every other rollout treats such a lock as free.
 
 `register` takes the registry, the tick interval and, for tests, how to build the API client and the
 smoke test; importing this module fills kopf's default registry, as model/handlers.py does.
@@ -9,17 +11,18 @@ smoke test; importing this module fills kopf's default registry, as model/handle
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 
-from nanogpt_operator.api import GROUP, ROLLOUT_PLURAL, VERSION
+from nanogpt_operator.api import GROUP, ROLLOUT_PLURAL, VERSION, rollouts_path
 from nanogpt_operator.config import load_config
 from nanogpt_operator.metrics import shared_metrics
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.reconcile import RolloutRuntime, release, run
 from nanogpt_operator.rollout.smoke import HttpSmokeTest, SmokeTest
+from nanogpt_operator.timers import Resync, register_resync
 
 # A wave's gates are re-checked this often; pauses and deadlines are in seconds to minutes.
 TICK_SECONDS = 10.0
@@ -47,14 +50,26 @@ def register(registry: kopf.OperatorRegistry, *, interval: float = TICK_SECONDS,
             if close is not None:
                 await close()
 
-    @kopf.timer(GROUP, VERSION, ROLLOUT_PLURAL, interval=interval, registry=registry)
-    async def rollout_tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
-                         **_: Any) -> None:
-        await run(memo.rollouts, body, patch, logger)
+    register_resync(GROUP, VERSION, ROLLOUT_PLURAL, registry=registry,
+                    resync=lambda memo: rollout_resync(memo.rollouts, interval))
 
-    @kopf.on.delete(GROUP, VERSION, ROLLOUT_PLURAL, registry=registry)
-    async def rollout_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-        await release(memo.rollouts, body, logger)
+    # The DELETED watch event, not @kopf.on.delete: that one would put a blocking finalizer on every rollout.
+    @kopf.on.event(GROUP, VERSION, ROLLOUT_PLURAL, registry=registry)
+    async def rollout_delete(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
+                             **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            await release(memo.rollouts, body, logger)
+
+
+def rollout_resync(runtime: RolloutRuntime, interval: float) -> Resync:
+    """One tick of a rollout's state machine per round; the status it decides is written by the loop."""
+    async def tick(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
+        await run(runtime, body, patch, logger)
+
+    async def write_status(body: kopf.Body, status: Mapping[str, Any]) -> None:
+        await runtime.client.patch_status(f"{rollouts_path()}/{body.metadata.name}", status)
+
+    return Resync(tick, write_status, interval=interval)
 
 
 register(kopf.get_default_registry())

@@ -16,8 +16,10 @@ from nanogpt_operator.rollout.waves import Key
 
 # The lock: a NanoGPTModel carrying this annotation is being changed by the rollout it names.
 LOCK_ANNOTATION = f"{GROUP}/rollout"
-# Same default as NanoGPTModel spec.rollout.progressDeadlineSeconds (crds/nanogptmodels.yaml).
-MODEL_DEADLINE_DEFAULT_S = 600
+# A model without spec.rollout.progressDeadlineSeconds gets its load budget plus a margin, as in
+# model/spec.py (ModelSpec.progress_deadline_seconds; tests/operator/test_rollout_spec.py pins the equality).
+MODEL_STARTUP_DEFAULT_S = 900
+MODEL_LOAD_MARGIN_S = 60
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ModelView:
     # The checkpoint the model's own operator rolled back from in this generation, if it did.
     rolled_back_from: str | None
     resource_version: str | None
+    # spec.server.apiKeySecretRef as (Secret name, key): the smoke test must send one of those keys.
+    api_key_secret: tuple[str, str] | None = None
 
     @property
     def key(self) -> Key:
@@ -55,7 +59,9 @@ def model_view(body: Mapping[str, Any]) -> ModelView:
     generation = _opt_int(meta.get("generation"))
     rollback = status.get("rollback") or {}
     rolled_back = rollback.get("fromCheckpoint") if rollback.get("generation") == generation else None
+    ref = (spec.get("server") or {}).get("apiKeySecretRef") or {}
     deadline = _opt_int((spec.get("rollout") or {}).get("progressDeadlineSeconds"))
+    startup = _opt_int((spec.get("server") or {}).get("startupTimeoutSeconds")) or MODEL_STARTUP_DEFAULT_S
     return ModelView(
         namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
         labels=dict(meta.get("labels") or {}),
@@ -64,8 +70,9 @@ def model_view(body: Mapping[str, Any]) -> ModelView:
         phase=status.get("phase"), served=status.get("servedCheckpoint"),
         generation=generation, observed_generation=_opt_int(status.get("observedGeneration")),
         endpoint=status.get("endpoint"),
-        deadline_s=deadline if deadline is not None else MODEL_DEADLINE_DEFAULT_S,
+        deadline_s=deadline if deadline is not None else startup + MODEL_LOAD_MARGIN_S,
         rolled_back_from=rolled_back, resource_version=meta.get("resourceVersion"),
+        api_key_secret=(str(ref["name"]), str(ref.get("key") or "keys")) if ref.get("name") else None,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from nanogpt_operator.api import ROLLOUT_KIND
-from nanogpt_operator.errors import ApiError, ConflictError, SpecError, TransientApiError
+from nanogpt_operator.errors import ApiError, ClientClosedError, ConflictError, SpecError, TransientApiError
 from nanogpt_operator.metrics import OperatorMetrics
 from nanogpt_operator.rollout import state_machine as machine
 from nanogpt_operator.rollout.client import RolloutClient
@@ -104,7 +104,19 @@ async def smoke_all(runtime: RolloutRuntime, spec: RolloutSpec, status: Mapping[
     if not candidates or spec.smoke is None:
         return {}
     gate = spec.smoke
-    results = await asyncio.gather(*(runtime.smoke(endpoint, gate) for _, endpoint in candidates))
+
+    async def one(key: Key, endpoint: str) -> machine.SmokeResult:
+        view = world.models[key]
+        if view.api_key_secret is None:
+            return await runtime.smoke(endpoint, gate)
+        secret, item = view.api_key_secret
+        api_key = await runtime.client.api_key(key[0], secret, item)
+        if api_key is None:
+            return machine.SmokeResult(False, f"no API key in Secret {key[0]}/{secret} (key {item!r}) "
+                                              "named by spec.server.apiKeySecretRef")
+        return await runtime.smoke(endpoint, gate, api_key)
+
+    results = await asyncio.gather(*(one(key, endpoint) for key, endpoint in candidates))
     return {key: result for (key, _), result in zip(candidates, results)}
 
 
@@ -188,6 +200,9 @@ async def _tick(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch,
                                  "revision": revision + 1})
             runtime.wrote(uid, revision + 1)
         raise kopf.PermanentError(f"invalid spec: {err}") from err
+    except ClientClosedError:
+        logger.info("the operator is stopping; this tick ends here")
+        return ()
     except TransientApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=TRANSIENT_DELAY_S) from err
     except ApiError as err:  # 403 and friends: a person must fix RBAC; keep retrying slowly

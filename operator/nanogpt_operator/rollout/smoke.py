@@ -23,7 +23,7 @@ QUOTE_CHARS = 200
 
 
 class SmokeTest(Protocol):
-    async def __call__(self, endpoint: str, gate: SmokeGate) -> SmokeResult: ...
+    async def __call__(self, endpoint: str, gate: SmokeGate, api_key: str | None = None) -> SmokeResult: ...
 
 
 def judge(status: int, body: Any) -> SmokeResult:
@@ -49,11 +49,13 @@ class HttpSmokeTest:
     async def close(self) -> None:
         await self._session.close()
 
-    async def __call__(self, endpoint: str, gate: SmokeGate) -> SmokeResult:
+    async def __call__(self, endpoint: str, gate: SmokeGate, api_key: str | None = None) -> SmokeResult:
         url = endpoint.rstrip("/") + "/generate"
         payload = {"prompt": gate.prompt, "max_length": gate.max_length}
+        # The server takes `Authorization: Bearer <key>` (server/auth.py); the key is never logged.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            async with self._session.post(url, json=payload) as response:
+            async with self._session.post(url, json=payload, headers=headers) as response:
                 try:
                     body: Any = await response.json(content_type=None)
                 except ValueError:

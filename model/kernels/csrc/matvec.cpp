@@ -1,0 +1,195 @@
+// y = x W^T + b for the few rows of x of decoding on an x86-64 CPU with AVX2 (or AVX-512):
+// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows. model/kernels/cpu.py
+// builds this file with torch's extension builder and routes small nn.Linear calls here.
+//
+// Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
+// bandwidth; streaming each weight row once, converting half precision to float32 in
+// registers and accumulating in float32 (as llama.cpp does) gets closer to it than torch's
+// GEMV. Each weight is loaded once per block and used for every row of x in it, so a block
+// of kBlockRows rows costs little more than one row. Where torch's GEMMs overtake it depends
+// on the CPU: model/engine/cpu_setup.py measures it at start-up (figures: docs/engine.md).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace {
+
+using nanogpt_simd::OptionalTensor;
+
+constexpr int64_t kBlockRows = 8;  // accumulators in registers: one per row
+
+namespace avx2 {
+struct V {
+  using Vec = __m256;
+  static constexpr int kWidth = 8;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  template <typename T>
+  static Vec load(const T* p) { return nanogpt_simd::load8(p); }
+  static Vec loadx(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec fma(Vec a, Vec b, Vec acc) { return _mm256_fmadd_ps(a, b, acc); }
+  static float sum(Vec v) { return nanogpt_simd::hsum(v); }
+};
+#include "matvec_rows.inc"
+}  // namespace avx2
+
+// The same kernel in 16-float vectors, for CPUs with AVX-512: twice the weights per
+// conversion and FMA (faster than the AVX2 build there; docs/engine.md). Only this file's own code is
+// compiled for AVX-512 (every header is included above), so no function that other files
+// share can end up holding its instructions.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+namespace avx512 {
+struct V {
+  using Vec = __m512;
+  static constexpr int kWidth = 16;
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static Vec loadx(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec fma(Vec a, Vec b, Vec acc) { return _mm512_fmadd_ps(a, b, acc); }
+  static float sum(Vec v) {  // two 8-float halves, then as AVX2's
+    const __m256 lo = _mm512_castps512_ps256(v);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return nanogpt_simd::hsum(_mm256_add_ps(lo, hi));
+  }
+};
+#include "matvec_rows.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+// AVX-512 where the CPU has it, unless NANOGPT_CPU_ISA=avx2 (read per call, so that tests can
+// run both). Every row of one call goes through the same kind, which keeps a row's numbers
+// independent of its batch; the two kinds sum in different orders.
+bool use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  const char* isa = std::getenv("NANOGPT_CPU_ISA");
+  return has && !(isa != nullptr && std::strcmp(isa, "avx2") == 0);
+}
+
+std::string kernel_isa() { return use_avx512() ? "avx512" : "avx2"; }
+
+// Threads split the output rows. With more than one block of x's rows, each thread takes its
+// outputs a panel at a time (64-150 KiB of weights, which stays in L2) and runs every block
+// over the panel before moving on: the weights cross the memory bus once per call rather than
+// once per block, which is what bounds a block-at-a-time loop (at 32 rows, four passes over
+// every weight per step).
+template <typename T>
+void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, int64_t N, int64_t K) {
+  const auto row_block = use_avx512() ? avx512::row_block<T> : avx2::row_block<T>;
+  // Enough output rows per task that each thread streams long runs of weights, and at
+  // least 64K weights per task: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
+  // Whole groups of output rows (matvec_rows.inc takes 1-4 together in blocks of 2-8 rows: 12 is a
+  // multiple of each); a panel of 5 rows of 3072 float32 weights left two of them to one-row
+  // loops. A block of one row (the last of a batch of 9, 17, ...) takes 8 and leaves 4 of 12.
+  // One block of x's rows (a batch of up to kBlockRows) has nothing to reuse: it takes the
+  // thread's whole range as one panel, since the kernel's prefetch of the next rows stops at
+  // a panel's end (at batch 1, 1-4% faster over GPT-2 124M, most in half precision).
+  const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)})) + 11) / 12 * 12;
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel) {
+      const int64_t p1 = std::min(p0 + panel, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+        row_block(std::min(kBlockRows, M - m0), x + m0 * K, w, bias, y + m0 * N, p0, p1, N, K);
+      }
+    }
+  });
+}
+
+// x's rows as float32 on a 64-byte boundary. Every step of the kernel loads a vector from each
+// row of x, and a 64-byte load that straddles two cache lines costs two, which a std::vector
+// (16-byte aligned) would make every one of them. Same numbers.
+struct AlignedX {
+  float* data = nullptr;
+  AlignedX() = default;
+  AlignedX(const AlignedX&) = delete;
+  AlignedX& operator=(const AlignedX&) = delete;
+  ~AlignedX() { std::free(data); }
+};
+
+template <typename T>
+const float* aligned_rows(const T* src, int64_t n, AlignedX& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<uintptr_t>(src) % 64 == 0) return src;
+  }
+  buf.data = static_cast<float*>(std::aligned_alloc(64, (n * int64_t{sizeof(float)} + 63) / 64 * 64));
+  TORCH_CHECK(buf.data != nullptr, "linear_rows: out of memory widening x (", n, " floats)");
+  for (int64_t i = 0; i < n; ++i) buf.data[i] = static_cast<float>(src[i]);
+  return buf.data;
+}
+
+}  // namespace
+
+namespace nanogpt {
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_rows: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_rows: weight must be a contiguous [out, in] matrix");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear_rows: x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_rows: x's last dimension must be ", K);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M >= 1, "linear_rows: x has no rows");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "linear_rows: bias must be a contiguous vector of ", N, " ", weight.scalar_type());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor xc = x.contiguous();
+  // x as M x K float32: KiBs, widened here rather than by a torch op (one op per call adds up).
+  AlignedX aligned;
+  const float* xp = nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: xp = aligned_rows(xc.data_ptr<float>(), M * K, aligned); break;
+    case at::kHalf: xp = aligned_rows(xc.data_ptr<c10::Half>(), M * K, aligned); break;
+    case at::kBFloat16: xp = aligned_rows(xc.data_ptr<c10::BFloat16>(), M * K, aligned); break;
+    default: break;  // refused below
+  }
+
+  switch (weight.scalar_type()) {
+    case at::kFloat:
+      dispatch_rows<float>(M, xp, weight.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                           y.data_ptr<float>(), N, K);
+      break;
+    case at::kHalf:
+      dispatch_rows<c10::Half>(M, xp, weight.data_ptr<c10::Half>(), bias ? bias->data_ptr<c10::Half>() : nullptr,
+                               y.data_ptr<c10::Half>(), N, K);
+      break;
+    case at::kBFloat16:
+      dispatch_rows<c10::BFloat16>(M, xp, weight.data_ptr<c10::BFloat16>(),
+                                   bias ? bias->data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), N, K);
+      break;
+    default:
+      TORCH_CHECK(false, "linear_rows: float32, float16 or bfloat16 only, got ", weight.scalar_type());
+  }
+  return y;
+}
+
+}  // namespace nanogpt
+
+TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
+  m.def("kernel_isa() -> str", TORCH_FN(kernel_isa));  // what linear_rows runs on here, now
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(nanogpt::linear_rows));
+}

@@ -1,0 +1,144 @@
+"""Weight-only int8 for a GPT: symmetric, per output channel in groups of GROUP inputs.
+
+    q (out, in) int8 = round(W / s), s (out, in / GROUP) float32: the max |W| of each row's
+    group of GROUP consecutive inputs / 127 (a row that GROUP does not divide: one group)
+    Int8Linear:     y = x @ (q * s)^T + b     dequantized to x's dtype on the fly
+    Int8Embedding:  wte(idx) = q[idx] * s[idx]  (the tied embedding shares q and s with lm_head)
+
+Groups of 64 rather than one scale per row: on GPT-2 124M's shapes one scale per row moved a
+greedy token one step earlier than float32 and bfloat16 put it; groups of 64 did not
+(docs/quantization.md). The float32 scales add 1/16 to the int8 bytes.
+
+Activations, LayerNorms, biases, the position embedding and the KV cache stay in the
+serving dtype; only the scales are kept in float32 (in the model's dtype they would add a
+rounding as large as half precision's own to every output). The tied token embedding /
+output layer is quantized too: per output channel of lm_head is per row of wte, one scale
+serves both, and it is a third of GPT-2 124M's weights. docs/quantization.md has the
+measurements.
+
+Applied from outside the model (gpt-fast style): `quantize_model` swaps a GPT's modules in
+place; gpt.py calls modules and never looks inside them. On the meta device it only lays
+out empty tensors of the right shapes, which is how model/checkpoint.py loads a stored
+int8 export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .gpt import GPT
+
+QUANTIZATIONS = ("int8",)
+SCALE_SUFFIX = ".weight_scale"
+QMAX = 127  # symmetric: -127..127, so that -q is always representable
+GROUP = 64
+
+
+class QuantizeError(ValueError):
+    """An unknown quantization was asked for, or a model cannot be quantized."""
+
+
+def group_size(in_features: int) -> int:
+    return GROUP if in_features % GROUP == 0 else in_features
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q (out, in) int8, scale (out, in / group) float32, w ~= dequantize_rows(q, scale)."""
+    out, n_in = w.shape
+    g = group_size(n_in)
+    w = w.detach().float().reshape(out, n_in // g, g)
+    scale = w.abs().amax(dim=2).clamp(min=1e-12) / QMAX  # an all-zero group keeps a tiny, harmless scale
+    q = torch.round(w / scale.unsqueeze(2)).clamp(-QMAX, QMAX).to(torch.int8)
+    return q.reshape(out, n_in), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (..., in) int8 with scale (..., in / group) -> (..., in) in dtype."""
+    *lead, n_in = q.shape
+    groups = scale.shape[-1]
+    w = q.float().reshape(*lead, groups, n_in // groups) * scale.unsqueeze(-1)
+    return w.reshape(*lead, n_in).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight and float32 group scales (buffers: state_dict keys
+    `weight`, `weight_scale`, and `bias` when there is one). A torch reference: it widens the
+    whole matrix on every call."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear) -> "Int8Linear":
+        return cls(*quantize_rows(m.weight), m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)  # a no-op in a model cast as a whole
+        return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding over int8 rows with per-row scales; returns `dtype` (the model's)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+        self.dtype = dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.weight[idx], self.weight_scale[idx], self.dtype)
+
+
+def quantize_model(model: GPT, method: str = "int8", dtype: torch.dtype | None = None) -> GPT:
+    """Swap every block's four matrices and the tied embedding/head for int8 modules, in place,
+    then cast what stays floating (norms, biases, positions) to `dtype` (None: as it is).
+    Quantize from the widest weights there are: from bfloat16-rounded ones, every weight
+    carries two roundings. Sets model.quantization = method; a quantized model is left as it is."""
+    if method not in QUANTIZATIONS:
+        raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
+    if getattr(model, "quantization", None) == method:
+        return model
+    if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr() and not model.lm_head.weight.is_meta:
+        raise QuantizeError("lm_head.weight is not tied to transformer.wte.weight; GPT-2 and nanoGPT tie them")
+    dtype = dtype or model.transformer.wpe.weight.dtype
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                 (block.mlp, "c_proj")):
+                setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+        q, scale = quantize_rows(model.lm_head.weight)
+        model.lm_head = Int8Linear(q, scale, None)
+        model.transformer.wte = Int8Embedding(q, scale, dtype)
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    model.quantization = method
+    return model
+
+
+def tie_quantized(model: GPT) -> None:
+    """After load_state_dict(assign=True): make wte and lm_head share one q and one scale again."""
+    model.transformer.wte.weight = model.lm_head.weight
+    model.transformer.wte.weight_scale = model.lm_head.weight_scale
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer, tied ones once (named_* skip repeats of one tensor object)."""
+    return [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (int8 weights, their scales), tied tensors once."""
+    return sum(t.numel() * t.element_size() for t in _tensors(model))
+
+
+def count_weights(model: nn.Module) -> int:
+    """Weights, tied once, scales not counted: GPT.num_params for a float or an int8 model."""
+    return sum(t.numel() for name, t in model.named_parameters()) + sum(
+        t.numel() for name, t in model.named_buffers() if not name.endswith(SCALE_SUFFIX))

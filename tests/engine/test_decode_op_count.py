@@ -1,0 +1,63 @@
+"""The operators a CUDA decode step launches, counted on CPU over the code path the GPU takes:
+the captured graph is `GPT.step(idx, pos, cache, kv_len=L)` with no CPU kernel hooks installed
+(model/engine/cuda_graphs.py), then `sample()` runs eagerly after it (model/engine/runner.py).
+Each operator that is not a view is about one kernel launch, so these pins are the decode's
+kernel budget: a change that adds kernels fails here and must update the pin on purpose
+(issue 22 item 2 is to bring the per-layer count down to about 5)."""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.gpt import GPT, GPTConfig, KVCache
+from model.sampling import BatchParams, SamplingParams, sample
+
+B = 4
+# Outside the layers: token and position embeddings, positions, the mask, final norm, head.
+OUTSIDE = {"embedding": 2, "arange": 2, "add": 2, "le": 1, "layer_norm": 1, "linear": 1}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched, leaving out views (they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not any(r.alias_info is not None for r in func._schema.returns) or func._schema.is_mutable:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(n_layer: int) -> collections.Counter:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=n_layer, n_head=2, n_embd=32)).eval()
+    with torch.inference_mode():
+        cache = KVCache(model.config, B, torch.device("cpu"), torch.float32)
+        idx, pos = torch.zeros(B, 1, dtype=torch.long), torch.full((B,), 5)
+        with CountOps() as count:
+            model.step(idx, pos, cache, kv_len=8)
+    return count.ops
+
+
+def test_decode_step_operators_per_layer_and_outside_the_layers():
+    two, three = decode_ops(2), decode_ops(3)
+    per_layer = three - two
+    outside = two - per_layer - per_layer
+    # The issue's inventory: two layer norms, four linears, two residual adds, GELU, an arange,
+    # two index_put_ cache writes, SDPA with a boolean mask.
+    assert dict(per_layer) == {"linear": 4, "add": 2, "layer_norm": 2, "arange": 1, "index_put_": 2,
+                               "scaled_dot_product_attention": 1, "gelu": 1}, per_layer
+    assert dict(outside) == OUTSIDE, outside
+
+
+def test_sampling_operators_for_the_seed_api_default():
+    bp = BatchParams.build([SamplingParams(temperature=0.8, top_k=50)] * B, [1] * B, torch.device("cpu"))
+    logits = torch.randn(B, 40)
+    with torch.inference_mode(), CountOps() as count:
+        sample(logits, bp, torch.zeros(B, dtype=torch.long), 30)
+    assert sum(count.ops.values()) == 131, count.ops
