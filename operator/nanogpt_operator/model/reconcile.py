@@ -152,6 +152,9 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
     status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
+    # The Integrations condition is about children this path does not apply: the last reconcile's stands.
+    integrations = [c for c in previous.get("conditions") or [] if c.get("type") == "Integrations"]
+    status["conditions"].extend(integrations)
     if all(previous.get(k) == v for k, v in status.items()):
         return False
     await client.patch_status(models_path(m.namespace, meta["name"]), status)
