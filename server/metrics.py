@@ -68,6 +68,12 @@ class EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self._metrics.model_name], float(value))
             yield g
+        # vLLM's info gauge, read by the Gateway API Inference Extension's endpoint picker; one cache
+        # "block" here is one request's row of block_size positions, and there are max_batch of them.
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=["block_size", "num_gpu_blocks"])
+        info.add_metric([str(s.block_size), str(s.max_batch)], 1.0)
+        yield info
 
 
 class Metrics:

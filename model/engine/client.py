@@ -101,7 +101,7 @@ class EngineClient:
             running=s.running if s else 0, waiting=s.waiting if s else 0, max_batch=self.config.max_batch,
             kv_cache_bytes=self.kv_cache_bytes, kv_cache_usage=s.kv_cache_usage if s else 0.0,
             tokens_per_second=s.tokens_per_second if s else 0.0, total_steps=s.total_steps if s else 0,
-            last_batch_size=s.last_batch_size if s else 0)
+            last_batch_size=s.last_batch_size if s else 0, block_size=self.block_size or 0)
 
     async def wait_failed(self) -> str:
         """Return (the reason) once the core has died while serving; never after a clean stop."""

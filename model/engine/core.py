@@ -159,7 +159,7 @@ class Engine:
             kv_cache_bytes=self.kv_cache_bytes,
             kv_cache_usage=used / (self.config.max_batch * self._block_size),
             tokens_per_second=self.runner.tokens_per_second, total_steps=self.runner.total_steps,
-            last_batch_size=self.runner.last_batch)
+            last_batch_size=self.runner.last_batch, block_size=self._block_size)
 
     # --- worker thread --------------------------------------------------------
     def _run(self) -> None:

@@ -21,6 +21,7 @@ class EngineStats:
     tokens_per_second: float  # recent decode throughput (all rows together)
     total_steps: int
     last_batch_size: int
+    block_size: int = 0  # positions per cache row (the model's context length); 0 when unknown
 
 
 @dataclass(frozen=True)

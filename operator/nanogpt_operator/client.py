@@ -29,6 +29,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "Pod": ("v1", "pods"),
     # Read by name only: the API-key Secret a model references, for the rollout's smoke test.
     "Secret": ("v1", "secrets"),
+    # From optional CRDs (model/integrations.py): a cluster without them answers 404.
+    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
+    "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     # Cluster-scoped: kopf's peering object, which the operator creates at startup if missing.
     "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings"),
 }

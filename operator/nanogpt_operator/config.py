@@ -32,6 +32,8 @@ class OperatorConfig:
     request_timeout_s: float = 30.0
     # Recorded in managedFields of every object the operator creates or patches.
     field_manager: str = "nanogpt-operator"
+    # Port of the operator's own /metrics (nanogpt_operator_*); 0 turns the endpoint off.
+    metrics_port: int = 8081
     # KUBECONFIG, read here because the kubernetes package reads it once, at its own import time.
     kubeconfig: str | None = None
     # Server image of a model without spec.image: the GPU build, or the CPU build (prebuilt CPU kernels)
@@ -92,6 +94,7 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
         priority=_int(env, "PRIORITY", random_priority, 1, 2**31 - 1),
         standalone=_bool(env, "STANDALONE", False),
         request_timeout_s=float(timeout),
+        metrics_port=_int(env, "METRICS_PORT", 8081, 0, 65535),
         kubeconfig=env.get("KUBECONFIG") or None,
         image=_name(env, "IMAGE", OperatorConfig.image, _IMAGE),
         cpu_image=_name(env, "CPU_IMAGE", OperatorConfig.cpu_image, _IMAGE),

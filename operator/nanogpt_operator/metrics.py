@@ -7,6 +7,8 @@ what a registry built here exports.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 
@@ -33,3 +35,11 @@ class OperatorMetrics:
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Serve /metrics on its own thread; returns (server, thread) for shutdown."""
         return start_http_server(port, addr=addr, registry=self.registry)
+
+
+def shared_metrics(memo: Any) -> OperatorMetrics:
+    """The one OperatorMetrics of this operator process, kept in kopf's memo (both controllers count into it)."""
+    if "metrics" not in memo:
+        memo.metrics = OperatorMetrics()
+    metrics: OperatorMetrics = memo.metrics
+    return metrics

@@ -34,9 +34,15 @@ class Emulator(kmock.KubernetesEmulator):
     finalizer JSON patches with a resourceVersion `test`; a real server answers a stale one with 422 and
     kopf re-reads, but the emulator answers 500 and kopf retries the same patch, so the guard is dropped.
     metadata.generation: bumped by every write to `spec`, which is how status knows a rollout is new.
+    Unserved resources: an API server serves only the built-in kinds and those whose CRD is installed, and
+    answers 404 to anything else; the emulator would store any object, so a create of a resource missing
+    from `resources` answers 404 here (a cluster without the Prometheus Operator's or KEDA's CRDs).
     """
 
     async def _handle(self, request: Any) -> Any:
+        if request.action == kmock.action.CREATE and request.resource is not None and not any(
+                resource == request.resource for resource in self._get_resources()):
+            raise kmock.KubernetesResourceNotFoundError()
         data, serial = request.data, str(len(list(self)) + 1000)  # monotonic: one per request
         if isinstance(data, list):
             data[:] = [op for op in data if not (isinstance(op, dict) and op.get("op") == "test"
@@ -80,5 +86,7 @@ async def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
         path.write_text(yaml.safe_dump(kubeconfig))
         monkeypatch.setenv("KUBECONFIG", str(path))
         monkeypatch.setenv("NANOGPT_OPERATOR_STANDALONE", "true")
+        # Off by default: tests run side by side and a fixed port would collide; test_operator_metrics binds one.
+        monkeypatch.setenv("NANOGPT_OPERATOR_METRICS_PORT", "0")
         async with aiohttp.ClientSession() as session:
             yield emu, Api(session, url)

@@ -79,7 +79,7 @@ def test_a_rollout_deadline_shorter_than_the_load_budget_is_refused() -> None:
 @pytest.mark.parametrize(("spec", "message"), [
     ({"autoscaling": {"maxReplicas": 2, "minReplicas": 3, "targetCPUUtilization": 50},
       "resources": {"requests": {"cpu": "1"}}}, "minReplicas must be <= maxReplicas"),
-    ({"autoscaling": {"maxReplicas": 2}}, "set targetCPUUtilization or customMetric"),
+    ({"autoscaling": {"maxReplicas": 2}}, "set targetCPUUtilization, customMetric or keda"),
     ({"autoscaling": {"maxReplicas": 2, "targetCPUUtilization": 50}}, "needs resources.requests.cpu"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": "0%"}}, "maxUnavailable must not be 0"),
     ({"checkpoint": {"claimName": "c", "path": "../etc/passwd"}}, "relative to the claim"),

@@ -13,7 +13,7 @@ from operator_helpers import REPO
 from nanogpt_operator import api
 
 PACKAGE = REPO / "operator" / "nanogpt_operator"
-SHARED = {"api", "client", "conditions", "config", "errors", "fields", "timers"}
+SHARED = {"api", "client", "conditions", "config", "errors", "fields", "metrics", "timers"}
 
 
 def imported(path: Path) -> set[str]:

@@ -75,6 +75,11 @@ EXPECTED_RULES = {
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "secrets"): {"get"},
+    ("monitoring.coreos.com", "servicemonitors"): {"get", "create", "patch", "delete"},
+    ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "create", "patch", "delete"},
+    ("gateway.networking.k8s.io", "httproutes"): {"get", "create", "patch", "delete"},
+    ("keda.sh", "scaledobjects"): {"get", "create", "patch", "delete"},
 }
 
 

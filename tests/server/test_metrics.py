@@ -49,3 +49,13 @@ async def test_each_app_has_its_own_registry(make_client, make_engine):
     sb = samples(await (await b.get("/metrics")).text())
     assert sa["nanogpt_generation_tokens_total"][0].value == 3
     assert sb["nanogpt_generation_tokens_total"][0].value == 0
+
+
+async def test_cache_config_info_for_the_gateway_endpoint_picker(client):
+    # The Inference Extension's endpoint picker reads vLLM's info gauge: value 1, the config in labels.
+    await client.post("/generate", json={"prompt": "abc", "max_length": 2})
+    s = samples(await (await client.get("/metrics")).text())
+    [info] = s["vllm:cache_config_info"]
+    assert info.value == 1
+    assert int(info.labels["num_gpu_blocks"]) == s["nanogpt_max_batch"][0].value
+    assert int(info.labels["block_size"]) > 0

@@ -20,6 +20,7 @@ SERVER_PORT = 5000
 READY_PATH, LIVE_PATH = "/readyz", "/healthz"
 MODEL_MOUNT = "/models"
 API_KEYS_MOUNT = "/etc/nanogpt/api-keys"
+CHAT_TEMPLATE_MOUNT = "/etc/nanogpt/chat-template"
 # Dockerfile.server creates this user; runAsNonRoot needs a numeric id to verify.
 SERVER_UID = 10001
 # The pod template records which checkpoint it serves; status and rollback read it back.
@@ -52,6 +53,18 @@ def pod_labels(name: str) -> dict[str, str]:
 def child_labels(name: str) -> dict[str, str]:
     return {**pod_labels(name), "app.kubernetes.io/component": "server",
             "app.kubernetes.io/part-of": "nanogpt", "app.kubernetes.io/managed-by": MANAGER}
+
+
+# The Gateway API Inference Extension's endpoint picker reads each pod's metrics by the engine this label
+# names; the server exports vLLM's metric names (model/gateway.py builds the InferencePool).
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+
+
+def template_labels(m: ModelSpec) -> dict[str, str]:
+    labels = child_labels(m.name)
+    if m.gateway is not None:
+        labels[ENGINE_LABEL] = "vllm"
+    return labels
 
 
 def child_meta(m: ModelSpec, owner: Owner | None, name: str | None = None) -> dict[str, Any]:
@@ -96,6 +109,8 @@ def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
         "REDIS_URL": m.server.redis_url,
         "DRAIN_SECONDS": str(m.server.drain_seconds),
         "API_KEYS_FILE": f"{API_KEYS_MOUNT}/{m.server.api_key_secret.key}" if m.server.api_key_secret else None,
+        "CHAT_TEMPLATE": f"{CHAT_TEMPLATE_MOUNT}/{m.server.chat_template.key}" if m.server.chat_template else None,
+        "SERVED_MODEL_NAME": ",".join(m.server.served_model_names) or None,
         # The root filesystem is read-only; libraries that cache under $HOME (triton, torch) need /tmp.
         "HOME": "/tmp",
     }
@@ -122,6 +137,8 @@ def _container(m: ModelSpec) -> dict[str, Any]:
               {"name": "tmp", "mountPath": "/tmp"}]
     if m.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+    if m.server.chat_template:
+        mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_MOUNT, "readOnly": True})
     startup_failures = math.ceil(m.server.startup_timeout_seconds / STARTUP_PERIOD_S)
     return {
         "name": "server",
@@ -169,6 +186,10 @@ def _volumes(m: ModelSpec) -> list[dict[str, Any]]:
     if ref:
         volumes.append({"name": "api-keys", "secret": {"secretName": ref.name,
                                                        "items": [{"key": ref.key, "path": ref.key}]}})
+    template = m.server.chat_template
+    if template:
+        volumes.append({"name": "chat-template", "configMap": {
+            "name": template.config_map, "items": [{"key": template.key, "path": template.key}]}})
     return volumes
 
 
@@ -208,7 +229,7 @@ def deployment_replicas(m: ModelSpec) -> int:
 
 
 def desired_deployment(m: ModelSpec, owner: Owner) -> dict[str, Any]:
-    template_meta = {"labels": child_labels(m.name),
+    template_meta = {"labels": template_labels(m),
                      "annotations": {**m.pod_annotations, CHECKPOINT_ANNOTATION: m.checkpoint.path}}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -263,8 +284,12 @@ def _hpa_metrics(m: ModelSpec) -> list[dict[str, Any]]:
     return metrics
 
 
+def wants_hpa(m: ModelSpec) -> bool:
+    return m.autoscaling is not None and m.autoscaling.keda is None  # KEDA makes and owns its own HPA
+
+
 def desired_hpa(m: ModelSpec, owner: Owner) -> dict[str, Any] | None:
-    if m.autoscaling is None:
+    if m.autoscaling is None or not wants_hpa(m):
         return None
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
             "metadata": child_meta(m, owner),
@@ -295,7 +320,7 @@ def desired_children(m: ModelSpec, owner: Owner) -> list[dict[str, Any]]:
 def unwanted_children(m: ModelSpec) -> list[tuple[str, str]]:
     """(kind, name) of optional children the spec no longer asks for, to delete if present."""
     unwanted = []
-    if m.autoscaling is None:
+    if not wants_hpa(m):
         unwanted.append(("HorizontalPodAutoscaler", m.name))
     if not wants_pdb(m):
         unwanted.append(("PodDisruptionBudget", m.name))

@@ -19,6 +19,7 @@ from nanogpt_operator.api import GROUP, MANAGER, MODEL_PLURAL, VERSION, models_p
 from nanogpt_operator.client import KubeClient
 from nanogpt_operator.config import load_config
 from nanogpt_operator.errors import ApiError, ClientClosedError
+from nanogpt_operator.metrics import shared_metrics
 from nanogpt_operator.model import reconcile
 from nanogpt_operator.model.apply import ensure_peering
 from nanogpt_operator.timers import Resync, register_resync
@@ -48,6 +49,9 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
         settings.watching.server_timeout = 300
         memo.config = config
         memo.client = await KubeClient.connect(config)
+        if config.metrics_port:
+            memo.metrics_server, _ = shared_metrics(memo).serve(config.metrics_port)
+            logger.info("serving the operator's metrics on :%d/metrics", config.metrics_port)
         if not config.standalone and await ensure_peering(memo.client, config.peering_name):
             logger.info("created ClusterKopfPeering %s", config.peering_name)
         logger.info("configured: peering=%s priority=%s standalone=%s",
@@ -59,13 +63,16 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
     async def close(memo: kopf.Memo, **_: Any) -> None:
         if "client" in memo:
             await memo.client.close()
+        if "metrics_server" in memo:
+            memo.metrics_server.shutdown()
 
     @kopf.on.create(GROUP, VERSION, MODEL_PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, MODEL_PLURAL, field="spec", registry=registry)
     @kopf.on.resume(GROUP, VERSION, MODEL_PLURAL, registry=registry)
     async def reconcile_on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
                                   **_: Any) -> None:
-        await reconcile.run(memo.client, body, patch, logger, resync=False, config=memo.config)
+        await reconcile.run(memo.client, body, patch, logger, resync=False, config=memo.config,
+                            metrics=shared_metrics(memo))
 
     # Level-based safety net: re-measure children, repair drift, roll back failed rollouts.
     register_resync(GROUP, VERSION, MODEL_PLURAL, registry=registry,
@@ -83,7 +90,8 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float = RESYNC_
 def model_resync(memo: kopf.Memo, interval: float) -> Resync:
     """The model's resync round (reconcile with resync=True), and how it writes the status."""
     async def run(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
-        await reconcile.run(memo.client, body, patch, logger, resync=True, config=memo.config)
+        await reconcile.run(memo.client, body, patch, logger, resync=True, config=memo.config,
+                            metrics=shared_metrics(memo))
 
     async def write_status(body: kopf.Body, status: Mapping[str, Any]) -> None:
         await memo.client.patch_status(models_path(body.metadata.namespace, body.metadata.name), status)

@@ -14,14 +14,16 @@ from typing import Any
 
 import kopf
 
-from nanogpt_operator.api import models_path
+from nanogpt_operator.api import MODEL_KIND, models_path
 from nanogpt_operator.client import KubeClient
 from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import ApiError, ClientClosedError, SpecError, TransientApiError
+from nanogpt_operator.metrics import OperatorMetrics
 from nanogpt_operator.model.apply import Applied, apply, remove
 from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, owner_of, pod_labels,
                                           unwanted_children)
 from nanogpt_operator.model.drift import Path
+from nanogpt_operator.model.integrations import apply_integrations, integrations_condition
 from nanogpt_operator.model.rollback import decide_rollback, effective_spec, pinned_rollback
 from nanogpt_operator.model.spec import ModelSpec, parse_model
 from nanogpt_operator.model.status import deployment_state, derive_status, invalid_spec_status, pod_problems
@@ -89,6 +91,8 @@ async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync
     rollback = pinned_rollback(previous, generation)
     target = effective_spec(m, rollback)
     results = await apply_children(client, target, owner)
+    integrated = await apply_integrations(client, target, owner)
+    results.extend(integrated.results)
     # The timer starts one period after creation, so a child it has to create was deleted by someone,
     # unless the spec changed since the last status (then the child may be newly asked for).
     restoring = resync and previous.get("observedGeneration", generation) == generation
@@ -103,6 +107,11 @@ async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync
             events.append(Event("Warning", "RolledBack", rollback["message"]))
             deployment = await client.get("Deployment", m.namespace, m.name)
     status = derive_status(target, generation, deployment, pods, previous, rollback, now)
+    integrations = integrations_condition(target, integrated.missing, generation, previous, now)
+    if integrations is not None:
+        status["conditions"].append(integrations)
+        if integrations["status"] == "False" and integrations["lastTransitionTime"] == now:
+            events.append(Event("Warning", "CRDNotInstalled", integrations["message"]))
     return Outcome(status, tuple(events))
 
 
@@ -113,6 +122,18 @@ def _reported(body: kopf.Body) -> bool:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def count(metrics: OperatorMetrics | None, body: kopf.Body, outcome: Outcome | None) -> None:
+    """Record one reconcile in the operator's metrics: its result, drift repaired, rollbacks made."""
+    if metrics is None:
+        return
+    metrics.reconciles.labels(kind=MODEL_KIND, result="error" if outcome is None else "ok").inc()
+    for event in outcome.events if outcome is not None else ():
+        if event.reason == "DriftCorrected":
+            metrics.drift_repairs.labels(kind=MODEL_KIND).inc()
+        elif event.reason == "RolledBack":
+            metrics.rollbacks.labels(namespace=body.metadata.namespace, name=body.metadata.name).inc()
 
 
 async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: OperatorConfig) -> bool:
@@ -131,6 +152,9 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
     status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
+    # The Integrations condition is about children this path does not apply: the last reconcile's stands.
+    integrations = [c for c in previous.get("conditions") or [] if c.get("type") == "Integrations"]
+    status["conditions"].extend(integrations)
     if all(previous.get(k) == v for k, v in status.items()):
         return False
     await client.patch_status(models_path(m.namespace, meta["name"]), status)
@@ -138,27 +162,36 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
 
 
 async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *, resync: bool,
-              config: OperatorConfig = OperatorConfig()) -> None:
+              config: OperatorConfig = OperatorConfig(), metrics: OperatorMetrics | None = None) -> None:
     """Reconcile for kopf: write status through kopf's patch, post Events, map errors to kopf's types."""
+    outcome: Outcome | None = None
+    try:
+        outcome = await _run(client, body, patch, logger, resync=resync, config=config)
+    finally:
+        count(metrics, body, outcome)
+
+
+async def _run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, *,
+               resync: bool, config: OperatorConfig) -> Outcome | None:
     now = _now()
     try:
         outcome = await reconcile_model(client, body, resync=resync, now=now, config=config)
     except SpecError as err:
         # Nothing was applied: parsing comes before every write.
         if resync and _reported(body):
-            return  # said once per generation; the timer must not repeat the Event every interval
+            return None  # said once per generation; the timer must not repeat the Event every interval
         patch.status.update(invalid_spec_status(err.path, err.problem, generation_of(body), body.status, now))
         kopf.warn(body, reason="InvalidSpec", message=str(err))
         raise kopf.PermanentError(f"invalid spec: {err}") from err
     except ClientClosedError:
         logger.info("the operator is stopping; this reconcile ends here")
-        return
+        return None
     except TransientApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=TRANSIENT_DELAY_S) from err
     except ApiError as err:
         if err.status == 422:  # the API rejected what the spec produced (e.g. a malformed affinity)
             if resync and _reported(body):
-                return  # as for an invalid spec: one Warning per generation, not one per resync
+                return None  # as for an invalid spec: one Warning per generation, not one per resync
             patch.status.update(invalid_spec_status("spec", err.message, generation_of(body), body.status, now))
             kopf.warn(body, reason="Rejected", message=str(err))
             raise kopf.PermanentError(f"the API rejected a child: {err}") from err
@@ -167,3 +200,4 @@ async def run(client: KubeClient, body: kopf.Body, patch: kopf.Patch, logger: ko
     for event in outcome.events:
         logger.info(event.message)
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    return outcome

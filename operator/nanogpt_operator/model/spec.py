@@ -15,6 +15,9 @@ from typing import Any
 from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import SpecError
 from nanogpt_operator.fields import DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, Fields
+from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
+                                                      parse_gateway, parse_keda, parse_monitoring)
+from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
 
 RATE_LIMIT = re.compile(r"^[1-9][0-9]*/(second|minute|hour|day)$")
 PERCENT = re.compile(r"^[0-9]+%$")
@@ -69,6 +72,8 @@ class ServerSpec:
     startup_timeout_seconds: int = 900
     # Seconds a terminating pod keeps serving before SIGTERM, while endpoints stop sending it traffic.
     pre_stop_seconds: int = 5
+    chat_template: ChatTemplateRef | None = None
+    served_model_names: tuple[str, ...] = ()  # SERVED_MODEL_NAME: the name, then its aliases
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class AutoscalingSpec:
     min_replicas: int = 1
     target_cpu_utilization: int | None = None
     custom_metric: CustomMetric | None = None
+    keda: KedaSpec | None = None  # a KEDA ScaledObject instead of an HPA
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class ModelSpec:
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
     cluster_domain: str = OperatorConfig.cluster_domain
+    monitoring: MonitorSpec | None = None
+    gateway: GatewaySpec | None = None
 
     @property
     def dtype(self) -> str:
@@ -192,6 +200,8 @@ def _parse_server(f: Fields | None) -> ServerSpec:
         drain_seconds=f.int("drainSeconds", 30, 0, 3600),
         startup_timeout_seconds=f.int("startupTimeoutSeconds", 900, 10, 86400),
         pre_stop_seconds=f.int("preStopSeconds", 5, 0, 300),
+        chat_template=parse_chat_template(f.child("chatTemplate")),
+        served_model_names=parse_served_names(f),
     )
 
 
@@ -207,6 +217,7 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
         return None
     metric = f.child("customMetric")
     f.required("maxReplicas")
+    check_min_replicas(f)
     scaling = AutoscalingSpec(
         min_replicas=f.int("minReplicas", 1, 1),
         max_replicas=f.int("maxReplicas", None, 1),
@@ -214,10 +225,13 @@ def _parse_autoscaling(f: Fields | None) -> AutoscalingSpec | None:
         custom_metric=None if metric is None else CustomMetric(
             name=metric.str("name", required=True),
             target_average_value=_quantity(metric, "targetAverageValue")),
+        keda=parse_keda(f.child("keda"), f.int("maxReplicas", None, 1)),
     )
     if scaling.min_replicas > scaling.max_replicas:
         raise SpecError(f.at("minReplicas"), f"must be <= maxReplicas ({scaling.max_replicas})")
-    if scaling.target_cpu_utilization is None and scaling.custom_metric is None:
+    if scaling.keda is not None and (scaling.target_cpu_utilization or scaling.custom_metric):
+        raise SpecError(f.at("keda"), "replaces the HPA: drop targetCPUUtilization and customMetric")
+    if scaling.keda is None and scaling.target_cpu_utilization is None and scaling.custom_metric is None:
         raise SpecError(f.at("targetCPUUtilization"), "set it or autoscaling.customMetric: the HPA needs a metric")
     return scaling
 
@@ -326,6 +340,8 @@ def parse_model(body: Mapping[str, Any], config: OperatorConfig = OperatorConfig
         pod_annotations=spec.map("podAnnotations"),
         env=_parse_env(spec),
         cluster_domain=config.cluster_domain,
+        monitoring=parse_monitoring(spec.child("monitoring")),
+        gateway=parse_gateway(spec.child("gateway")),
     )
     _check_cpu_request(model)
     _check_deadline(model)

@@ -18,6 +18,7 @@ import kopf
 
 from nanogpt_operator.api import GROUP, ROLLOUT_PLURAL, VERSION, rollouts_path
 from nanogpt_operator.config import load_config
+from nanogpt_operator.metrics import shared_metrics
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.reconcile import RolloutRuntime, release, run
 from nanogpt_operator.rollout.smoke import HttpSmokeTest, SmokeTest
@@ -39,7 +40,7 @@ def register(registry: kopf.OperatorRegistry, *, interval: float = TICK_SECONDS,
 
     @kopf.on.startup(registry=registry)
     async def rollout_startup(memo: kopf.Memo, **_: Any) -> None:
-        memo.rollouts = RolloutRuntime(client=await connect(), smoke=smoke())
+        memo.rollouts = RolloutRuntime(client=await connect(), smoke=smoke(), metrics=shared_metrics(memo))
 
     @kopf.on.cleanup(registry=registry)
     async def rollout_cleanup(memo: kopf.Memo, **_: Any) -> None:

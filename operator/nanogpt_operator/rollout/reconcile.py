@@ -20,7 +20,9 @@ from typing import Any
 
 import kopf
 
+from nanogpt_operator.api import ROLLOUT_KIND
 from nanogpt_operator.errors import ApiError, ClientClosedError, ConflictError, SpecError, TransientApiError
+from nanogpt_operator.metrics import OperatorMetrics
 from nanogpt_operator.rollout import state_machine as machine
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION, model_view, selected_keys
@@ -41,6 +43,7 @@ class RolloutRuntime:
     smoke: SmokeTest
     # rollout uid -> (last status.revision written, when): the staleness fence of `run`.
     written: dict[str, tuple[int, float]] = field(default_factory=dict)
+    metrics: OperatorMetrics | None = None
 
     def stale(self, uid: str, revision: int) -> bool:
         """The body shows an older status than we wrote, and not for so long that the write may have failed."""
@@ -147,16 +150,47 @@ def _post(event: machine.Event, body: kopf.Body, raw: Mapping[Key, Mapping[str, 
                    message=f"rollout {body.metadata.name}: {event.message}")
 
 
+# Event reason -> (counter, result label): what the operator's metrics record of a tick's Events.
+_COUNTED = {"WaveComplete": ("rollout_waves", "complete"), "RolloutFailed": ("rollout_waves", "failed"),
+            "Succeeded": ("rollouts", "succeeded"), "RolledBack": ("rollouts", "reverted")}
+
+
+def count(metrics: OperatorMetrics | None, body: kopf.Body, events: tuple[machine.Event, ...] | None) -> None:
+    """One tick in the metrics: ok or error, waves finished, rollouts ended (failed also ends a wave)."""
+    if metrics is None:
+        return
+    metrics.reconciles.labels(kind=ROLLOUT_KIND, result="error" if events is None else "ok").inc()
+    names = {"namespace": body.metadata.namespace or "", "name": body.metadata.name}
+    for event in events or ():
+        counter, result = _COUNTED.get(event.reason, (None, ""))
+        if counter == "rollout_waves":
+            metrics.rollout_waves.labels(**names, result=result).inc()
+        elif counter == "rollouts":
+            metrics.rollouts.labels(**names, outcome=result).inc()
+        if event.reason == "RolloutFailed":
+            metrics.rollouts.labels(**names, outcome="failed").inc()
+
+
 async def run(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger) -> None:
-    """One timer tick for kopf: status through kopf's patch, Events, errors mapped to kopf's types."""
+    """One timer tick for kopf, counted in the operator's metrics (see `_tick`)."""
+    events: tuple[machine.Event, ...] | None = None
+    try:
+        events = await _tick(runtime, body, patch, logger)
+    finally:
+        count(runtime.metrics, body, events)
+
+
+async def _tick(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch,
+                logger: kopf.Logger) -> tuple[machine.Event, ...]:
+    """Status through kopf's patch, Events, errors mapped to kopf's types; returns the Events posted."""
     status = body.status
     uid = str(body.metadata.uid)
     if status.get("phase") in machine.TERMINAL and status.get("locksReleased"):
-        return  # finished, and no model carries our lock: nothing left to do
+        return ()  # finished, and no model carries our lock: nothing left to do
     revision = int(status.get("revision") or 0)
     if runtime.stale(uid, revision):
         logger.debug("status revision %s is older than the one written; waiting for the watch", revision)
-        return
+        return ()
     try:
         step, raw, quiet = await tick(runtime, body, _now(), logger)
     except SpecError as err:
@@ -168,7 +202,7 @@ async def run(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch, logge
         raise kopf.PermanentError(f"invalid spec: {err}") from err
     except ClientClosedError:
         logger.info("the operator is stopping; this tick ends here")
-        return
+        return ()
     except TransientApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=TRANSIENT_DELAY_S) from err
     except ApiError as err:  # 403 and friends: a person must fix RBAC; keep retrying slowly
@@ -178,6 +212,7 @@ async def run(runtime: RolloutRuntime, body: kopf.Body, patch: kopf.Patch, logge
     runtime.wrote(uid, revision + 1)
     for event in step.events:
         _post(event, body, raw, logger)
+    return tuple(step.events)
 
 
 async def release(runtime: RolloutRuntime, body: kopf.Body, logger: kopf.Logger) -> None:
