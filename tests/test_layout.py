@@ -1,5 +1,6 @@
 """The project's public surface and packaging: import names, and no shadowed stdlib."""
 
+import re
 import subprocess
 import sys
 import sysconfig
@@ -128,3 +129,70 @@ def test_the_engine_keeps_its_public_names():
     for name in ("Engine", "EngineConfig", "EngineError", "EngineStats", "EngineStopped", "GenerationResult",
                  "Overloaded", "PromptTooLong", "RequestHandle", "SamplingParams", "TokenChunk", "StepPlan"):
         assert name in engine.__all__ and hasattr(engine, name), name
+
+
+# --- packaging: what each image installs covers what its code imports ------------------
+
+OWN = {"model", "server", "nanogpt_operator", "__future__"}
+
+
+def _module_level_imports(folder: Path) -> dict[str, set[str]]:
+    """Third-party top-level names imported in a module's body (not lazily inside a function), with the
+    files that import them: these are what a bare `import` of the package needs installed."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in {n.split(".")[0] for n in names} - OWN - set(sys.stdlib_module_names):
+                where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+                found.setdefault(top, set()).add(where)
+    return found
+
+
+def _extra(name: str) -> set[str]:
+    """The distributions an extra of pyproject.toml names, its own `nanogpt-k8s[...]` extras followed."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    out: set[str] = set()
+    for requirement in extras[name]:
+        dist = re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)
+        if dist == "nanogpt-k8s":
+            for inner in re.search(r"\[(.*)\]", requirement).group(1).split(","):
+                out |= _extra(inner.strip())
+        else:
+            out.add(re.sub(r"[-_.]+", "-", dist).lower())
+    return out
+
+
+def _undeclared(folder: Path, extra: str) -> dict[str, set[str]]:
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    declared = _extra(extra)
+    return {top: files for top, files in _module_level_imports(folder).items()
+            if not {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(top, [top])} & declared}
+
+
+def test_each_image_installs_what_its_code_imports():
+    # The operator image installs the `operator` extra only (Dockerfile.operator): a module-level import it
+    # lacks stops `kopf run` at start, as prometheus_client once did.
+    assert _undeclared(REPO / "operator" / "nanogpt_operator", "operator") == {}
+    assert _undeclared(REPO / "server", "server") == {}
+    assert _undeclared(REPO / "model" / "fetch", "fetch") == {}
+    model_rest = {top: files for top, files in _undeclared(REPO / "model", "model").items()
+                  if any(not f.startswith(("model/fetch/", "model/interop/")) for f in files)}
+    assert model_rest == {}
+
+
+def test_the_packaging_check_finds_an_undeclared_import(tmp_path: Path):
+    (tmp_path / "m.py").write_text("import os\nimport kopf\nimport prometheus_client\ndef f():\n    import onnx\n")
+    assert set(_module_level_imports(tmp_path)) == {"kopf", "prometheus_client"}
+    assert "kopf" in _extra("operator") and "torch" in _extra("server")

@@ -206,8 +206,15 @@ async def test_operator_image_reconciles_a_model_against_the_emulator(images: Im
                 async with aiohttp.ClientSession() as session:
                     api = Api(session, url)
                     await api.must("POST", model_path(), BASE_MODEL)
-                    deployment = await eventually(lambda: api.get("/apis/apps/v1/namespaces/ml/deployments/llm"),
-                                                  timeout=120, what=f"the Deployment; log:\n{log}")
+                    async def deployment_or_exit() -> Any:
+                        if proc.poll() is not None:  # an operator that died will not make one: fail now
+                            raise AssertionError(f"the operator exited {proc.returncode}")
+                        return await api.get("/apis/apps/v1/namespaces/ml/deployments/llm")
+
+                    try:
+                        deployment = await eventually(deployment_or_exit, timeout=120, what="the Deployment")
+                    except AssertionError as err:
+                        raise AssertionError(f"{err}; operator log:\n{log.read_text()[-6000:]}") from None
                 assert deployment["metadata"]["ownerReferences"][0]["name"] == "llm"
                 assert proc.poll() is None, log.read_text()[-4000:]
                 os.kill(_process_of(proc, "kopf run"), signal.SIGTERM)
