@@ -24,6 +24,8 @@ This module imports only torch (and, inside use_decode_attention, model.gpt's cl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -31,6 +33,7 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -110,9 +113,31 @@ def _compile(build_directory: Path | None = None) -> None:
     # In the shared cache (TORCH_EXTENSIONS_DIR) the build's name carries the sources' digest, so two
     # checkouts with different sources keep a build each instead of rebuilding over each other.
     name = "nanogpt_cpu" if build_directory is not None else f"nanogpt_cpu_{sources_digest()[:12]}"
-    cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
-                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DNANOGPT_SIMD_H={header}"],
-                       build_directory=None if build_directory is None else str(build_directory))
+    where = Path(build_directory or cpp_extension._get_build_directory(name, False))
+    with build_lock(where):
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DNANOGPT_SIMD_H={header}"],
+                           build_directory=None if build_directory is None else str(build_directory))
+
+
+@contextlib.contextmanager
+def build_lock(build_directory: Path, blocking: bool = True) -> Iterator[None]:
+    """Holds an flock beside the build for the whole build. torch's own lock (a `lock` file its
+    FileBaton creates and deletes) outlives a builder that was killed, and every later load then
+    waits on it forever; an flock dies with its holder. Whoever holds ours is the only builder,
+    so a `lock` file found under it is stale and is removed. blocking=False raises
+    BlockingIOError where another process is building."""
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with open(build_directory.with_name(build_directory.name + ".build-lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            stale = build_directory / "lock"
+            if stale.exists():
+                log.warning("CPU kernels: removing %s, left by a build that was interrupted", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sources_digest() -> str:
