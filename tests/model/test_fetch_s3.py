@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -62,26 +63,27 @@ def test_fetch_an_object_and_reuse_the_cache(s3, settings, tmp_path):
     assert os.path.samefile(tmp_path / "a.pt", tmp_path / "b.pt")
 
 
-def test_the_stores_own_sha256_is_verified(s3, settings, tmp_path):
-    """A partial whose bytes differ from the object: the store's ChecksumSHA256 catches it, it is removed."""
+def _partial(s3, settings, data: bytes) -> tuple[str, Path]:
+    """out/ckpt.pt's URI, and its partial download in the cache holding `data` (as an interrupted fetch leaves it)."""
     client, bucket = s3
     uri = f"s3://{bucket}/out/ckpt.pt"
     head = client.head_object(Bucket=bucket, Key="out/ckpt.pt")
     partial = settings.cache_dir / "partial" / ref_key(uri, head["ETag"], len(DATA))
     partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"\0" * 1000)  # what a crash on a bad disk could leave
+    partial.write_bytes(data)
+    return uri, partial
+
+
+def test_the_stores_own_sha256_is_verified(s3, settings, tmp_path):
+    """A partial whose bytes differ from the object: the store's ChecksumSHA256 catches it, it is removed."""
+    uri, partial = _partial(s3, settings, b"\0" * 1000)  # what a crash on a bad disk could leave
     with pytest.raises(VerificationFailed, match="the source says"):
         fetch(uri, tmp_path / "ckpt.pt", settings=settings)
     assert not partial.exists() and not (tmp_path / "ckpt.pt").exists()
 
 
 def test_a_partial_is_resumed_with_a_range(s3, settings, tmp_path):
-    client, bucket = s3
-    uri = f"s3://{bucket}/out/ckpt.pt"
-    head = client.head_object(Bucket=bucket, Key="out/ckpt.pt")
-    partial = settings.cache_dir / "partial" / ref_key(uri, head["ETag"], len(DATA))
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(DATA[:250_000])
+    uri, _ = _partial(s3, settings, DATA[:250_000])
     result = fetch(uri, tmp_path / "ckpt.pt", sha256=SHA, settings=settings)
     assert (tmp_path / "ckpt.pt").read_bytes() == DATA
     assert result.status()["downloaded_bytes"] == len(DATA) - 250_000
