@@ -18,7 +18,8 @@ import yaml
 from operator_helpers import BASE_MODEL, K8S_VERSION
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.model.build import ENGINE_LABEL, LLMD_ENGINE_LABEL, Owner, desired_children, desired_deployment, unwanted_children
+from nanogpt_operator.model.build import (ENGINE_LABEL, LLMD_ENGINE_LABEL, Owner, desired_children, desired_deployment,
+                                           unwanted_children)
 from nanogpt_operator.model.gateway import desired_http_route, desired_inference_pool
 from nanogpt_operator.model.integrations import (desired_integrations, integrations_condition,
                                                  unwanted_integrations)

@@ -173,7 +173,8 @@ async def test_fairness_ids_get_budgets_of_their_own(make_client, config):
     assert (await client.post("/generate", json=FAIR, headers=tenant("team-a"))).status == 429
     assert (await client.post("/generate", json=FAIR, headers=tenant("team-b"))).status == 200
     # Header names are case-insensitive; the value is not.
-    assert (await client.post("/generate", json=FAIR, headers={"X-Gateway-Inference-Fairness-Id": "team-b"})).status == 429
+    capitalised = {"X-Gateway-Inference-Fairness-Id": "team-b"}
+    assert (await client.post("/generate", json=FAIR, headers=capitalised)).status == 429
     assert (await client.post("/generate", json=FAIR, headers=tenant("TEAM-B"))).status == 200
 
 
