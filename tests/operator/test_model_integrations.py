@@ -60,6 +60,32 @@ def validate(obj: dict[str, Any], schema_file: str) -> None:
                                  K8S_VERSION, strict=True)
 
 
+@pytest.mark.parametrize("schema,build,bad", [
+    ("servicemonitors.yaml", lambda: desired_monitor(model(monitoring={"serviceMonitor": {}}), OWNER),
+     lambda spec: spec["endpoints"][0].update(interval="fast")),
+    ("servicemonitors.yaml", lambda: desired_monitor(model(monitoring={"serviceMonitor": {}}), OWNER),
+     lambda spec: spec["endpoints"][0].update(scrapeInterval="30s")),
+    ("podmonitors.yaml", lambda: desired_monitor(model(monitoring={"podMonitor": {}}), OWNER),
+     lambda spec: spec["podMetricsEndpoints"][0]["relabelings"][0].update(action="rename")),
+    ("inferencepools.yaml", lambda: desired_inference_pool(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec.update(targetPorts=[{"number": 5000 + i} for i in range(9)])),
+    ("inferencepools.yaml", lambda: desired_inference_pool(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec["endpointPickerRef"].update(portNumber=9002)),
+    ("httproutes.yaml", lambda: desired_http_route(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec["rules"][0]["matches"][0]["path"].update(type="Prefix")),
+    ("httproutes.yaml", lambda: desired_http_route(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec.update(hostnames=["LLM.example.com"])),
+])
+def test_the_vendored_schemas_catch_wrong_values_and_unknown_fields(schema: str, build: Any, bad: Any) -> None:
+    """A value past a published pattern, enum or limit fails (the API server refuses it); so does an unknown
+    field (the API server would prune it silently, strict() makes that a failure here)."""
+    obj = build()
+    validate(obj, schema)
+    bad(obj["spec"])
+    with pytest.raises(jsonschema.ValidationError):
+        validate(obj, schema)
+
+
 def owned(obj: dict[str, Any]) -> None:
     ref = obj["metadata"]["ownerReferences"][0]
     assert (ref["kind"], ref["uid"], ref["controller"]) == ("NanoGPTModel", OWNER.uid, True)
