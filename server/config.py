@@ -93,6 +93,8 @@ class ServerConfig:
     redis_retry_seconds: float = 5.0
     max_prompts_per_request: int = 32
     max_rows_per_caller: int = 0  # 0: MAX_BATCH less an eighth (at least one row) for other callers
+    rate_limit_key: str | None = None  # a request header the per-caller limits key on (server/caller.py)
+    rate_limit_key_max_bytes: int = 256
     max_prompt_bytes: int = 0  # 0: 32 bytes per position of the model's context (server/serving.py)
     tokenizer_threads: int = 2
     max_json_depth: int = 64  # no request field nests more than a few levels; far below the recursion limit
@@ -206,6 +208,26 @@ def _names(raw: str) -> tuple[str, ...]:
     return names if raw.strip() else ()
 
 
+# The Gateway API Inference Extension's flow-control header (gateway-api-inference-extension
+# pkg/epp/metadata/consts.go, FlowFairnessIDKey): the tenant a gateway assigns a request to.
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")  # an HTTP field name (RFC 9110 5.1, 5.6.2)
+
+
+def parse_rate_limit_key(raw: str) -> str | None:
+    """'api_key' (or ''): the caller's API key, else its address; 'fairness': the gateway's fairness
+    header; 'header:NAME': any header. Returns the header's name (lower case), None for api_key."""
+    v = raw.strip()
+    if v in ("", "api_key"):
+        return None
+    if v == "fairness":
+        return FAIRNESS_HEADER
+    name = v[len("header:"):].strip() if v.startswith("header:") else ""
+    if not _TOKEN.match(name):
+        raise ValueError(f"must be api_key, fairness or header:<HTTP header name>, got {raw!r}")
+    return name.lower()
+
+
 def _optional_positive_int(raw: str) -> int | None:
     if not raw.strip() or raw.strip() == "0":
         return None
@@ -317,6 +339,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_rows_per_caller", "MAX_ROWS_PER_CALLER", _int(0),
             "engine requests one API key (or client address) may hold at once; the rest wait their turn, "
             "round robin across callers; 0: MAX_BATCH less an eighth, at least one row (default 0)"),
+    Setting("rate_limit_key", "RATE_LIMIT_KEY", parse_rate_limit_key,
+            "what RATE_LIMIT, TOKEN_BUDGET and MAX_ROWS_PER_CALLER count per: api_key (the API key, else the "
+            "client address; default), fairness (the Gateway API Inference Extension's "
+            f"{FAIRNESS_HEADER} header) or header:NAME; a request without the header counts as its API key. "
+            "Only for a header a trusted gateway sets: a client that can set it picks its own bucket"),
+    Setting("rate_limit_key_max_bytes", "RATE_LIMIT_KEY_MAX_BYTES", _int(1, 8190),
+            "longest RATE_LIMIT_KEY header value; longer gets 400 (default 256)"),
     Setting("redis_retry_seconds", "REDIS_RETRY_SECONDS", _float(0.01),
             "after a Redis failure, skip Redis this long and probe it in the background (default 5)"),
     Setting("max_json_depth", "MAX_JSON_DEPTH", _int(2, 500), "deepest nesting of a JSON request body (default 64)"),

@@ -23,6 +23,6 @@ GENERATOR = web.AppKey("generator", Generator)
 CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
 
 # Per request.
-IDENTITY = web.RequestKey("identity", str)  # hashed API key or client address: rate limits, logs
+IDENTITY = web.RequestKey("identity", str)  # hashed API key or RATE_LIMIT_KEY header, or client address
 REQUEST_ID = web.RequestKey("request_id", str)  # X-Request-ID, accepted or generated
 ACCESS = web.RequestKey("access", dict)  # fields handlers add to the access-log line

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from . import keys
 from .auth import key_identity, presented_key
+from .caller import caller_key
 from .errors import InvalidBody, InvalidJSON, PayloadTooLarge, Unauthorized, UnsupportedMediaType, error_response, translate
 
 log = logging.getLogger("server.access")
@@ -102,6 +103,9 @@ async def generation_middleware(request: web.Request, handler):
         return await handler(request)
     lifecycle = request.app[keys.LIFECYCLE]
     lifecycle.engine_or_raise()  # 503 Draining / NotReady before any work
+    config = request.app[keys.CONFIG]
+    request[keys.IDENTITY] = caller_key(request.headers, config.rate_limit_key, config.rate_limit_key_max_bytes,
+                                        request[keys.IDENTITY])
     await request.app[keys.LIMITER].check_request(request[keys.IDENTITY])
     lifecycle.enter()
     try:

@@ -18,7 +18,8 @@ import yaml
 from operator_helpers import BASE_MODEL, K8S_VERSION
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.model.build import ENGINE_LABEL, Owner, desired_children, desired_deployment, unwanted_children
+from nanogpt_operator.model.build import (ENGINE_LABEL, LLMD_ENGINE_LABEL, Owner, desired_children, desired_deployment,
+                                           unwanted_children)
 from nanogpt_operator.model.gateway import desired_http_route, desired_inference_pool
 from nanogpt_operator.model.integrations import (desired_integrations, integrations_condition,
                                                  unwanted_integrations)
@@ -57,6 +58,32 @@ def validate(obj: dict[str, Any], schema_file: str) -> None:
     # The metadata is ours; kubernetes-validate checks it as ObjectMeta (via a ConfigMap with that metadata).
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]},
                                  K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("schema,build,bad", [
+    ("servicemonitors.yaml", lambda: desired_monitor(model(monitoring={"serviceMonitor": {}}), OWNER),
+     lambda spec: spec["endpoints"][0].update(interval="fast")),
+    ("servicemonitors.yaml", lambda: desired_monitor(model(monitoring={"serviceMonitor": {}}), OWNER),
+     lambda spec: spec["endpoints"][0].update(scrapeInterval="30s")),
+    ("podmonitors.yaml", lambda: desired_monitor(model(monitoring={"podMonitor": {}}), OWNER),
+     lambda spec: spec["podMetricsEndpoints"][0]["relabelings"][0].update(action="rename")),
+    ("inferencepools.yaml", lambda: desired_inference_pool(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec.update(targetPorts=[{"number": 5000 + i} for i in range(9)])),
+    ("inferencepools.yaml", lambda: desired_inference_pool(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec["endpointPickerRef"].update(portNumber=9002)),
+    ("httproutes.yaml", lambda: desired_http_route(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec["rules"][0]["matches"][0]["path"].update(type="Prefix")),
+    ("httproutes.yaml", lambda: desired_http_route(model(gateway=GATEWAY), OWNER),
+     lambda spec: spec.update(hostnames=["LLM.example.com"])),
+])
+def test_the_vendored_schemas_catch_wrong_values_and_unknown_fields(schema: str, build: Any, bad: Any) -> None:
+    """A value past a published pattern, enum or limit fails (the API server refuses it); so does an unknown
+    field (the API server would prune it silently, strict() makes that a failure here)."""
+    obj = build()
+    validate(obj, schema)
+    bad(obj["spec"])
+    with pytest.raises(jsonschema.ValidationError):
+        validate(obj, schema)
 
 
 def owned(obj: dict[str, Any]) -> None:
@@ -136,11 +163,26 @@ class TestGateway:
         pool = desired_inference_pool(m, OWNER)
         assert pool is not None and pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
         labels = desired_deployment(m, OWNER)["spec"]["template"]["metadata"]["labels"]
-        assert labels[ENGINE_LABEL] == "vllm"
-        # The Deployment's selector is immutable: the label must not enter it.
-        assert ENGINE_LABEL not in desired_deployment(m, OWNER)["spec"]["selector"]["matchLabels"]
-        assert ENGINE_LABEL not in desired_deployment(model(), OWNER)["spec"]["template"]["metadata"]["labels"]
+        # GAIE's endpoint picker reads the first (DefaultEngineTypeLabelKey), llm-d's the second.
+        assert labels["inference.networking.k8s.io/engine-type"] == labels["llm-d.ai/engine-type"] == "vllm"
+        # The Deployment's selector is immutable: the labels must not enter it.
+        for label in (ENGINE_LABEL, LLMD_ENGINE_LABEL):
+            assert label not in desired_deployment(m, OWNER)["spec"]["selector"]["matchLabels"]
+            assert label not in desired_deployment(model(), OWNER)["spec"]["template"]["metadata"]["labels"]
         kubernetes_validate.validate(desired_deployment(m, OWNER), K8S_VERSION, strict=True)
+
+    def test_behind_the_gateway_the_server_counts_callers_by_fairness_id(self) -> None:
+        def env(m: Any) -> dict[str, Any]:
+            [container] = desired_deployment(m, OWNER)["spec"]["template"]["spec"]["containers"]
+            names = [e["name"] for e in container["env"]]
+            assert len(names) == len(set(names))
+            return {e["name"]: e.get("value") for e in container["env"]}
+
+        gateway = {"endpointPicker": {"name": "epp"}}
+        assert env(model(gateway=gateway))["RATE_LIMIT_KEY"] == "fairness"
+        assert "RATE_LIMIT_KEY" not in env(model())
+        own = model(gateway=gateway, env=[{"name": "RATE_LIMIT_KEY", "value": "header:x-tenant"}])
+        assert env(own)["RATE_LIMIT_KEY"] == "header:x-tenant"  # the user's entry wins
 
     @pytest.mark.parametrize("section,path", [
         ({}, "spec.gateway.endpointPicker"),

@@ -58,7 +58,10 @@ async def test_owned_objects_are_created_and_removed_with_the_spec(emulator, mod
         assert cond["status"] == "True"
         assert await api.get(HPA) is None  # KEDA owns the HPA it makes
         deployment = await api.must("GET", DEPLOY)
-        assert deployment["spec"]["template"]["metadata"]["labels"]["inference.networking.k8s.io/engine-type"] == "vllm"
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["inference.networking.k8s.io/engine-type"] == labels["llm-d.ai/engine-type"] == "vllm"
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        assert {"name": "RATE_LIMIT_KEY", "value": "fairness"} in container["env"]
         await api.must("PATCH", model_path(name="llm"), {"spec": {"gateway": None, "monitoring": None}})
 
         async def gone() -> bool:

@@ -84,3 +84,20 @@ async def test_prompts_per_request_have_their_own_limit(make_client, config):
     assert resp.status == 400
     err = (await resp.json())["error"]
     assert err["param"] == "prompts" and "at most 2 prompts" in err["message"]
+
+
+async def test_rows_per_caller_follow_the_fairness_header(make_client, config):
+    from server.config import FAIRNESS_HEADER
+
+    client = await make_client(dataclasses.replace(config, rate_limit_key=FAIRNESS_HEADER))  # 3 rows per caller
+    engine = client.server.app[keys.LIFECYCLE].engine
+    big = {"prompts": ["a", "b", "c"], "params": {"max_length": 1000, "temperature": 1.0}}
+    hogs = [asyncio.create_task(client.post("/batch_generate", json=big, headers={FAIRNESS_HEADER: "hog"}))
+            for _ in range(2)]
+    await wait_for(lambda: engine.stats().running == 3, what="the hog's first batch running")
+    resp = await client.post("/generate", json={"prompt": "a", "max_length": 8}, headers={FAIRNESS_HEADER: "small"})
+    assert resp.status == 200 and (await resp.json())["tokens_generated"] == 8
+    assert not any(h.done() for h in hogs)  # one client address, two tenants: served in turn
+    for h in hogs:
+        h.cancel()
+    await asyncio.gather(*hogs, return_exceptions=True)

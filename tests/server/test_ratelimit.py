@@ -153,3 +153,89 @@ async def test_a_hung_redis_costs_one_timeout_then_is_skipped_until_it_answers(m
     messages = [r.getMessage() for r in caplog.records if r.name == "server.breaker"]
     assert messages == ["redis unavailable; using memory for rate limits and skipping the cache until it answers",
                         "redis is back"]
+
+
+# RATE_LIMIT_KEY: behind a gateway every request comes from its address; the limits key on its fairness header.
+
+FAIR = {"prompt": "a", "max_length": 2}
+
+
+def _fairness(config, **changes):
+    from server.config import FAIRNESS_HEADER
+
+    return dataclasses.replace(config, rate_limit_key=FAIRNESS_HEADER, **changes)
+
+
+async def test_fairness_ids_get_budgets_of_their_own(make_client, config):
+    client = await make_client(_fairness(config, rate_limit=RateLimit(1, 3600)))
+    tenant = lambda i: {"x-gateway-inference-fairness-id": i}  # noqa: E731
+    assert (await client.post("/generate", json=FAIR, headers=tenant("team-a"))).status == 200
+    assert (await client.post("/generate", json=FAIR, headers=tenant("team-a"))).status == 429
+    assert (await client.post("/generate", json=FAIR, headers=tenant("team-b"))).status == 200
+    # Header names are case-insensitive; the value is not.
+    capitalised = {"X-Gateway-Inference-Fairness-Id": "team-b"}
+    assert (await client.post("/generate", json=FAIR, headers=capitalised)).status == 429
+    assert (await client.post("/generate", json=FAIR, headers=tenant("TEAM-B"))).status == 200
+
+
+async def test_token_budgets_follow_the_fairness_id_too(make_client, config):
+    client = await make_client(_fairness(config, token_budget=10))
+    tenant = lambda i: {"x-gateway-inference-fairness-id": i}  # noqa: E731
+    body = {"prompt": "a", "max_length": 10}
+    assert (await client.post("/generate", json=body, headers=tenant("a"))).status == 200
+    assert (await client.post("/generate", json=body, headers=tenant("a"))).status == 429
+    assert (await client.post("/generate", json=body, headers=tenant("b"))).status == 200
+
+
+async def test_a_request_without_the_header_counts_as_its_api_key(make_client, config, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("one\ntwo\n")
+    client = await make_client(_fairness(config, api_keys_file=str(keys_file), rate_limit=RateLimit(1, 3600)))
+    assert (await client.post("/generate", json=FAIR, headers={"X-API-Key": "one"})).status == 200
+    assert (await client.post("/generate", json=FAIR, headers={"X-API-Key": "one"})).status == 429
+    empty = {"X-API-Key": "one", "x-gateway-inference-fairness-id": " "}  # blank is missing
+    assert (await client.post("/generate", json=FAIR, headers=empty)).status == 429
+    assert (await client.post("/generate", json=FAIR, headers={"X-API-Key": "two"})).status == 200
+    tagged = {"X-API-Key": "one", "x-gateway-inference-fairness-id": "t"}
+    assert (await client.post("/generate", json=FAIR, headers=tagged)).status == 200
+    wrong_key = {"X-API-Key": "nope", "x-gateway-inference-fairness-id": "u"}
+    assert (await client.post("/generate", json=FAIR, headers=wrong_key)).status == 401  # keys still checked
+
+
+async def test_the_header_is_ignored_unless_configured(make_client, config):
+    client = await make_client(dataclasses.replace(config, rate_limit=RateLimit(1, 3600)))
+    for tenant, status in (("a", 200), ("b", 429)):
+        resp = await client.post("/generate", json=FAIR, headers={"x-gateway-inference-fairness-id": tenant})
+        assert resp.status == status  # both count as the one client address
+
+
+async def test_an_oversized_or_repeated_fairness_header_is_a_400(make_client, config):
+    from multidict import CIMultiDict
+
+    client = await make_client(_fairness(config, rate_limit=RateLimit(5, 3600), rate_limit_key_max_bytes=64))
+    resp = await client.post("/generate", json=FAIR, headers={"x-gateway-inference-fairness-id": "x" * 65})
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert err["param"] == "x-gateway-inference-fairness-id" and err["code"] == "invalid_header"
+    assert "65 bytes, longer than RATE_LIMIT_KEY_MAX_BYTES=64" in err["message"]
+    twice = CIMultiDict([("x-gateway-inference-fairness-id", "a"), ("x-gateway-inference-fairness-id", "b")])
+    resp = await client.post("/generate", json=FAIR, headers=twice)
+    assert resp.status == 400 and "sent 2 times" in (await resp.json())["error"]["message"]
+    ok = await client.post("/generate", json=FAIR, headers={"x-gateway-inference-fairness-id": "x" * 64})
+    assert ok.status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert "nanogpt_rate_limited_total 0.0" in metrics  # refused as bad input, not counted as limited
+
+
+def test_rate_limit_key_setting():
+    from server.config import ConfigError, load_config
+
+    assert load_config(environ={}).rate_limit_key is None
+    assert load_config(environ={"RATE_LIMIT_KEY": "api_key"}).rate_limit_key is None
+    assert load_config(environ={"RATE_LIMIT_KEY": "fairness"}).rate_limit_key == "x-gateway-inference-fairness-id"
+    assert load_config(environ={"RATE_LIMIT_KEY": "header:X-Tenant"}).rate_limit_key == "x-tenant"
+    for bad in ("header:", "header:a b", "tenant", "header:x:y"):
+        with pytest.raises(ConfigError, match="RATE_LIMIT_KEY: must be api_key, fairness or header:"):
+            load_config(environ={"RATE_LIMIT_KEY": bad})
+    with pytest.raises(ConfigError, match="RATE_LIMIT_KEY_MAX_BYTES: must be <= 8190"):
+        load_config(environ={"RATE_LIMIT_KEY_MAX_BYTES": "9000"})

@@ -56,14 +56,18 @@ def child_labels(name: str) -> dict[str, str]:
 
 
 # The Gateway API Inference Extension's endpoint picker reads each pod's metrics by the engine this label
-# names; the server exports vLLM's metric names (model/gateway.py builds the InferencePool).
+# names (gateway-api-inference-extension pkg/epp/.../metrics DefaultEngineTypeLabelKey; the value picks the
+# metric names, and the server exports vLLM's). llm-d's picker reads LLMD_ENGINE_LABEL first and this one
+# as a deprecated fallback, so the pods carry both (model/gateway.py builds the InferencePool).
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+LLMD_ENGINE_LABEL = "llm-d.ai/engine-type"
+ENGINE_TYPE = "vllm"
 
 
 def template_labels(m: ModelSpec) -> dict[str, str]:
     labels = child_labels(m.name)
     if m.gateway is not None:
-        labels[ENGINE_LABEL] = "vllm"
+        labels[ENGINE_LABEL] = labels[LLMD_ENGINE_LABEL] = ENGINE_TYPE
     return labels
 
 
@@ -111,6 +115,9 @@ def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
         "API_KEYS_FILE": f"{API_KEYS_MOUNT}/{m.server.api_key_secret.key}" if m.server.api_key_secret else None,
         "CHAT_TEMPLATE": f"{CHAT_TEMPLATE_MOUNT}/{m.server.chat_template.key}" if m.server.chat_template else None,
         "SERVED_MODEL_NAME": ",".join(m.server.served_model_names) or None,
+        # Behind the gateway every request comes from its address: count each tenant by the fairness id
+        # the gateway's flow control assigns (server/caller.py); an env entry of the user's wins.
+        "RATE_LIMIT_KEY": "fairness" if m.gateway is not None else None,
         # The root filesystem is read-only; libraries that cache under $HOME (triton, torch) need /tmp.
         "HOME": "/tmp",
     }
