@@ -150,3 +150,13 @@ def uri_problem(uri: builtins.str, allow_http: builtins.bool) -> builtins.str | 
     if scheme in ("hf", "pvc") and _DOTDOT.search(rest.split("/", 2 if scheme == "hf" else 1)[-1]):
         return f"{uri!r} has '..' in its path"
     return None
+
+
+def display_source(text: builtins.str) -> builtins.str:
+    """A checkpoint source as status and pod annotations show it: a URI's query (a pre-signed URL's
+    signature, a credential) is cut to '?…'."""
+    return text.split("?", 1)[0] + "?…" if "://" in text and "?" in text else text
+
+
+def is_uri(text: builtins.str) -> builtins.bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text))

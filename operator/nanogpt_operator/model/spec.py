@@ -7,6 +7,7 @@ here so that a cluster without the CRD's validation (or an older stored object) 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from typing import Any
 
 from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, SHA256, Fields, uri_problem
+from nanogpt_operator.fields import (DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, SHA256, Fields, display_source, is_uri,
+                                     uri_problem)
 from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
                                                       parse_gateway, parse_keda, parse_monitoring)
 from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
@@ -77,16 +79,23 @@ class CheckpointSpec:
 
     @property
     def source(self) -> str:
-        """What the pod template records and status reports: the URI, or the path inside the claim."""
-        return self.uri or self.path or ""
+        """What the pod template records (servedCheckpoint, the rollback target): the path inside the
+        claim, or the URI without its query (a pre-signed URL's signature is a credential)."""
+        return display_source(self.uri) if self.uri else self.path or ""
 
     @property
     def display(self) -> str:
-        """The source for people (status.source, the printer column): the URI without its query (a
-        pre-signed URL's signature is a credential), or pvc://claim/path."""
-        if self.uri:
-            return self.uri.split("?", 1)[0] + ("?…" if "?" in self.uri else "")
-        return f"pvc://{self.claim_name}/{self.path}"
+        """The source for people (status.source, the printer column): the URI, or pvc://claim/path."""
+        return self.source if self.uri else f"pvc://{self.claim_name}/{self.path}"
+
+    def with_source(self, source: str) -> CheckpointSpec | None:
+        """This checkpoint moved to `source` (a recorded `source`), or None when that cannot be rebuilt:
+        the other form (a claim for a URI, or the reverse), or a URI whose query was cut."""
+        if is_uri(source) != bool(self.uri) or source.endswith("?…"):
+            return None
+        if not self.uri:
+            return dataclasses.replace(self, path=source)
+        return dataclasses.replace(self, uri=source, sha256=self.sha256 if source == self.uri else None)
 
 
 @dataclass(frozen=True)
