@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -135,6 +136,13 @@ class Cache:
 
     @staticmethod
     def _write_json(path: Path, obj: dict) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(obj, sort_keys=True))
-        os.replace(tmp, path)
+        # A unique temporary name (O_EXCL), not one made of the pid: pods sharing the cache on a PVC each
+        # have their own pid namespace, so two fetches there often have the same pid.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(obj, sort_keys=True))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -114,3 +114,49 @@ class Fields:
         if value.startswith("/") or ".." in value.split("/"):
             raise SpecError(self.at(key), f"must be a path relative to the claim, without '..', got {value!r}")
         return value
+
+
+# A checkpoint URI (spec.checkpoint.uri of both CRDs). The grammar is model/fetch/uri.py's, which the
+# operator cannot import (the model package loads torch); tests/operator/test_checkpoint_uri.py checks that
+# both give the same verdict on a table of URIs, and the CRDs' CEL rules repeat these patterns (RE2: no
+# look-arounds, hence the separate checks on '--' and '..').
+_HF_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+URI_PATTERNS: dict[builtins.str, re.Pattern[builtins.str]] = {
+    "https": re.compile(rf"^https?://([^\s/@:?#\[\]]+|\[[0-9A-Fa-f:.]+\])(:{_PORT})?/[^\s?#]+(\?\S*)?(#\S*)?$"),
+    "s3": re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/\s]\S*|/\S+)$"),
+    "hf": re.compile(rf"^hf://{_HF_NAME}/{_HF_NAME}(@[^/\s]+)?(/\S*)?$"),
+    "pvc": re.compile(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[^\s/]\S*$"),
+}
+# Hub names may not hold '--' or '..' (huggingface_hub's validate_repo_id); only models, not datasets/spaces.
+_HF_BAD = re.compile(r"^hf://(([^/]+/)?[^/@]*(--|[.][.])|(datasets|spaces)/)")
+_DOTDOT = re.compile(r"(^|/)[.][.](/|$)")
+SHA256 = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+URI_FORMS = "https://host/path, http://host/path (with allowHttp), s3://bucket/key, hf://org/repo[@revision][/path] " \
+            "or pvc://claim/path"
+
+
+def uri_problem(uri: builtins.str, allow_http: builtins.bool) -> builtins.str | None:
+    """Why `uri` is not a checkpoint URI the fetcher (or, for pvc://, the operator) accepts; None if it is."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "http" and not allow_http:
+        return "plain http:// is refused (the weights would travel unencrypted): use https://, or set allowHttp: true"
+    pattern = URI_PATTERNS.get("https" if scheme in ("http", "https") else scheme)
+    if pattern is None:
+        return f"unsupported scheme {scheme + '://' if scheme else 'in ' + repr(uri)}: expected {URI_FORMS}"
+    if not pattern.match(uri) or (scheme == "hf" and _HF_BAD.match(uri)):
+        return f"{uri!r} is not a valid {scheme}:// URI: expected {URI_FORMS}"
+    rest = uri.split("://", 1)[1]
+    if scheme in ("hf", "pvc") and _DOTDOT.search(rest.split("/", 2 if scheme == "hf" else 1)[-1]):
+        return f"{uri!r} has '..' in its path"
+    return None
+
+
+def display_source(text: builtins.str) -> builtins.str:
+    """A checkpoint source as status and pod annotations show it: a URI's query (a pre-signed URL's
+    signature, a credential) is cut to '?…'."""
+    return text.split("?", 1)[0] + "?…" if "://" in text and "?" in text else text
+
+
+def is_uri(text: builtins.str) -> builtins.bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text))

@@ -86,3 +86,18 @@ def test_the_lock_makes_a_second_process_wait(tmp_path):
             pass
     finally:
         holder.kill()
+
+
+def test_records_never_use_a_temporary_name_another_pod_may_hold(tmp_path):
+    # Pods sharing a cache PVC have separate pid namespaces: the same pid in two pods is common, so a
+    # temporary name made of the pid would be written and renamed away under the other pod's feet.
+    cache = Cache(tmp_path / "cache")
+    cache.record("s3://b/k", "etag-1", 3, "a" * 64)
+    ref = next((tmp_path / "cache" / "refs").glob("*.json"))
+    other = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    other.write_text("another pod's record, half written")
+    cache.record("s3://b/k", "etag-1", 3, "b" * 64)
+    assert other.read_text() == "another pod's record, half written"
+    assert cache.lookup("s3://b/k", "etag-1", 3) is None  # the new digest's blob is not there ...
+    assert '"sha256": "' + "b" * 64 in ref.read_text()  # ... but the record was replaced whole
+    assert [p.name for p in ref.parent.iterdir() if p.suffix == ".tmp"] == [other.name]

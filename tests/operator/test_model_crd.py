@@ -52,7 +52,7 @@ def test_names_scope_and_subresources() -> None:
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns["Checkpoint"] == ".spec.checkpoint.path" and columns["Replicas"] == ".spec.replicas"
+    assert columns["Source"] == ".status.source" and columns["Replicas"] == ".spec.replicas"
     assert columns["Ready"] == ".status.readyReplicas" and columns["Phase"] == ".status.phase"
     assert columns["Age"] == ".metadata.creationTimestamp"
 
@@ -139,7 +139,7 @@ def test_samples_are_valid_and_parse() -> None:
 @pytest.mark.parametrize(("patch", "field"), [
     ({"replicas": -1}, "replicas"),
     ({"gpus": 17}, "gpus"),
-    ({"checkpoint": {"claimName": "model-pvc"}}, "path"),
+    ({"checkpoint": {"claimName": "model-pvc", "path": ""}}, "path"),  # claimName without path: a CEL rule
     ({"server": {"dtype": "int8"}}, "dtype"),
     ({"server": {"rateLimit": "lots"}}, "rateLimit"),
     ({"service": {"type": "ExternalName"}}, "type"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt_operator.api import API_VERSION, GROUP, MANAGER, MODEL_KIND
+from nanogpt_operator.model.fetch_build import CHECKPOINT_VOLUME, fetch_volumes, fetched_path, init_container
 from nanogpt_operator.model.spec import GPU_RESOURCE, ModelSpec
 
 # The server's contract (server/): it listens on 5000 and serves these probe paths.
@@ -97,7 +98,19 @@ def stored_form(value: Any) -> Any:
 
 
 def checkpoint_file(m: ModelSpec) -> str:
+    """The server's MODEL_CHECKPOINT: always a local path, so the server never fetches by itself."""
+    if m.checkpoint.uri:
+        return fetched_path(m.checkpoint, MODEL_MOUNT)
     return f"{MODEL_MOUNT}/{m.checkpoint.path}"
+
+
+def _model_volume(m: ModelSpec) -> str:
+    return CHECKPOINT_VOLUME if m.checkpoint.uri else "model"
+
+
+SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": SERVER_UID, "runAsGroup": SERVER_UID,
+                    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]}}
 
 
 def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
@@ -140,7 +153,7 @@ def _probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any
 
 
 def _container(m: ModelSpec) -> dict[str, Any]:
-    mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+    mounts = [{"name": _model_volume(m), "mountPath": MODEL_MOUNT, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"}]
     if m.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
@@ -161,9 +174,7 @@ def _container(m: ModelSpec) -> dict[str, Any]:
         "startupProbe": _probe(READY_PATH, STARTUP_PERIOD_S, startup_failures, 5),
         "readinessProbe": _probe(READY_PATH, 5, 3, 3),
         "livenessProbe": _probe(LIVE_PATH, 10, 3, 5),
-        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVER_UID, "runAsGroup": SERVER_UID,
-                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": copy.deepcopy(SECURITY_CONTEXT),
         **_lifecycle(m),
     }
 
@@ -185,10 +196,12 @@ def termination_grace_seconds(m: ModelSpec) -> int:
 
 
 def _volumes(m: ModelSpec) -> list[dict[str, Any]]:
-    volumes: list[dict[str, Any]] = [
-        {"name": "model", "persistentVolumeClaim": {"claimName": m.checkpoint.claim_name, "readOnly": True}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
+    if m.checkpoint.uri:
+        volumes = fetch_volumes(m.checkpoint)
+    else:
+        volumes = [{"name": "model", "persistentVolumeClaim": {"claimName": m.checkpoint.claim_name,
+                                                                "readOnly": True}}]
+    volumes.append({"name": "tmp", "emptyDir": {}})
     ref = m.server.api_key_secret
     if ref:
         volumes.append({"name": "api-keys", "secret": {"secretName": ref.name,
@@ -225,6 +238,9 @@ def _pod_spec(m: ModelSpec) -> dict[str, Any]:
         "imagePullSecrets": [{"name": n} for n in m.image_pull_secrets] or None,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
+    if m.checkpoint.uri:
+        spec["initContainers"] = [init_container(m.checkpoint, m.image, m.image_pull_policy,
+                                                 copy.deepcopy(SECURITY_CONTEXT), MODEL_MOUNT)]
     return spec
 
 
@@ -237,7 +253,7 @@ def deployment_replicas(m: ModelSpec) -> int:
 
 def desired_deployment(m: ModelSpec, owner: Owner) -> dict[str, Any]:
     template_meta = {"labels": template_labels(m),
-                     "annotations": {**m.pod_annotations, CHECKPOINT_ANNOTATION: m.checkpoint.path}}
+                     "annotations": {**m.pod_annotations, CHECKPOINT_ANNOTATION: m.checkpoint.source}}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": child_meta(m, owner),

@@ -30,7 +30,7 @@ def effective_spec(m: ModelSpec, rollback: Mapping[str, Any] | None) -> ModelSpe
     """The spec to build children from: as written, or with the last good checkpoint and image."""
     if rollback is None:
         return m
-    checkpoint = dataclasses.replace(m.checkpoint, path=rollback["toCheckpoint"])
+    checkpoint = m.checkpoint.with_source(rollback["toCheckpoint"]) or m.checkpoint
     return dataclasses.replace(m, checkpoint=checkpoint, image=rollback.get("toImage") or m.image)
 
 
@@ -44,6 +44,8 @@ def decide_rollback(m: ModelSpec, generation: int, ds: DeploymentState, problems
     good_ckpt, good_image = status.get("lastGoodCheckpoint"), status.get("lastGoodImage")
     if not good_ckpt or (ds.checkpoint, ds.image) == (good_ckpt, good_image):
         return None  # nothing proven to return to, or the proven version itself is failing now
+    if m.checkpoint.with_source(good_ckpt) is None:
+        return None  # proven in the other form (a claim, a URI) or a cut pre-signed URL: cannot rebuild it
     cause = f"{problems[0].reason}: {problems[0].message}" if problems else "ProgressDeadlineExceeded"
     return {
         "generation": generation,

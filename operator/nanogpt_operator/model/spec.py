@@ -7,6 +7,7 @@ here so that a cluster without the CRD's validation (or an older stored object) 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from typing import Any
 
 from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, Fields
+from nanogpt_operator.fields import (DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, SHA256, Fields, display_source, is_uri,
+                                     uri_problem)
 from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
                                                       parse_gateway, parse_keda, parse_monitoring)
 from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
@@ -34,6 +36,9 @@ NAME_MAX = 63
 # A Deployment's rollout deadline must cover the pods' load budget, plus the readiness probe's first passes.
 LOAD_MARGIN_S = 60
 GPU_RESOURCE = "nvidia.com/gpu"
+ENDPOINT = re.compile(r"^https?://[^\s/]+(/\S*)?$")
+# Fields of spec.checkpoint that only a fetched (remote) uri uses.
+REMOTE_ONLY = ("sha256", "allowHttp", "endpoint", "secretRef", "cache", "fetchResources")
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,48 @@ class PvcTemplate:
 
 
 @dataclass(frozen=True)
+class FetchCache:
+    """spec.checkpoint.cache: where the init container keeps what it fetched."""
+
+    claim_name: str | None = None  # a shared PVC (replicas and restarts reuse one download); None: emptyDir
+    size_limit: str | None = None  # the emptyDir's sizeLimit (it holds the checkpoint the server loads)
+
+
+@dataclass(frozen=True)
 class CheckpointSpec:
-    claim_name: str
-    path: str
+    """Either a claim and a path in it (pvc://claim/path is spelled this way too), or a remote `uri`
+    that an init container fetches before the server starts."""
+
+    claim_name: str | None = None
+    path: str | None = None
     create: PvcTemplate | None = None
+    uri: str | None = None  # https://, http://, s3://, hf://; None for a claim
+    sha256: str | None = None
+    allow_http: bool = False
+    endpoint: str | None = None  # an S3-compatible store
+    secret_ref: str | None = None  # a Secret with AWS_* / HF_TOKEN keys, passed to the fetch as env
+    cache: FetchCache = FetchCache()
+    fetch_resources: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """What the pod template records (servedCheckpoint, the rollback target): the path inside the
+        claim, or the URI without its query (a pre-signed URL's signature is a credential)."""
+        return display_source(self.uri) if self.uri else self.path or ""
+
+    @property
+    def display(self) -> str:
+        """The source for people (status.source, the printer column): the URI, or pvc://claim/path."""
+        return self.source if self.uri else f"pvc://{self.claim_name}/{self.path}"
+
+    def with_source(self, source: str) -> CheckpointSpec | None:
+        """This checkpoint moved to `source` (a recorded `source`), or None when that cannot be rebuilt:
+        the other form (a claim for a URI, or the reverse), or a URI whose query was cut."""
+        if is_uri(source) != bool(self.uri) or source.endswith("?…"):
+            return None
+        if not self.uri:
+            return dataclasses.replace(self, path=source)
+        return dataclasses.replace(self, uri=source, sha256=self.sha256 if source == self.uri else None)
 
 
 @dataclass(frozen=True)
@@ -178,12 +221,56 @@ def _parse_checkpoint(spec: Fields) -> CheckpointSpec:
     f = spec.child("checkpoint")
     if f is None:
         raise SpecError(spec.at("checkpoint"), "is required")
+    uri = f.str("uri")
+    if uri is not None and ("claimName" in f.data or "path" in f.data):
+        raise SpecError(f.at("uri"), "set either uri, or claimName and path, not both")
+    if uri is not None and not uri.startswith("pvc://"):
+        return _parse_remote(f, uri)
+    remote_only = [k for k in REMOTE_ONLY if k in f.data]
+    if remote_only:
+        raise SpecError(f.at(remote_only[0]), "applies only to an https://, http://, s3:// or hf:// uri")
     create = f.child("create")
+    if uri is not None:  # pvc://claim/path: the claim form, spelled as a URI
+        problem = uri_problem(uri, False)
+        if problem:
+            raise SpecError(f.at("uri"), problem)
+        claim, path = uri[len("pvc://"):].split("/", 1)
+        return CheckpointSpec(claim_name=claim, path=path, create=None if create is None else _parse_create(create))
     return CheckpointSpec(
         claim_name=f.str("claimName", required=True, pattern=DNS_SUBDOMAIN),
         path=f.relative_path("path"),
         create=None if create is None else _parse_create(create),
     )
+
+
+def _parse_remote(f: Fields, uri: str) -> CheckpointSpec:
+    allow_http = f.bool("allowHttp", False)
+    problem = uri_problem(uri, allow_http)
+    if problem:
+        raise SpecError(f.at("uri"), problem)
+    if "create" in f.data:
+        raise SpecError(f.at("create"), "creates a claim for claimName; a uri is fetched into spec.checkpoint.cache")
+    endpoint = f.str("endpoint", pattern=ENDPOINT)
+    if endpoint is not None and not uri.startswith("s3://"):
+        raise SpecError(f.at("endpoint"), "is the S3-compatible store of an s3:// uri")
+    sha256 = f.str("sha256", pattern=SHA256)
+    secret = f.child("secretRef")
+    cache = f.child("cache")
+    return CheckpointSpec(
+        uri=uri, allow_http=allow_http, endpoint=endpoint,
+        sha256=None if sha256 is None else sha256.lower().removeprefix("sha256:"),
+        secret_ref=None if secret is None else secret.str("name", required=True, pattern=DNS_SUBDOMAIN),
+        cache=FetchCache() if cache is None else _parse_cache(cache),
+        fetch_resources=f.map("fetchResources"),
+    )
+
+
+def _parse_cache(f: Fields) -> FetchCache:
+    claim = f.str("claimName", pattern=DNS_SUBDOMAIN)
+    size = f.str("sizeLimit", pattern=QUANTITY)
+    if claim is not None and size is not None:
+        raise SpecError(f.at("sizeLimit"), "limits the emptyDir cache; a claim's size is its own")
+    return FetchCache(claim_name=claim, size_limit=size)
 
 
 def _parse_server(f: Fields | None) -> ServerSpec:
@@ -345,6 +432,9 @@ def parse_model(body: Mapping[str, Any], config: OperatorConfig = OperatorConfig
     )
     _check_cpu_request(model)
     _check_deadline(model)
+    if model.tokenizer_path and model.checkpoint.uri:
+        raise SpecError("spec.tokenizer.path", "is a path inside the claim; a fetched uri has none "
+                                               "(use a directory source that carries its tokenizer)")
     return model
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from nanogpt_operator.conditions import condition
 from nanogpt_operator.model.build import CHECKPOINT_ANNOTATION, endpoint, pod_labels
+from nanogpt_operator.model.fetch_status import FetchState, fetch_state
 from nanogpt_operator.model.spec import ModelSpec
 
 # Waiting reasons that mean the container will not start by itself; ordered by what to fix first.
@@ -67,9 +68,12 @@ def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[Problem]:
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 found.append(Problem(cond.get("reason") or "Unschedulable", cond.get("message") or "", name))
+        fetch = fetch_state([pod])
+        if fetch is not None and fetch.phase == "Failed":
+            found.append(Problem("FetchFailed", f"{fetch.reason}: {fetch.message}", name))
         for container in status.get("containerStatuses") or []:
             found.extend(_container_problems(name, container))
-    order = ("Unschedulable", "OOMKilled", *STUCK_REASONS)
+    order = ("Unschedulable", "FetchFailed", "OOMKilled", *STUCK_REASONS)
     unique = {p.reason: p for p in reversed(found)}  # keep the first pod's message per reason
     return sorted(unique.values(), key=lambda p: order.index(p.reason) if p.reason in order else len(order))
 
@@ -149,10 +153,24 @@ def derive_status(m: ModelSpec, generation: int, deployment: Mapping[str, Any] |
     if rs is not None and rs.complete and rs.desired > 0 and rollback is None:
         good_ckpt, good_image = rs.checkpoint, rs.image  # proven: every replica served it
     verdict = _verdict(rs, pod_problems(pods), rollback, m.progress_deadline_seconds, bool(good_ckpt))
+    fetch = fetch_state(pods) if m.checkpoint.uri else None
     old = previous.get("conditions") or []
+    conditions = [condition("Ready", *verdict.ready, generation, old, now),
+                  condition("Progressing", *verdict.progressing, generation, old, now),
+                  condition("Degraded", *verdict.degraded, generation, old, now)]
+    phase = verdict.phase
+    if m.checkpoint.uri:
+        conditions.append(condition("Fetched", *_fetched(fetch, m.checkpoint.display), generation, old, now))
+        if phase in ("Pending", "Progressing") and (rs is None or rs.ready == 0) and fetch is not None:
+            phase = {"Fetching": "Fetching", "Failed": "Degraded"}.get(fetch.phase, phase)
+        if fetch is not None and fetch.phase == "Failed" and phase == "Degraded":
+            conditions[2] = condition("Degraded", True, "FetchFailed", _fetched(fetch, m.checkpoint.display)[2],
+                                      generation, old, now)
     return {
-        "phase": verdict.phase,
+        "phase": phase,
         "observedGeneration": generation,
+        "source": m.checkpoint.display,
+        "fetch": fetch.as_status(m.checkpoint.display) if fetch is not None else None,
         "replicas": rs.replicas if rs else 0,
         "readyReplicas": rs.ready if rs else 0,
         "updatedReplicas": rs.updated if rs else 0,
@@ -162,10 +180,20 @@ def derive_status(m: ModelSpec, generation: int, deployment: Mapping[str, Any] |
         "endpoint": endpoint(m),
         "selector": ",".join(f"{k}={v}" for k, v in sorted(pod_labels(m.name).items())),
         "rollback": dict(rollback) if rollback is not None else None,
-        "conditions": [condition("Ready", *verdict.ready, generation, old, now),
-                       condition("Progressing", *verdict.progressing, generation, old, now),
-                       condition("Degraded", *verdict.degraded, generation, old, now)],
+        "conditions": conditions,
     }
+
+
+def _fetched(fetch: FetchState | None, uri: str) -> tuple[bool, str, str]:
+    """The Fetched condition of a model with a remote checkpoint."""
+    if fetch is None:
+        return False, "Waiting", f"no pod has started fetching {uri} yet"
+    if fetch.phase == "Fetched":
+        return True, "Fetched", f"{uri} fetched ({fetch.pod}), sha256 {fetch.sha256 or 'unknown'}"
+    if fetch.phase == "Fetching":
+        return False, "Fetching", f"{fetch.pod} is fetching {uri}"
+    retry = "; the kubelet retries it" if fetch.retryable else "; retrying will not help: fix the spec or the source"
+    return False, "FetchFailed", f"fetching {uri} failed in {fetch.pod}: {fetch.reason}: {fetch.message}{retry}"
 
 
 def invalid_spec_status(path: str, problem: str, generation: int, previous: Mapping[str, Any],

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt_operator.api import GROUP
+from nanogpt_operator.fields import display_source
 from nanogpt_operator.rollout.spec import RolloutSpec
 from nanogpt_operator.rollout.waves import Key
 
@@ -43,6 +44,10 @@ class ModelView:
     resource_version: str | None
     # spec.server.apiKeySecretRef as (Secret name, key): the smoke test must send one of those keys.
     api_key_secret: tuple[str, str] | None = None
+    # spec.checkpoint as written (to return to it on a revert).
+    checkpoint: Mapping[str, Any] | None = None
+    # Why the model's pods cannot fetch its checkpoint (status.fetch), when retrying cannot help.
+    fetch_error: str | None = None
 
     @property
     def key(self) -> Key:
@@ -51,6 +56,33 @@ class ModelView:
 
 def _opt_int(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fetch_error(status: Mapping[str, Any]) -> str | None:
+    fetch = status.get("fetch") or {}
+    if fetch.get("phase") != "Failed" or fetch.get("retryable", True):
+        return None
+    return f"{fetch.get('reason', 'FetchFailed')}: {fetch.get('message', '')} (pod {fetch.get('pod', '?')})"
+
+
+def _source(checkpoint: Mapping[str, Any]) -> str | None:
+    """The model's checkpoint as the rollout compares it: the path in the claim, or the URI (query cut)."""
+    uri = checkpoint.get("uri")
+    if isinstance(uri, str) and uri.startswith("pvc://") and "/" in uri[6:]:
+        return uri[6:].split("/", 1)[1]
+    return display_source(uri) if isinstance(uri, str) else checkpoint.get("path")
+
+
+def _claim(checkpoint: Mapping[str, Any]) -> str | None:
+    uri = checkpoint.get("uri")
+    if isinstance(uri, str) and uri.startswith("pvc://"):
+        return uri[6:].split("/", 1)[0]
+    return checkpoint.get("claimName")
+
+
+def _display(checkpoint: Mapping[str, Any]) -> str:
+    uri = checkpoint.get("uri")
+    return display_source(uri) if isinstance(uri, str) else f"pvc://{checkpoint.get('claimName')}/{checkpoint.get('path')}"
 
 
 def model_view(body: Mapping[str, Any]) -> ModelView:
@@ -65,7 +97,8 @@ def model_view(body: Mapping[str, Any]) -> ModelView:
     return ModelView(
         namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
         labels=dict(meta.get("labels") or {}),
-        path=checkpoint.get("path"), claim=checkpoint.get("claimName"),
+        path=_source(checkpoint), claim=_claim(checkpoint), checkpoint=dict(checkpoint),
+        fetch_error=_fetch_error(status) if status.get("source") in (None, _display(checkpoint)) else None,
         lock=(meta.get("annotations") or {}).get(LOCK_ANNOTATION),
         phase=status.get("phase"), served=status.get("servedCheckpoint"),
         generation=generation, observed_generation=_opt_int(status.get("observedGeneration")),

@@ -27,7 +27,7 @@ from nanogpt_operator.rollout import state_machine as machine
 from nanogpt_operator.rollout.client import RolloutClient
 from nanogpt_operator.rollout.model_view import LOCK_ANNOTATION, model_view, selected_keys
 from nanogpt_operator.rollout.smoke import SmokeTest
-from nanogpt_operator.rollout.spec import RolloutSpec, parse_rollout
+from nanogpt_operator.rollout.spec import URI_FIELDS, RolloutSpec, parse_rollout
 from nanogpt_operator.rollout.waves import Key
 
 TRANSIENT_DELAY_S = 10
@@ -54,6 +54,22 @@ class RolloutRuntime:
         self.written[uid] = (revision, time.monotonic())
 
 
+# Every field a NanoGPTModel's spec.checkpoint may hold: a merge patch nulls those the new form lacks.
+CHECKPOINT_KEYS = ("claimName", "path", "create", *URI_FIELDS)
+
+
+def checkpoint_patch(action: machine.SetCheckpoint) -> dict[str, Any]:
+    """spec.checkpoint for a merge patch: the new form's fields, and null for the other form's."""
+    if action.fields is not None:
+        wanted = dict(action.fields)
+    else:
+        wanted = {"path": action.path, **({"claimName": action.claim} if action.claim else {})}
+    cleared = {k: None for k in CHECKPOINT_KEYS if k not in wanted}
+    if action.fields is None:
+        cleared = {k: None for k in URI_FIELDS}  # to a path: the claim (and create) stay as they are
+    return {**cleared, **wanted}
+
+
 def model_patch(action: machine.Action, rollout: str, resource_version: str | None) -> dict[str, Any]:
     """The merge patch for one action; the lock travels with every write, so no write lacks it."""
     if isinstance(action, machine.Unlock):
@@ -64,10 +80,7 @@ def model_patch(action: machine.Action, rollout: str, resource_version: str | No
         meta["resourceVersion"] = resource_version
     patch: dict[str, Any] = {"metadata": meta}
     if isinstance(action, machine.SetCheckpoint):
-        checkpoint = {"path": action.path}
-        if action.claim:
-            checkpoint["claimName"] = action.claim
-        patch["spec"] = {"checkpoint": checkpoint}
+        patch["spec"] = {"checkpoint": checkpoint_patch(action)}
     return patch
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import Fields
+from nanogpt_operator.fields import DNS_SUBDOMAIN, SHA256, Fields, display_source, uri_problem
 from nanogpt_operator.rollout.waves import WaveSize, parse_waves
 
 DEFAULT_WAVES = ("1", "25%", "100%")
@@ -64,7 +64,7 @@ class RolloutSpec:
     name: str
     selector: LabelSelector
     namespace_selector: LabelSelector | None
-    checkpoint_path: str
+    checkpoint_path: str  # the target as models record it: the path in the claim, or the URI (query cut)
     claim_name: str | None
     waves: tuple[WaveSize, ...]
     pause_between_waves_s: int
@@ -74,6 +74,32 @@ class RolloutSpec:
     gate_ready: bool
     smoke: SmokeGate | None
     paused: bool
+    # A URI target: what to write as each model's spec.checkpoint (uri, sha256, endpoint, ...); None: a path.
+    checkpoint_fields: Mapping[str, Any] | None = None
+
+
+# spec.checkpoint of a NanoGPTRollout that go with a fetched uri, as in a NanoGPTModel.
+URI_FIELDS = ("uri", "sha256", "allowHttp", "endpoint", "secretRef", "cache", "fetchResources")
+
+
+def _parse_target(f: Fields) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(target, claimName, the URI form's fields) of spec.checkpoint; the models' own parser checks the rest."""
+    uri = f.str("uri")
+    if uri is None:
+        extra = [k for k in URI_FIELDS if k in f.data]
+        if extra:
+            raise SpecError(f.at(extra[0]), "applies only to a uri")
+        return f.relative_path("path"), f.str("claimName", pattern=DNS_SUBDOMAIN) or None, None
+    if "path" in f.data or "claimName" in f.data:
+        raise SpecError(f.at("uri"), "set either uri, or path (and claimName), not both")
+    problem = uri_problem(uri, f.bool("allowHttp", False))
+    if problem:
+        raise SpecError(f.at("uri"), problem)
+    if uri.startswith("pvc://"):
+        claim, path = uri[len("pvc://"):].split("/", 1)
+        return path, claim, None
+    f.str("sha256", pattern=SHA256)
+    return display_source(uri), None, {k: f.data[k] for k in URI_FIELDS if k in f.data}
 
 
 def parse_selector(f: Fields) -> LabelSelector:
@@ -106,12 +132,14 @@ def parse_rollout(body: Mapping[str, Any]) -> RolloutSpec:
         raise SpecError(spec.at("selector"), "is required")
     checkpoint, strategy, gates = spec.section("checkpoint"), spec.section("strategy"), spec.section("gates")
     namespace_selector = spec.child("namespaceSelector")
+    target, claim, fields = _parse_target(checkpoint)
     return RolloutSpec(
         name=str(body["metadata"]["name"]),
         selector=parse_selector(spec.section("selector")),
         namespace_selector=None if namespace_selector is None else parse_selector(namespace_selector),
-        checkpoint_path=checkpoint.relative_path("path"),
-        claim_name=checkpoint.str("claimName") or None,
+        checkpoint_path=target,
+        claim_name=claim,
+        checkpoint_fields=fields,
         waves=parse_waves(list(strategy.list("waves") or DEFAULT_WAVES), strategy.at("waves")),
         pause_between_waves_s=strategy.duration("pauseBetweenWaves", 0),
         max_failures=strategy.int("maxFailures", 0, 0) or 0,

@@ -93,6 +93,8 @@ class SetCheckpoint:
     claim: str | None
     revert: bool
     resource_version: str | None
+    # The whole spec.checkpoint to write (a URI target, or a revert to what the model had); None: path+claim.
+    fields: Mapping[str, Any] | None = None
 
 
 Action = Lock | Unlock | SetCheckpoint
@@ -119,6 +121,7 @@ class Entry:
     failed: bool = False
     from_claim: str | None = None
     to_claim: str | None = None
+    from_checkpoint: Mapping[str, Any] | None = None  # the model's spec.checkpoint before, when a URI is involved
 
     @property
     def key(self) -> Key:
@@ -127,7 +130,8 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         out = {"namespace": self.namespace, "name": self.name, "from": self.source, "to": self.to,
                "state": self.state, "message": self.message, "wave": self.wave, "startedAt": self.started_at,
-               "failed": self.failed, "fromClaimName": self.from_claim, "toClaimName": self.to_claim}
+               "failed": self.failed, "fromClaimName": self.from_claim, "toClaimName": self.to_claim,
+               "fromCheckpoint": dict(self.from_checkpoint) if self.from_checkpoint else None}
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
@@ -135,7 +139,8 @@ class Entry:
         return cls(namespace=str(d.get("namespace", "")), name=str(d.get("name", "")), source=d.get("from"),
                    to=str(d.get("to", "")), state=str(d.get("state", WAITING)), message=str(d.get("message", "")),
                    wave=int(d.get("wave", 0)), started_at=d.get("startedAt"), failed=bool(d.get("failed", False)),
-                   from_claim=d.get("fromClaimName"), to_claim=d.get("toClaimName"))
+                   from_claim=d.get("fromClaimName"), to_claim=d.get("toClaimName"),
+                   from_checkpoint=d.get("fromCheckpoint"))
 
 
 @dataclass(frozen=True)
@@ -228,9 +233,9 @@ def actions(spec: RolloutSpec, status: Mapping[str, Any], world: World) -> list[
             if m.lock == ours:
                 out.append(Unlock(e.key))
         elif e.state == UPDATING and not on_checkpoint(m, e.to, e.to_claim):
-            out.append(SetCheckpoint(e.key, e.to, e.to_claim, False, m.resource_version))
+            out.append(SetCheckpoint(e.key, e.to, e.to_claim, False, m.resource_version, spec.checkpoint_fields))
         elif e.state == REVERTING and e.source and not on_checkpoint(m, e.source, e.from_claim):
-            out.append(SetCheckpoint(e.key, e.source, e.from_claim, True, m.resource_version))
+            out.append(SetCheckpoint(e.key, e.source, e.from_claim, True, m.resource_version, e.from_checkpoint))
         elif e.state in (WAITING, UPDATING, HEALTHY, FAILED_STATE, REVERTING) and m.lock != ours:
             out.append(Lock(e.key, m.resource_version))  # someone removed our lock: take it back
     return out
@@ -348,8 +353,10 @@ def _boundary(spec: RolloutSpec, s: State, world: World, now: datetime.datetime,
             m = world.models[e.key]  # deleted ones became Skipped in _progressing
             # Re-read `from` now (the model was locked since the plan, but a person may have edited it):
             # this status is written before actions() patches the model, so `from` is never lost.
+            uri_involved = spec.checkpoint_fields is not None or bool((m.checkpoint or {}).get("uri"))
             e = dataclasses.replace(e, state=UPDATING, source=m.path, started_at=started,
                                     from_claim=m.claim if e.to_claim else None,
+                                    from_checkpoint=dict(m.checkpoint or {}) if uri_involved else None,
                                     message=f"setting spec.checkpoint.path to {e.to}")
         entries.append(e)
     count = sum(e.wave == wave and e.state == UPDATING for e in entries)
@@ -376,6 +383,8 @@ def _gate(spec: RolloutSpec, e: Entry, world: World, now: datetime.datetime, eve
 
     if not on_checkpoint(m, e.to, e.to_claim):
         return wait(f"setting spec.checkpoint.path to {e.to}")
+    if m.fetch_error:  # the pods cannot fetch e.to, and retrying will not help: no need to wait it out
+        return fail(f"its pods cannot fetch {e.to}: {m.fetch_error}")
     ok, why = ready_gate(spec, m, e.to)
     if not ok:
         if m.rolled_back_from == e.to:
