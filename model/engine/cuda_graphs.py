@@ -1,7 +1,8 @@
 """CUDA graphs of the engine's step, captured at start-up with static shapes.
 
 `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch and
-cache-length buckets, and replays the smallest that holds a step; likewise a one-row prompt
+cache-length buckets (batch buckets only where the decode attends over each row's own length,
+model/kernels/triton_decode.py), and replays the smallest that holds a step; likewise a one-row prompt
 chunk at a few chunk lengths. model/gpt.py holds no graph code: the runner
 (model/engine/runner.py) wraps the model's step from outside, as gpt-fast does.
 """
@@ -45,7 +46,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.prefills: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.batches: list[int] = []
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # cache-length buckets of the prefill graphs
+        self.decode_lengths: list[int] = []  # ... of the decode graphs
         self.chunks: list[int] = []
         self.block_size = 0
 
@@ -69,7 +71,8 @@ class DecodeGraphs:
     def replay(self, batch: int, kv_needed: int) -> torch.Tensor:
         """Logits (B, 1, V) of the loaded batch, reading the smallest captured cache length
         that holds kv_needed positions."""
-        g, logits = self.graphs[(batch, self._length(kv_needed))]
+        L = min(L for L in self.decode_lengths if L >= kv_needed)
+        g, logits = self.graphs[(batch, L)]
         g.replay()
         return logits
 
@@ -97,13 +100,17 @@ class DecodeGraphs:
         self.prefills[shape].replay()
         return True
 
-    def capture(self, model: GPT, cache: KVCache, buckets, max_batch: int, prefill_chunk: int) -> None:
+    def capture(self, model: GPT, cache: KVCache, buckets, max_batch: int, prefill_chunk: int,
+                any_length: bool = False) -> None:
         """Capture GPT.step for T=1 at each batch and cache-length bucket, and a one-row
         prompt chunk at each chunk and cache-length bucket, with static shapes, each warmed
-        up on a side stream first as CUDA graphs require."""
+        up on a side stream first as CUDA graphs require. any_length: the model's decode
+        reads no kv_len (each row attends over its own length), so one decode graph per
+        batch bucket serves every length."""
         device, self.block_size = cache.k.device, model.config.block_size
         self.batches = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = kv_buckets(self.block_size)
+        self.decode_lengths = [self.block_size] if any_length else self.lengths
         self.chunks = chunk_buckets(prefill_chunk, self.block_size)
         self._inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)
         self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
@@ -111,7 +118,7 @@ class DecodeGraphs:
         self._pool = None
         for B in reversed(self.batches):  # largest first, so smaller graphs reuse its memory pool
             idx, pos = self._inputs[0, :B].view(B, 1), self._inputs[1, :B]
-            for L in reversed(self.lengths):
+            for L in reversed(self.decode_lengths):
                 self.graphs[(B, L)] = self._capture(lambda: model.step(idx, pos, cache, kv_len=L))
         row, pos = self._prefill_inputs[0:1], self._prefill_inputs[1:2]
         for T in self.chunks:
@@ -121,7 +128,7 @@ class DecodeGraphs:
                 self.prefills[(T, L)] = self._capture(lambda: model.step_parts([part], cache))[0]
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s x cache lengths %s, and one-row prompt "
-                 "chunks of %s tokens", self.batches, self.lengths, self.chunks)
+                 "chunks of %s tokens", self.batches, self.decode_lengths, self.chunks)
 
     def _capture(self, fn) -> tuple:
         """(graph, fn's output) with fn captured into the graphs' shared memory pool."""

@@ -17,6 +17,7 @@ import torch
 
 from model.engine.config import EngineConfig
 from model.engine.cpu_setup import choose_cpu_attention, choose_cpu_linear
+from model.engine.cuda_setup import choose_cuda_kernels
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan, StepScores
 from model.gpt import GPT, KVCache, StepPart, kv_cache_dtype
@@ -37,6 +38,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs()  # CUDA only; empty: eager decode
         self.cpu_linear: str | None = None  # on CPU, what choose_cpu_linear picked at start
         self.cpu_attention: str | None = None  # ... and choose_cpu_attention
+        self.cuda_kernels: str | None = None  # on CUDA, what choose_cuda_kernels installed
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
         self.total_steps = 0  # steps that decoded
@@ -61,6 +63,8 @@ class ModelRunner:
                 self.cpu_attention = choose_cpu_attention(self.model, self.config.cpu_attention, chunks=invariant)
         elif invariant:
             raise ValueError(f"batch-invariant mode runs on CPU only so far; this model is on {self.device}")
+        elif self.device.type == "cuda":
+            self.cuda_kernels = choose_cuda_kernels(self.model, self.config.cuda_kernels)
         self.cache_dtype = kv_cache_dtype(self.model)
         with torch.inference_mode():
             self.cache = KVCache(self.model.config, self.config.max_batch, self.device, self.cache_dtype)
@@ -69,7 +73,7 @@ class ModelRunner:
                      self.cache.nbytes / 2**20)
             if self.device.type == "cuda" and self.config.cuda_graphs:
                 self.graphs.capture(self.model, self.cache, self.config.batch_buckets, self.config.max_batch,
-                                    self.config.prefill_chunk)
+                                    self.config.prefill_chunk, any_length=self.cuda_kernels == "triton")
             self._warm_up()
 
     def _warm_up(self) -> None:
