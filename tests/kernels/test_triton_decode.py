@@ -13,6 +13,11 @@ pytest.importorskip("triton")
 from model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
 from model.kernels import triton_decode as td  # noqa: E402
 
+def gpu(test):
+    """A CUDA test at real shapes (bench/gpu_check.sh runs them; skipped elsewhere)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -26,7 +31,7 @@ def device_or_interpreter():
 def reference_attention(q, k, v, k_cache, v_cache, pos, rows):
     """torch's decode: index_put_ the new key/value, SDPA over each row's positions 0..pos."""
     B, nh, hs = q.shape
-    r = torch.arange(B) if rows is None else rows
+    r = torch.arange(B, device=q.device) if rows is None else rows
     k_cache[r, :, pos] = k.to(k_cache.dtype)
     v_cache[r, :, pos] = v.to(v_cache.dtype)
     out = []
@@ -37,18 +42,13 @@ def reference_attention(q, k, v, k_cache, v_cache, pos, rows):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("hs,use_rows", [(16, False), (12, True)])
-def test_attention_writes_the_cache_bit_equal_and_attends_over_each_rows_own_length(dtype, hs, use_rows):
+def check_attention(device, dtype, B, nh, hs, S, R, pos, rows):
     torch.manual_seed(0)
-    B, nh, S, R = 3, 2, 160, 5
-    pos = torch.tensor([0, 70, 159])  # lengths 1, 71, 160: one, two and three key blocks
-    rows = torch.tensor([4, 0, 2]) if use_rows else None
-    qkv = torch.randn(B, 3, nh, hs).to(dtype)
+    qkv = torch.randn(B, 3, nh, hs, device=device).to(dtype)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # strided views, as the model's heads are
-    k_cache = torch.randn(R, nh, S, hs).to(dtype)
-    v_cache = torch.randn(R, nh, S, hs).to(dtype)
-    r = torch.arange(B) if rows is None else rows
+    k_cache = torch.randn(R, nh, S, hs, device=device).to(dtype)
+    v_cache = torch.randn(R, nh, S, hs, device=device).to(dtype)
+    r = torch.arange(B) if rows is None else rows.cpu()
     for b in range(B):  # padding past each row's position: reading any of it poisons the output
         k_cache[r[b], :, pos[b] + 1:] = float("nan")
         v_cache[r[b], :, pos[b] + 1:] = float("nan")
@@ -59,6 +59,22 @@ def test_attention_writes_the_cache_bit_equal_and_attends_over_each_rows_own_len
     assert torch.equal(v_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs,use_rows", [(16, False), (12, True)])
+def test_attention_writes_the_cache_bit_equal_and_attends_over_each_rows_own_length(dtype, hs, use_rows):
+    pos = torch.tensor([0, 70, 159])  # lengths 1, 71, 160: one, two and three key blocks
+    check_attention("cpu", dtype, 3, 2, hs, 160, 5, pos, torch.tensor([4, 0, 2]) if use_rows else None)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 8, 32])
+def test_cuda_attention_at_gpt2_124m_shapes(dtype, B):
+    """12 heads of 64, a 1024-long cache; rows from the first position to the last, most past 128."""
+    pos = torch.cat([torch.tensor([0, 1023]), torch.randint(129, 1023, (B,), generator=torch.Generator().manual_seed(B))])[:B]
+    check_attention("cuda", dtype, B, 12, 64, 1024, 32, pos.cuda(), None)
 
 
 def reference_linear(x, w, b, ln=None, gelu=None, residual=None):
@@ -73,22 +89,37 @@ def reference_linear(x, w, b, ln=None, gelu=None, residual=None):
     return y
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fusion", ["plain", "ln", "ln_gelu", "ln_gelu_tanh", "residual", "ln_nobias"])
-def test_linear_with_its_fused_norm_gelu_and_residual_matches_torch(dtype, fusion):
+def check_linear(device, dtype, M, K, N, fusion):
     torch.manual_seed(1)
-    M, K, N = 17, 80, 40  # rows past one program's 16, K and N past and between blocks
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
-    b = None if fusion == "ln_nobias" else torch.randn(N).to(dtype)
-    ln = (torch.randn(K).to(dtype), None if fusion == "ln_nobias" else torch.randn(K).to(dtype))
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype)
+    b = None if fusion == "ln_nobias" else torch.randn(N, device=device).to(dtype)
+    ln = (torch.randn(K, device=device).to(dtype), None if fusion == "ln_nobias" else torch.randn(K, device=device).to(dtype))
     kw = dict(ln=ln if fusion.startswith("ln") else None,
               gelu={"ln_gelu": "none", "ln_gelu_tanh": "tanh"}.get(fusion),
-              residual=torch.randn(M, N).to(dtype) if fusion == "residual" else None)
+              residual=torch.randn(M, N, device=device).to(dtype) if fusion == "residual" else None)
     got = td.linear(x, w, b, **kw)
     want = reference_linear(x, w, b, **kw)
     assert got.shape == (M, N) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+FUSIONS = ["plain", "ln", "ln_gelu", "ln_gelu_tanh", "residual", "ln_nobias"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_linear_with_its_fused_norm_gelu_and_residual_matches_torch(dtype, fusion):
+    check_linear("cpu", dtype, 17, 80, 40, fusion)  # rows past one program's 16, K and N past and between blocks
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 8, 32])
+@pytest.mark.parametrize("K,N,fusion", [(768, 2304, "ln"), (768, 768, "residual"), (768, 3072, "ln_gelu_tanh"),
+                                        (768, 3072, "ln_gelu"), (3072, 768, "residual")])
+def test_cuda_linear_at_gpt2_124m_shapes(dtype, M, K, N, fusion):
+    check_linear("cuda", dtype, M, K, N, fusion)
 
 
 @pytest.mark.parametrize("gelu", ["none", "tanh"])
@@ -134,3 +165,23 @@ def test_the_attention_hook_takes_one_token_steps_on_its_devices_only():
     assert hook(q, q, q, cache, cache, None, torch.zeros(1, dtype=torch.long)) is None  # a CPU cache
     two = torch.zeros(1, 2, 2, 16)
     assert td.DecodeAttention(devices=("cpu",))(two, two, two, cache, cache, None, torch.zeros(1, dtype=torch.long)) is None
+
+
+@gpu
+@pytest.mark.parametrize("B", [1, 8, 32])
+def test_cuda_gpt2_124m_decode_through_the_triton_path_matches_the_torch_path(B):
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(gelu_approximate="tanh")).eval().to("cuda", torch.bfloat16)  # GPT-2 124M's shapes
+    pos = torch.randint(129, 1000, (B,), device="cuda")  # rows at different lengths, past 128
+    idx = torch.randint(0, 50257, (B, 1), device="cuda")
+    with torch.inference_mode():
+        cache = KVCache(model.config, B, torch.device("cuda"), torch.bfloat16)
+        cache.k.normal_(), cache.v.normal_()
+        torch_cache = KVCache(model.config, B, torch.device("cuda"), torch.bfloat16)
+        torch_cache.k.copy_(cache.k), torch_cache.v.copy_(cache.v)
+        want = model.step(idx, pos, torch_cache, kv_len=1024).float()
+        td.use_triton_decode(model)
+        got = model.step(idx, pos, cache, kv_len=1024).float()
+        td.use_triton_decode(model, on=False)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
