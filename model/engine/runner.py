@@ -21,6 +21,7 @@ from model.engine.cuda_setup import choose_cuda_kernels
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan, StepScores
 from model.gpt import GPT, KVCache, StepPart, kv_cache_dtype
+from model.kernels import triton_sampling
 from model.logprobs import prompt_logprobs, token_logprobs
 from model.sampling import BatchParams, SamplingParams, sample
 
@@ -118,12 +119,20 @@ class ModelRunner:
             step = torch.tensor(d.steps, device=self.device)
             *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
             self._score_prompts(chunks if eager else [], hidden, scores)
-        tokens = sample(logits[:, -1], bp, step, self.n_vocab).tolist()
+        tokens = self._sample(logits[:, -1], bp, step).tolist()
         sampled = [tokens[r] for r in d.rows]
         if d.logprobs and scores is not None:
             self._score_samples(logits, d, sampled, scores)
         self._count(len(d.rows), time.perf_counter() - t0)
         return sampled
+
+    def _sample(self, logits: torch.Tensor, bp: BatchParams, step: torch.Tensor) -> torch.Tensor:
+        """The decode's tokens: by the one fused Triton kernel on the Triton CUDA path where its
+        rows allow (no top-p: model/kernels/triton_sampling.py), else model/sampling.sample (the
+        same tokens for the same seeds)."""
+        if self.cuda_kernels == "triton" and not bp.all_greedy and triton_sampling.supports(bp):
+            return triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.seed, step, self.n_vocab)
+        return sample(logits, bp, step, self.n_vocab)
 
     def _graph_prefill(self, c: PrefillChunk) -> bool:
         """A one-row chunk through a captured prefill graph; False where none applies."""

@@ -74,7 +74,8 @@ def _build(interpret: bool) -> types.SimpleNamespace:
     name = "model.kernels.triton_src"
     src = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
     del interpret  # the cache key: one set of kernels per mode
-    return types.SimpleNamespace(attention=src.attention_kernel, linear=src.linear_kernel, cdiv=triton.cdiv,
+    return types.SimpleNamespace(attention=src.attention_kernel, linear=src.linear_kernel,
+                                 sample=src.sample_kernel, cdiv=triton.cdiv,
                                  next_power_of_2=triton.next_power_of_2)
 
 

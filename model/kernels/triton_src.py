@@ -99,3 +99,77 @@ def linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, lnw_ptr, lnb_ptr, out_ptr, M, N, K
     if RESIDUAL:
         y += tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], y.to(ty), mask=omask)
+
+
+@triton.jit
+def _mix32(x):
+    """model/sampling.py's _mix32 ("lowbias32") on uint32: multiplication wraps mod 2**32 as its
+    split products do."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _order_key(v):
+    """Float32 -> uint32 that orders as the floats do (-inf lowest)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | tl.full([], 0x80000000, tl.uint32))
+
+
+@triton.jit
+def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s_lb, V,
+                  BLOCK_V: tl.constexpr, PRECISE_LOG: tl.constexpr):
+    b = tl.program_id(0)
+    row = logits_ptr + b * s_lb
+    temp = tl.load(temp_ptr + b)
+    k = tl.minimum(tl.load(topk_ptr + b), V).to(tl.int32)
+    greedy = (temp == 0.0) | (k == 1)
+    t = tl.maximum(temp, 1e-6)
+    # greedy: the first largest logit; sampling with top-k: the k-th largest scaled logit, found
+    # bit by bit of its order key (the largest key that k or more keys reach: a value of the row)
+    best_v = float("-inf")
+    best_i = 0
+    for start in range(0, V, BLOCK_V):
+        j = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        i = tl.min(tl.where(x == m, j, V), axis=0)
+        take = m > best_v
+        best_i = tl.where(take, i, best_i)
+        best_v = tl.where(take, m, best_v)
+    threshold_key = tl.full([], 0, tl.uint32)
+    if (k > 1) & (temp != 0.0):
+        for i in range(32):
+            cand = threshold_key | (tl.full([], 1, tl.uint32) << (31 - i))
+            count = 0
+            for start in range(0, V, BLOCK_V):
+                j = start + tl.arange(0, BLOCK_V)
+                x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+                count += tl.sum(((_order_key(x) >= cand) & (j < V)).to(tl.int32), axis=0)
+            threshold_key = tl.where(count >= k, cand, threshold_key)
+    # the race: scaled logit + Gumbel noise of (seed, step, token id) among the kept tokens
+    seed = tl.load(seed_ptr + b).to(tl.uint32)
+    step = tl.load(step_ptr + b).to(tl.uint32)
+    row_key = _mix32(_mix32(seed) ^ _mix32(step + tl.full([], 0x9E3779B9, tl.uint32)))
+    win_v = float("-inf")
+    win_i = V
+    for start in range(0, V, BLOCK_V):
+        j = start + tl.arange(0, BLOCK_V)
+        x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+        bits = _mix32(row_key ^ _mix32(j.to(tl.uint32) + tl.full([], 0x85EBCA6B, tl.uint32)))
+        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        if PRECISE_LOG:  # CUDA's logf, as torch's log on the GPU
+            g = -tl.extra.cuda.libdevice.log(-tl.extra.cuda.libdevice.log(u))
+        else:
+            g = -tl.log(-tl.log(u))
+        score = tl.where((j < V) & (_order_key(x) >= threshold_key), x + g, float("-inf"))
+        m = tl.max(score, axis=0)
+        i = tl.min(tl.where(score == m, j, V), axis=0)
+        take = m > win_v
+        win_i = tl.where(take, i, win_i)
+        win_v = tl.where(take, m, win_v)
+    win_i = tl.where(win_i < V, win_i, 0)  # every score -inf: torch's argmax answers 0
+    tl.store(out_ptr + b, tl.where(greedy, best_i, win_i).to(tl.int64))

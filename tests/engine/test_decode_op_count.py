@@ -87,3 +87,16 @@ def test_sampling_operators_for_the_seed_api_default(monkeypatch):
     with torch.inference_mode(), CountOps() as count:
         sample(logits, bp, torch.zeros(B, dtype=torch.long), 30)
     assert sum(count.ops.values()) == 131, count.ops
+
+
+def test_fused_sampling_is_one_launch(monkeypatch):
+    pytest.importorskip("triton")
+    from model.kernels import triton_decode, triton_sampling
+    launches: collections.Counter = collections.Counter()
+    monkeypatch.setattr(triton_decode, "_launch",
+                        lambda kernel, grid, *a, **kw: launches.update([f"triton:{kernel.fn.__name__}"]))
+    bp = BatchParams.build([SamplingParams(temperature=0.8, top_k=50)] * B, [1] * B, torch.device("cpu"))
+    logits, step = torch.randn(B, 40), torch.zeros(B, dtype=torch.long)
+    with torch.inference_mode(), CountOps() as count:
+        triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.seed, step, 30)
+    assert {k: n for k, n in count.ops.items() if k not in ALLOCATIONS} == {} and launches == {"triton:sample_kernel": 1}
