@@ -42,6 +42,7 @@ class ModelRunner:
         self.cuda_kernels: str | None = None  # on CUDA, what choose_cuda_kernels installed
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
+        self._graph_params: BatchParams | None = None  # what the captured sampler's buffers hold
         self.total_steps = 0  # steps that decoded
         self.last_batch = 0  # rows the last step decoded
         self.tokens_per_second = 0.0  # decode throughput, smoothed over recent steps
@@ -74,7 +75,8 @@ class ModelRunner:
                      self.cache.nbytes / 2**20)
             if self.device.type == "cuda" and self.config.cuda_graphs:
                 self.graphs.capture(self.model, self.cache, self.config.batch_buckets, self.config.max_batch,
-                                    self.config.prefill_chunk, any_length=self.cuda_kernels == "triton")
+                                    self.config.prefill_chunk, any_length=self.cuda_kernels == "triton",
+                                    sampler=triton_sampling.sample if self.cuda_kernels == "triton" else None)
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -110,16 +112,22 @@ class ModelRunner:
         t0 = time.perf_counter()
         B = len(d.idx)
         bp = self._sampling_params(d)
+        tokens = None
         if self.graphs:
             step = self.graphs.load(d.idx, d.pos, d.steps)
-            logits = self.graphs.replay(B, max(d.pos) + 1)
+            fused = self.graphs.sampling and triton_sampling.supports(bp)
+            if fused and bp is not self._graph_params:  # new members: the captured sampler's buffers
+                self.graphs.set_sampling(bp.temperature, bp.top_k, bp.seed)
+                self._graph_params = bp
+            logits, tokens = self.graphs.replay(B, max(d.pos) + 1)
+            tokens = tokens if fused else None
         else:  # eager: the chunks, then the decode, in one pass over the weights
             decode = StepPart(torch.tensor(d.idx, device=self.device).unsqueeze(1),
                               torch.tensor(d.pos, device=self.device), kv_len=max(d.pos) + 1)
             step = torch.tensor(d.steps, device=self.device)
             *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
             self._score_prompts(chunks if eager else [], hidden, scores)
-        tokens = self._sample(logits[:, -1], bp, step).tolist()
+        tokens = (self._sample(logits[:, -1], bp, step) if tokens is None else tokens).tolist()
         sampled = [tokens[r] for r in d.rows]
         if d.logprobs and scores is not None:
             self._score_samples(logits, d, sampled, scores)

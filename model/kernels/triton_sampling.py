@@ -7,8 +7,10 @@ the floats' order keys, 32 passes over the row: ties with it are kept, as sample
 CUDA's logf for the noise (libdevice, as torch's log on the GPU), and the first largest score.
 
 Not covered: top-p (nucleus) rows, which need a sorted cumulative sum: `supports` says so, and
-the caller keeps model/sampling.sample for them. The engine (model/engine/runner.py) launches it
-after the decode graph on the Triton CUDA path; it is not captured in the graph yet.
+the caller keeps model/sampling.sample for them. On the Triton CUDA path the engine captures it
+in each decode graph (model/engine/cuda_graphs.py, per-row parameter buffers filled when the
+batch's members change) and uses its tokens for batches without top-p; the host still reads
+each step's tokens before launching the next (no asynchronous scheduling yet).
 """
 
 from __future__ import annotations
