@@ -141,6 +141,7 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
         best_i = tl.where(take, i, best_i)
         best_v = tl.where(take, m, best_v)
     threshold_key = tl.full([], 0, tl.uint32)
+    keep_all = (k <= 1) | (temp == 0.0)  # no top-k (and greedy rows, whose race is not used)
     if (k > 1) & (temp != 0.0):
         for i in range(32):
             cand = threshold_key | (tl.full([], 1, tl.uint32) << (31 - i))
@@ -150,6 +151,9 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
                 x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
                 count += tl.sum(((_order_key(x) >= cand) & (j < V)).to(tl.int32), axis=0)
             threshold_key = tl.where(count >= k, cand, threshold_key)
+    # back to the float (compared as floats: -0.0 and 0.0 are one threshold, as in sample())
+    top = tl.full([], 0x80000000, tl.uint32)
+    threshold = tl.where((threshold_key & top) != 0, threshold_key ^ top, ~threshold_key).to(tl.float32, bitcast=True)
     # the race: scaled logit + Gumbel noise of (seed, step, token id) among the kept tokens
     seed = tl.load(seed_ptr + b).to(tl.uint32)
     step = tl.load(step_ptr + b).to(tl.uint32)
@@ -165,7 +169,7 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
             g = -tl.extra.cuda.libdevice.log(-tl.extra.cuda.libdevice.log(u))
         else:
             g = -tl.log(-tl.log(u))
-        score = tl.where((j < V) & (_order_key(x) >= threshold_key), x + g, float("-inf"))
+        score = tl.where((j < V) & (keep_all | (x >= threshold)), x + g, float("-inf"))
         m = tl.max(score, axis=0)
         i = tl.min(tl.where(score == m, j, V), axis=0)
         take = m > win_v
