@@ -51,3 +51,25 @@ def test_the_server_setting_reaches_the_engine_config():
     assert load_config([], {}).cuda_kernels == "auto"
     with pytest.raises(ConfigError, match="CUDA_KERNELS"):
         load_config([], {"CUDA_KERNELS": "flash"})
+
+
+def test_the_triton_path_samples_by_the_fused_kernel_unless_a_row_has_top_p(monkeypatch):
+    """ModelRunner._sample on the Triton path (set by hand: the kernel runs on CPU tensors under
+    the interpreter): one launch for temperature/top-k batches, with today's tokens; a batch
+    with a top-p row goes to model/sampling.sample."""
+    pytest.importorskip("triton")
+    if not triton_decode.interpreting():
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it on hosts without CUDA)")
+    from model.engine.runner import ModelRunner
+    from model.sampling import BatchParams, SamplingParams, sample
+    runner = ModelRunner(tiny_model(), EngineConfig(max_batch=2))
+    runner.cuda_kernels = "triton"
+    launches, launch = [], triton_decode._launch
+    monkeypatch.setattr(triton_decode, "_launch", lambda kernel, *a, **kw: launches.append(kernel) or launch(kernel, *a, **kw))
+    logits, step = torch.randn(2, 40) * 3, torch.tensor([3, 9])
+    for rows, fused in (([SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0.0)], True),
+                        ([SamplingParams(temperature=0.8, top_p=0.9), SamplingParams()], False)):
+        launches.clear()
+        bp = BatchParams.build(rows, [11, 12], torch.device("cpu"))
+        assert torch.equal(runner._sample(logits, bp, step), sample(logits, bp, step, runner.n_vocab))
+        assert len(launches) == (1 if fused else 0)
