@@ -29,6 +29,7 @@ else
     BENCH=(--device cpu --quick --shapes gpt2-124M --dtypes float32 --clients 1,4 --no-demo)
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__)'
+"$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton not importable: CUDA_KERNELS=triton is not measured"
 # -m gpu: the CUDA engine tests, the Triton kernels' at real shapes, and the CUDA checkpoint load;
 # they skip without CUDA. Triton compiles each kernel variant on first use (seconds each).
 # A failing test does not stop the benchmark (its figures are wanted either way); the exit status tells.
