@@ -13,8 +13,10 @@
 Numbers follow torch's operators step by step (the norm's output, each product and the GELU
 are rounded to the model's dtype where torch's are), so the path differs from torch's only by
 summation order. Kernels are compiled on first use, also under Triton's interpreter
-(TRITON_INTERPRET=1, CPU tensors), which is how CI tests them: the interpreter is read when
-the kernels are first built, so they are built lazily and once per mode. Under it, bfloat16
+(TRITON_INTERPRET=1, CPU tensors), which is how CI tests them. triton reads that flag when it
+is imported (its own tl.sum and friends are jitted then) and when a kernel is defined, so it
+must be set before anything imports triton (tests/conftest.py does), and this module imports
+triton and the kernels' source (triton_src.py) only on first use. Under it, bfloat16
 dot products are widened to float32 first (its bfloat16 dot returns garbage); products of
 bfloat16 values are exact in float32, so only the summation order differs from the GPU's.
 Every launch goes through `_launch`, which the op-count test replaces with a counting stub.
@@ -55,28 +57,20 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+@functools.lru_cache(maxsize=1)
 def kernels() -> types.SimpleNamespace:
-    """The jitted kernels for the current mode (compiled or interpreted)."""
-    return _build(interpreting())
+    """The jitted kernels (compiled, or interpreted under TRITON_INTERPRET=1), imported once."""
+    import triton
+
+    from model.kernels import triton_src
+    return types.SimpleNamespace(attention=triton_src.attention_kernel, linear=triton_src.linear_kernel,
+                                 sample=triton_src.sample_kernel, cdiv=triton.cdiv,
+                                 next_power_of_2=triton.next_power_of_2)
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
     """Every kernel launch of this module (the op-count test counts them here)."""
     kernel[grid](*args, **meta)
-
-
-@functools.lru_cache(maxsize=2)
-def _build(interpret: bool) -> types.SimpleNamespace:
-    """The kernels jitted for one mode: the source module is (re)loaded for it."""
-    import importlib
-    import sys
-    import triton
-    name = "model.kernels.triton_src"
-    src = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    del interpret  # the cache key: one set of kernels per mode
-    return types.SimpleNamespace(attention=src.attention_kernel, linear=src.linear_kernel,
-                                 sample=src.sample_kernel, cdiv=triton.cdiv,
-                                 next_power_of_2=triton.next_power_of_2)
 
 
 def attention(q, k, v, k_cache, v_cache, pos, rows=None) -> torch.Tensor:

@@ -1,7 +1,6 @@
-"""The Triton kernels of model/kernels/triton_decode.py (which documents them). Imported
-only by triton_decode's loader: triton.jit reads TRITON_INTERPRET when this module runs, so
-the loader reloads it when the mode changes (the interpreter also needs `tl` as a module
-global of the kernels, not a closure variable)."""
+"""The Triton kernels of model/kernels/triton_decode.py and triton_sampling.py (which document
+them). Imported only on first use, by triton_decode.kernels(): triton.jit reads TRITON_INTERPRET
+when this module runs (and the interpreter needs `tl` as a module global of the kernels)."""
 
 import triton
 import triton.language as tl
