@@ -74,6 +74,7 @@ class ServerConfig:
     idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
+    cuda_kernels: str = "auto"  # what runs the decode step on CUDA (model/engine/cuda_setup.py)
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
     engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
@@ -300,6 +301,9 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU decode matrix products: our kernel, torch's in either weight layout, or auto (time them; default)"),
     Setting("cpu_attention", "CPU_ATTENTION", _choice("auto", "kernel", "torch"),
             "CPU decode attention: our fused kernel, torch's operators, or auto (the kernel where it builds; default)"),
+    Setting("cuda_kernels", "CUDA_KERNELS", _choice("auto", "triton", "torch"),
+            "CUDA decode step: our Triton kernels (five launches a block, one graph per batch size), torch's "
+            "operators, or auto (triton where it imports; default)"),
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),
@@ -380,7 +384,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                 value = s.parse(raw)
             except ValueError as e:
                 raise ConfigError(source, str(e)) from None
-            if value is None and s.field in ("host", "port", "cpu_linear", "cpu_attention"):
+            if value is None and s.field in ("host", "port", "cpu_linear", "cpu_attention", "cuda_kernels"):
                 continue  # an empty HOST (or CPU_LINEAR, ...) keeps the default
             values[s.field] = value
     if not values.get("model_checkpoint"):

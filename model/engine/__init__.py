@@ -8,13 +8,14 @@
     result = await handle.result()                  # GenerationResult
 
 Where things live (imports point down this list, and into the library: model.gpt,
-model.sampling, model.generate; model.kernels for the CPU kernels):
+model.sampling, model.generate; model.kernels for the CPU and Triton kernels):
 
     core.py         Engine: lifecycle, submit/cancel, the worker loop, step()
     scheduler.py    Scheduler and its state; StepPlan (PrefillChunk, DecodeBatch): schedule(), update()
     runner.py       ModelRunner: the KV cache, start-up set-up and warm-up, execute(plan)
     cuda_graphs.py  DecodeGraphs: the captured decode and one-row prefill steps
     cpu_setup.py    choose_cpu_linear / choose_cpu_attention: CPU kernels or torch, timed at start
+    cuda_setup.py   choose_cuda_kernels: the Triton decode path or torch's operators (CUDA_KERNELS)
     request.py      RequestHandle, Outbox, TokenChunk, GenerationResult, EngineStats
     config.py       EngineConfig
     errors.py       EngineError and its subclasses

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 CPU_LINEAR_CHOICES = ("auto", "kernel", "out_in", "in_out")  # see model/engine/cpu_setup.choose_cpu_linear
 CPU_ATTENTION_CHOICES = ("auto", "kernel", "torch")  # see model/engine/cpu_setup.choose_cpu_attention
+CUDA_KERNELS_CHOICES = ("auto", "triton", "torch")  # see model/engine/cuda_setup.choose_cuda_kernels
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class EngineConfig:
     # measured row limit; prefill goes to torch's faster GEMMs (AMX in half precision).
     batch_invariant: bool = False
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # CUDA-graph batch sizes
+    # What runs the decode step on CUDA: "triton" (model/kernels/triton_decode.py: five
+    # launches a block, attention over each row's own length, so one graph per batch size),
+    # "torch" (torch's operators, graphs per batch size and cache length), or "auto" (triton
+    # where it imports). Ignored off CUDA.
+    cuda_kernels: str = "auto"
 
     def validate(self) -> "EngineConfig":
         for name in ("max_batch", "max_queue", "prefill_chunk", "idle_prefill_chunk"):
@@ -45,4 +51,7 @@ class EngineConfig:
         if self.cpu_attention not in CPU_ATTENTION_CHOICES:
             raise ValueError(f"cpu_attention must be one of {', '.join(CPU_ATTENTION_CHOICES)}, "
                              f"got {self.cpu_attention!r}")
+        if self.cuda_kernels not in CUDA_KERNELS_CHOICES:
+            raise ValueError(f"cuda_kernels must be one of {', '.join(CUDA_KERNELS_CHOICES)}, "
+                             f"got {self.cuda_kernels!r}")
         return self

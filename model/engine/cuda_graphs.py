@@ -1,7 +1,8 @@
 """CUDA graphs of the engine's step, captured at start-up with static shapes.
 
 `DecodeGraphs` captures `GPT.step` for one decode token (T == 1) at a few batch and
-cache-length buckets, and replays the smallest that holds a step; likewise a one-row prompt
+cache-length buckets (batch buckets only where the decode attends over each row's own length,
+model/kernels/triton_decode.py), and replays the smallest that holds a step; likewise a one-row prompt
 chunk at a few chunk lengths. model/gpt.py holds no graph code: the runner
 (model/engine/runner.py) wraps the model's step from outside, as gpt-fast does.
 """
@@ -45,7 +46,9 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.prefills: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.batches: list[int] = []
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # cache-length buckets of the prefill graphs
+        self.decode_lengths: list[int] = []  # ... of the decode graphs
+        self.sampling = False  # whether a fused sampler is captured after each decode
         self.chunks: list[int] = []
         self.block_size = 0
 
@@ -66,12 +69,22 @@ class DecodeGraphs:
         self._inputs.copy_(self._staging, non_blocking=True)  # whole (contiguous): truly asynchronous
         return self._inputs[2, :B]
 
-    def replay(self, batch: int, kv_needed: int) -> torch.Tensor:
+    def replay(self, batch: int, kv_needed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, 1, V) of the loaded batch, reading the smallest captured cache length
-        that holds kv_needed positions."""
-        g, logits = self.graphs[(batch, self._length(kv_needed))]
+        that holds kv_needed positions, and the tokens (B,) the captured sampler drew from them
+        with the parameters of `set_sampling` (None without a captured sampler)."""
+        L = min(L for L in self.decode_lengths if L >= kv_needed)
+        g, (logits, tokens) = self.graphs[(batch, L)]
         g.replay()
-        return logits
+        return logits, tokens
+
+    def set_sampling(self, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor) -> None:
+        """The captured sampler's per-row parameters (device tensors of one decode batch's rows),
+        copied into its static buffers; they hold until the next call."""
+        B = temperature.shape[0]
+        self._temperature[:B].copy_(temperature)
+        self._top_k[:B].copy_(top_k)
+        self._seed[:B].copy_(seed)
 
     def _length(self, kv_needed: int) -> int:
         """The smallest captured cache length that holds kv_needed positions."""
@@ -97,22 +110,39 @@ class DecodeGraphs:
         self.prefills[shape].replay()
         return True
 
-    def capture(self, model: GPT, cache: KVCache, buckets, max_batch: int, prefill_chunk: int) -> None:
+    def capture(self, model: GPT, cache: KVCache, buckets, max_batch: int, prefill_chunk: int,
+                any_length: bool = False, sampler=None) -> None:
         """Capture GPT.step for T=1 at each batch and cache-length bucket, and a one-row
         prompt chunk at each chunk and cache-length bucket, with static shapes, each warmed
-        up on a side stream first as CUDA graphs require."""
+        up on a side stream first as CUDA graphs require. any_length: the model's decode
+        reads no kv_len (each row attends over its own length), so one decode graph per
+        batch bucket serves every length. sampler: a fused sampler (model/kernels/
+        triton_sampling.sample's signature) captured after each decode, reading static per-row
+        parameter buffers (set_sampling) and the loaded steps."""
         device, self.block_size = cache.k.device, model.config.block_size
         self.batches = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.lengths = kv_buckets(self.block_size)
+        self.decode_lengths = [self.block_size] if any_length else self.lengths
         self.chunks = chunk_buckets(prefill_chunk, self.block_size)
         self._inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)
         self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
         self._prefill_inputs = torch.zeros(2 + self.chunks[-1], dtype=torch.long, device=device)
         self._pool = None
+        self.sampling = sampler is not None
+        self._temperature = torch.ones(max_batch, device=device)
+        self._top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._seed = torch.zeros(max_batch, dtype=torch.long, device=device)
+        n_vocab = model.tokenizer.n_vocab if sampler is not None else 0
         for B in reversed(self.batches):  # largest first, so smaller graphs reuse its memory pool
-            idx, pos = self._inputs[0, :B].view(B, 1), self._inputs[1, :B]
-            for L in reversed(self.lengths):
-                self.graphs[(B, L)] = self._capture(lambda: model.step(idx, pos, cache, kv_len=L))
+            idx, pos, steps = self._inputs[0, :B].view(B, 1), self._inputs[1, :B], self._inputs[2, :B]
+
+            def decode(B=B, idx=idx, pos=pos, steps=steps, L=None):
+                logits = model.step(idx, pos, cache, kv_len=L)
+                tokens = None if sampler is None else sampler(
+                    logits[:, -1], self._temperature[:B], self._top_k[:B], self._seed[:B], steps, n_vocab)
+                return logits, tokens
+            for L in reversed(self.decode_lengths):
+                self.graphs[(B, L)] = self._capture(lambda: decode(L=L))
         row, pos = self._prefill_inputs[0:1], self._prefill_inputs[1:2]
         for T in self.chunks:
             idx = self._prefill_inputs[2:2 + T].view(1, T)
@@ -121,7 +151,7 @@ class DecodeGraphs:
                 self.prefills[(T, L)] = self._capture(lambda: model.step_parts([part], cache))[0]
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s x cache lengths %s, and one-row prompt "
-                 "chunks of %s tokens", self.batches, self.lengths, self.chunks)
+                 "chunks of %s tokens", self.batches, self.decode_lengths, self.chunks)
 
     def _capture(self, fn) -> tuple:
         """(graph, fn's output) with fn captured into the graphs' shared memory pool."""

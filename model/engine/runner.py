@@ -17,9 +17,11 @@ import torch
 
 from model.engine.config import EngineConfig
 from model.engine.cpu_setup import choose_cpu_attention, choose_cpu_linear
+from model.engine.cuda_setup import choose_cuda_kernels
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan, StepScores
 from model.gpt import GPT, KVCache, StepPart, kv_cache_dtype
+from model.kernels import triton_sampling
 from model.logprobs import prompt_logprobs, token_logprobs
 from model.sampling import BatchParams, SamplingParams, sample
 
@@ -37,8 +39,10 @@ class ModelRunner:
         self.graphs = DecodeGraphs()  # CUDA only; empty: eager decode
         self.cpu_linear: str | None = None  # on CPU, what choose_cpu_linear picked at start
         self.cpu_attention: str | None = None  # ... and choose_cpu_attention
+        self.cuda_kernels: str | None = None  # on CUDA, what choose_cuda_kernels installed
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
+        self._graph_params: BatchParams | None = None  # what the captured sampler's buffers hold
         self.total_steps = 0  # steps that decoded
         self.last_batch = 0  # rows the last step decoded
         self.tokens_per_second = 0.0  # decode throughput, smoothed over recent steps
@@ -61,6 +65,8 @@ class ModelRunner:
                 self.cpu_attention = choose_cpu_attention(self.model, self.config.cpu_attention, chunks=invariant)
         elif invariant:
             raise ValueError(f"batch-invariant mode runs on CPU only so far; this model is on {self.device}")
+        elif self.device.type == "cuda":
+            self.cuda_kernels = choose_cuda_kernels(self.model, self.config.cuda_kernels)
         self.cache_dtype = kv_cache_dtype(self.model)
         with torch.inference_mode():
             self.cache = KVCache(self.model.config, self.config.max_batch, self.device, self.cache_dtype)
@@ -69,7 +75,8 @@ class ModelRunner:
                      self.cache.nbytes / 2**20)
             if self.device.type == "cuda" and self.config.cuda_graphs:
                 self.graphs.capture(self.model, self.cache, self.config.batch_buckets, self.config.max_batch,
-                                    self.config.prefill_chunk)
+                                    self.config.prefill_chunk, any_length=self.cuda_kernels == "triton",
+                                    sampler=triton_sampling.sample if self.cuda_kernels == "triton" else None)
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -105,21 +112,35 @@ class ModelRunner:
         t0 = time.perf_counter()
         B = len(d.idx)
         bp = self._sampling_params(d)
+        tokens = None
         if self.graphs:
             step = self.graphs.load(d.idx, d.pos, d.steps)
-            logits = self.graphs.replay(B, max(d.pos) + 1)
+            fused = self.graphs.sampling and triton_sampling.supports(bp)
+            if fused and bp is not self._graph_params:  # new members: the captured sampler's buffers
+                self.graphs.set_sampling(bp.temperature, bp.top_k, bp.seed)
+                self._graph_params = bp
+            logits, tokens = self.graphs.replay(B, max(d.pos) + 1)
+            tokens = tokens if fused else None
         else:  # eager: the chunks, then the decode, in one pass over the weights
             decode = StepPart(torch.tensor(d.idx, device=self.device).unsqueeze(1),
                               torch.tensor(d.pos, device=self.device), kv_len=max(d.pos) + 1)
             step = torch.tensor(d.steps, device=self.device)
             *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
             self._score_prompts(chunks if eager else [], hidden, scores)
-        tokens = sample(logits[:, -1], bp, step, self.n_vocab).tolist()
+        tokens = (self._sample(logits[:, -1], bp, step) if tokens is None else tokens).tolist()
         sampled = [tokens[r] for r in d.rows]
         if d.logprobs and scores is not None:
             self._score_samples(logits, d, sampled, scores)
         self._count(len(d.rows), time.perf_counter() - t0)
         return sampled
+
+    def _sample(self, logits: torch.Tensor, bp: BatchParams, step: torch.Tensor) -> torch.Tensor:
+        """The decode's tokens: by the one fused Triton kernel on the Triton CUDA path where its
+        rows allow (no top-p: model/kernels/triton_sampling.py), else model/sampling.sample (the
+        same tokens for the same seeds)."""
+        if self.cuda_kernels == "triton" and not bp.all_greedy and triton_sampling.supports(bp):
+            return triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.seed, step, self.n_vocab)
+        return sample(logits, bp, step, self.n_vocab)
 
     def _graph_prefill(self, c: PrefillChunk) -> bool:
         """A one-row chunk through a captured prefill graph; False where none applies."""

@@ -23,3 +23,23 @@ def test_prompt_chunks_replay_the_smallest_captured_prefill_that_holds_them():
     assert graphs.prefill_shape(16, 48) == (16, 64)  # padding ends exactly at the block's end
     assert graphs.prefill_shape(10, 50) is None  # padded to 16 it would pass the block's end
     assert graphs.prefill_shape(65, 0) is None  # longer than any bucket: eager
+
+
+class Replayed:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_decode_replays_the_smallest_captured_length_and_one_graph_serves_every_length_when_rows_attend_over_their_own():
+    graphs = DecodeGraphs()  # the choice alone (capturing needs CUDA)
+    by_length = {L: Replayed() for L in kv_buckets(64)}
+    graphs.graphs = {(1, L): (g, (f"logits {L}", None)) for L, g in by_length.items()}
+    graphs.decode_lengths = kv_buckets(64)  # torch's attention reads the bucket: one graph per length
+    assert graphs.replay(1, 9) == ("logits 16", None) and by_length[16].replays == 1
+    graphs.graphs = {(1, 64): (by_length[64], ("logits 64", "tokens 64"))}  # the Triton path, its sampler captured
+    graphs.decode_lengths = [64]
+    assert [graphs.replay(1, n) for n in (1, 33, 64)] == [("logits 64", "tokens 64")] * 3
+    assert by_length[64].replays == 3

@@ -13,8 +13,8 @@ from model.sampling import SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def gpu_model(dtype=torch.float32):
-    cpu = tiny_model(block_size=64, vocab_size=40)
+def gpu_model(dtype=torch.float32, block_size=64):
+    cpu = tiny_model(block_size=block_size, vocab_size=40)
     model = copy.deepcopy(cpu).to("cuda", dtype)
     model.tokenizer = cpu.tokenizer
     return cpu, model
@@ -30,7 +30,7 @@ def step_logits(model, ids):
 
 
 async def run_requests(model, requests, **config):
-    engine = Engine(model, EngineConfig(max_batch=4, **config))
+    engine = Engine(model, EngineConfig(**{"max_batch": 4, **config}))
     await engine.start()
     try:
         handles = [engine.submit(p, sp) for p, sp in requests]
@@ -93,3 +93,25 @@ async def test_bfloat16_engine_with_graphs_runs_batched_like_solo():
     solo = [(await run_requests(gpu, [r]))[0] for r in requests]
     assert [len(t) for t in batched] == [sp.max_new_tokens for _, sp in requests]
     assert batched == solo
+
+
+async def test_triton_kernels_equal_torch_operators_and_their_graphs_equal_eager():
+    cpu, gpu = gpu_model()
+    requests = requests_for(cpu.tokenizer)
+    torch_ops = await run_requests(gpu, requests, cuda_kernels="torch")
+    graphs = await run_requests(gpu, requests, cuda_kernels="triton")
+    eager = await run_requests(gpu, requests, cuda_kernels="triton", cuda_graphs=False)
+    assert graphs == eager == torch_ops
+
+
+@pytest.mark.parametrize("rows", [8, 20, 32])
+async def test_triton_batches_of_8_to_32_rows_past_128_positions_equal_torch(rows):
+    """Batch buckets 8-32, prompts of 130-250 tokens: one graph per batch size serves them all."""
+    cpu, gpu = gpu_model(block_size=512)
+    g = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(0, 30, (int(n),), generator=g).tolist() for n in torch.randint(130, 250, (rows,), generator=g)]
+    requests = [(p, SamplingParams(max_new_tokens=24, temperature=0.0 if i % 2 else 0.8, top_k=20, seed=i))
+                for i, p in enumerate(prompts)]
+    torch_ops = await run_requests(gpu, requests, cuda_kernels="torch", max_batch=32)
+    triton = await run_requests(gpu, requests, cuda_kernels="triton", max_batch=32)
+    assert triton == torch_ops
