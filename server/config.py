@@ -74,7 +74,7 @@ class ServerConfig:
     idle_prefill_chunk: int = 2048  # the most prompt tokens one step prefills
     cpu_linear: str = "auto"  # what runs the linear layers on CPU
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
-    cuda_kernels: str = "auto"  # what runs the decode step on CUDA (model/engine/cuda_setup.py)
+    cuda_kernels: str = "torch"  # what runs the decode step on CUDA (model/engine/cuda_setup.py)
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
     engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
@@ -303,7 +303,7 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU decode attention: our fused kernel, torch's operators, or auto (the kernel where it builds; default)"),
     Setting("cuda_kernels", "CUDA_KERNELS", _choice("auto", "triton", "torch"),
             "CUDA decode step: our Triton kernels (five launches a block, one graph per batch size), torch's "
-            "operators, or auto (triton where it imports; default)"),
+            "operators (default: the Triton path has not yet run on a GPU), or auto (triton where it imports)"),
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),

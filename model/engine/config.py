@@ -38,7 +38,9 @@ class EngineConfig:
     # launches a block, attention over each row's own length, so one graph per batch size),
     # "torch" (torch's operators, graphs per batch size and cache length), or "auto" (triton
     # where it imports). Ignored off CUDA.
-    cuda_kernels: str = "auto"
+    # torch until bench/gpu_check.sh has run the Triton path on a GPU (its kernels are checked only under
+    # Triton's interpreter so far); then auto (triton where it imports).
+    cuda_kernels: str = "torch"
 
     def validate(self) -> "EngineConfig":
         for name in ("max_batch", "max_queue", "prefill_chunk", "idle_prefill_chunk"):

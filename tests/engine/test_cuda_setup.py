@@ -48,7 +48,7 @@ def test_bad_choice_names_the_field():
 def test_the_server_setting_reaches_the_engine_config():
     from server.config import ConfigError, load_config
     assert load_config([], {"CUDA_KERNELS": "torch"}).cuda_kernels == "torch"
-    assert load_config([], {}).cuda_kernels == "auto"
+    assert load_config([], {}).cuda_kernels == "torch"  # until the Triton path has run on a GPU
     with pytest.raises(ConfigError, match="CUDA_KERNELS"):
         load_config([], {"CUDA_KERNELS": "flash"})
 
