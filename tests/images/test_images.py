@@ -226,3 +226,46 @@ async def test_operator_image_reconciles_a_model_against_the_emulator(images: Im
                     proc.wait(timeout=30)
     finally:
         operator.remove()
+
+
+def test_server_image_runs_the_operators_fetch_init_container(server: Container, tmp_path: Path) -> None:
+    """The init container a NanoGPTModel with spec.checkpoint.uri gets (the operator's own command and env),
+    run in the server image as its user: it fetches over loopback HTTP, verifies the digest and reports
+    its JSON status."""
+    import hashlib
+    import http.server
+    import threading
+
+    from nanogpt_operator.model.build import Owner, desired_deployment
+    from nanogpt_operator.model.spec import parse_model
+
+    served = tmp_path / "served"
+    served.mkdir()
+    data = (REPO / "model" / "demo" / "model.safetensors").read_bytes()
+    (served / "ckpt.safetensors").write_bytes(data)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(served))  # noqa: E731
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}/ckpt.safetensors"
+        body = {"apiVersion": "nanogpt.dev/v1alpha1", "kind": "NanoGPTModel",
+                "metadata": {"name": "llm", "namespace": "ml", "uid": "u", "generation": 1},
+                "spec": {"checkpoint": {"uri": uri, "allowHttp": True, "sha256": hashlib.sha256(data).hexdigest()},
+                         "gpus": 0}}
+        pod = desired_deployment(parse_model(body), Owner(name="llm", uid="u"))["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        models = tmp_path / "models"
+        models.mkdir()
+        models.chmod(0o777)  # an emptyDir the pod's user can write
+        env = [a for e in init["env"] if "value" in e for a in ("--env", f"{e['name']}={e['value']}")]
+        done = subprocess.run(["buildah", "run", "--isolation", "chroot", "--network", "host", *env,
+                               "--volume", f"{models}:/models",
+                               server.name, "--", *init["command"]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    fetched = models / "checkpoint" / "ckpt.safetensors"
+    assert fetched.read_bytes() == data
+    # The same JSON goes to stdout and to --status-file (the kubelet's mount of /dev/termination-log, which
+    # buildah's own /dev hides here).
+    status = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status["phase"] == "Fetched" and status["sha256"] == hashlib.sha256(data).hexdigest(), status
+    server_env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert server_env["MODEL_CHECKPOINT"] == "/models/checkpoint/ckpt.safetensors"
