@@ -64,20 +64,41 @@ async def main(args) -> None:
         engines[name] = wrap(Engine(model, EngineConfig(max_batch=args.clients, max_queue=1024)))
         await engines[name].start()
     results: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
+    order = list(engines)
     for _ in range(args.rounds):
-        for name, engine in engines.items():
-            for key, value in (await one_round(engine, prompts)).items():
+        for name in order:
+            for key, value in (await one_round(engines[name], prompts)).items():
                 results[name].setdefault(key, []).append(value)
+        order.reverse()  # neither engine always runs first (warm caches, a neighbour's burst)
     a_name, b_name = engines
     print(f"| {args.shape}, plain requests | {a_name} | {b_name} (baseline) | ratio |\n|---|---:|---:|---:|")
+    medians = {}
     for key in results[a_name]:
         a, b = (statistics.median(results[n][key]) for n in engines)
+        medians[key] = {"with": a, "without": b, "ratio": round(a / b, 3)}
         print(f"| {key} | {a:.3g} | {b:.3g} | {a / b:.2f}x |")
     long_prompt = (sum(prompts, []) * 8)[:512]
     score = statistics.median([await scoring_s(engines[a_name], long_prompt) for _ in range(args.rounds)])
     print(f"| one echo+logprobs request, 512 prompt tokens | {score:.3g} s | - | - |")
     for engine in engines.values():
         await engine.stop(drain=False)
+    _write(args, {"medians": medians, "rounds": results, "echo_logprobs_512_prompt_s": score})
+
+
+def _write(args, figures: dict) -> None:
+    """The run as JSON in bench/results/ (git-ignored; bench/history.json keeps the figures)."""
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    out = Path(args.out or f"bench/results/logprobs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python -m bench.logprobs", "shape": args.shape, "rounds": args.rounds,
+                               "clients": args.clients, "threads": torch.get_num_threads(),
+                               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                               "torch": torch.__version__, **figures}, indent=1))
+    print(f"wrote {out}")
 
 
 def parse_args(argv=None):
@@ -86,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/logprobs-<time>.json)")
     return p.parse_args(argv)
 
 

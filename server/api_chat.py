@@ -7,11 +7,12 @@ import time
 
 from aiohttp import web
 
-from . import keys, protocol, protocol_chat, sse
-from .middleware import ACCESS, note_access, read_json
-from .protocol_logprobs import chat_logprobs
+from . import keys, protocol, protocol_chat
+from .middleware import note_access, read_json
+from .protocol_logprobs import LogprobCursor, chat_logprobs, chat_shape
 from .served import served_name
 from .serving import Prompt
+from .sse_choices import stream_choices
 
 routes = web.RouteTableDef()
 
@@ -36,7 +37,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = dataclasses.replace(req.params, stop=stop,
                                  max_new_tokens=req.max_tokens or max(1, min(config.max_length_limit, room)))
     if req.stream:
-        return await _stream(request, name, prompt, params, req.include_usage)
+        return await _stream(request, name, prompt, params, req)
     completions = await app[keys.GENERATOR].complete([prompt] * req.n, protocol.choice_params(params, req.n),
                                                      request[keys.IDENTITY])
     note_access(request, [prompt], completions)
@@ -53,25 +54,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         protocol_chat.chat_id(), name, choices, len(prompt.ids), sum(c.completion_tokens for c in completions)))
 
 
-async def _stream(request: web.Request, name: str, prompt: Prompt, params, include_usage: bool):
+async def _stream(request: web.Request, name: str, prompt: Prompt, params, req) -> web.StreamResponse:
     gen = request.app[keys.GENERATOR]
-    cid, created = protocol_chat.chat_id(), int(time.time())
     note_access(request, [prompt])
+    async with gen.streams([prompt] * req.n, protocol.choice_params(params, req.n), request[keys.IDENTITY]) as streams:
+        events = _ChatEvents(name, len(prompt.ids), req.top_logprobs, request.app[keys.LIFECYCLE].engine.tokenizer,
+                             req.n)
+        return await stream_choices(request, streams, events, req.include_usage)
 
-    async def deltas():
-        yield protocol_chat.chat_chunk(cid, name, created, {"role": "assistant", "content": ""})
-        async for text in stream:
-            yield protocol_chat.chat_chunk(cid, name, created, {"content": text})
 
-    async with gen.stream(prompt, params, request[keys.IDENTITY]) as stream:
-        response = await sse.open_stream(request)
-        if await sse.pump(response, deltas(), request.app[keys.CONFIG].request_timeout):
-            c = stream.completion
-            request[ACCESS]["completion_tokens"] = c.completion_tokens
-            await sse.send(response, protocol_chat.chat_chunk(cid, name, created, {},
-                                                              protocol.openai_finish_reason(c.finish_reason)))
-            if include_usage:
-                await sse.send(response, protocol_chat.chat_chunk(
-                    cid, name, created, None, usage_=protocol_chat.usage(len(prompt.ids), c.completion_tokens)))
-        await sse.done(response)
-    return response
+class _ChatEvents:
+    """Chat chunks (server/sse_choices.ChoiceEvents): the role first, then content deltas, each
+    with the logprobs of the tokens its text starts (LogprobCursor) when asked."""
+
+    def __init__(self, name: str, prompt_tokens: int, top_logprobs: int | None, tokenizer, n: int):
+        self.cid, self.name, self.created = protocol_chat.chat_id(), name, int(time.time())
+        self.prompt_tokens, self.top, self.tokenizer = prompt_tokens, top_logprobs, tokenizer
+        self.cursors = [LogprobCursor(tokenizer) if top_logprobs is not None else None for _ in range(n)]
+        self.sent = [0] * n
+
+    def opening(self, index: int) -> dict:
+        return self._chunk(index, {"role": "assistant", "content": ""}, None, None, logprobs=False)
+
+    def delta(self, index: int, chunk) -> dict | None:
+        if self.cursors[index] is not None:
+            self.cursors[index].push(chunk.token_ids, chunk.logprobs)
+        if not chunk.text:
+            return None
+        self.sent[index] += len(chunk.text)
+        return self._chunk(index, {"content": chunk.text}, None, self.sent[index])
+
+    def ending(self, index: int, completion) -> dict:
+        upto = self.sent[index] if completion.finish_reason == "stop" else None
+        return self._chunk(index, {}, protocol.openai_finish_reason(completion.finish_reason), upto)
+
+    def usage(self, completions: list) -> dict:
+        return protocol_chat.chat_chunk(self.cid, self.name, self.created, None, usage_=protocol_chat.usage(
+            self.prompt_tokens, sum(c.completion_tokens for c in completions)))
+
+    def _chunk(self, index: int, delta: dict, finish: str | None, upto: int | None, logprobs: bool = True) -> dict:
+        cursor = self.cursors[index]
+        lp = chat_shape(self.tokenizer, cursor.take(upto), self.top) if logprobs and cursor is not None else None
+        return protocol_chat.chat_chunk(self.cid, self.name, self.created, delta, finish, index=index, logprobs=lp)

@@ -1,15 +1,18 @@
-"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions (JSON or SSE; n, echo, logprobs)."""
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions (JSON or SSE; n, echo, logprobs, all
+of them streamed too)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import keys, protocol, sse
-from .middleware import ACCESS, note_access, read_json
-from .protocol_logprobs import completion_logprobs
+from . import keys, protocol
+from .middleware import note_access, read_json
+from .protocol_logprobs import LogprobCursor, completion_logprobs, completion_shape
 from .served import served_name
+from .sse_choices import stream_choices
 
 routes = web.RouteTableDef()
 
@@ -29,7 +32,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     field = "prompt" if len(req.prompts) == 1 else None
     prompts = [await gen.prompt(p, field or f"prompt[{i}]") for i, p in enumerate(req.prompts)]
     if req.stream:
-        return await _stream(request, name, prompts[0], req)
+        return await _stream(request, name, prompts, req)
     each = protocol.choice_params(req.params, req.n)
     expanded = [p for p in prompts for _ in range(req.n)]  # choice i*n + j: prompt i, sample j
     completions = await gen.complete(expanded, each * len(prompts), request[keys.IDENTITY])
@@ -55,29 +58,74 @@ def _choice(index: int, prompt, c, req: protocol.CompletionRequest, tokenizer) -
     return protocol.completion_choice(index, text, finish, logprobs)
 
 
-async def _stream(request: web.Request, name: str, prompt, req: protocol.CompletionRequest) -> web.StreamResponse:
+async def _stream(request: web.Request, name: str, prompts: list, req: protocol.CompletionRequest):
+    """The choices of `prompts` x n streamed: choice i*n + j is prompt i's sample j, as in JSON."""
     gen = request.app[keys.GENERATOR]
-    cid, created = protocol.completion_id(), int(time.time())
-    note_access(request, [prompt])
+    note_access(request, prompts)
+    expanded = [p for p in prompts for _ in range(req.n)]
+    params = protocol.choice_params(req.params, req.n) * len(prompts)
+    async with gen.streams(expanded, params, request[keys.IDENTITY]) as streams:
+        events = _CompletionEvents(name, expanded, req, request.app[keys.LIFECYCLE].engine.tokenizer)
+        return await stream_choices(request, streams, events, req.include_usage)
 
-    def chunk(text: str, finish_reason: str | None) -> dict:
-        return protocol.completion_chunk(cid, name, created, [protocol.completion_choice(0, text, finish_reason)])
 
-    async def deltas():
-        if req.echo:
-            yield chunk(prompt.text, None)
-        async for text in stream:
-            yield chunk(text, None)
+@dataclass
+class _StreamedChoice:
+    prompt: object  # serving.Prompt
+    cursor: LogprobCursor | None  # None: no logprobs asked
+    echoed: bool  # the prompt has been sent (or is not to be)
+    sent: int = 0  # characters of the choice's text sent so far
 
-    async with gen.stream(prompt, req.params, request[keys.IDENTITY]) as stream:
-        response = await sse.open_stream(request)
-        if await sse.pump(response, deltas(), request.app[keys.CONFIG].request_timeout):
-            c = stream.completion
-            request[ACCESS]["completion_tokens"] = c.completion_tokens
-            await sse.send(response, chunk("", protocol.openai_finish_reason(c.finish_reason)))
-            if req.include_usage:
-                usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": c.completion_tokens,
-                         "total_tokens": len(prompt.ids) + c.completion_tokens}
-                await sse.send(response, protocol.completion_chunk(cid, name, created, [], usage))
-        await sse.done(response)
-    return response
+
+class _CompletionEvents:
+    """Completion chunks (server/sse_choices.ChoiceEvents): with echo, the prompt (and its
+    logprobs) goes out with the choice's first text, as vLLM does; max_tokens 0 sends it alone
+    at the end. Each chunk's logprobs are those of the tokens its text starts (LogprobCursor)."""
+
+    def __init__(self, name: str, prompts: list, req: protocol.CompletionRequest, tokenizer):
+        self.cid, self.name, self.created, self.req = protocol.completion_id(), name, int(time.time()), req
+        asked = req.params.logprobs is not None
+        self.choices = [_StreamedChoice(p, LogprobCursor(tokenizer) if asked else None, not req.echo)
+                        for p in prompts]
+        self.tokenizer, self.prompt_tokens = tokenizer, sum(len(p.ids) for p in prompts[::req.n])
+
+    def opening(self, index: int) -> None:
+        return None
+
+    def delta(self, index: int, chunk) -> dict | None:
+        if self.req.echo_only:
+            return None  # what it generates is not shown
+        c = self.choices[index]
+        text = self._echo(c, chunk.prompt_logprobs) + chunk.text
+        if c.cursor is not None:
+            c.cursor.push(chunk.token_ids, chunk.logprobs)
+        if not text:
+            return None
+        c.sent += len(text)
+        return self._chunk(index, text, None, c.sent)
+
+    def ending(self, index: int, completion) -> dict:
+        c = self.choices[index]
+        text = self._echo(c, completion.prompt_logprobs)
+        c.sent += len(text)
+        finish = "length" if self.req.echo_only else protocol.openai_finish_reason(completion.finish_reason)
+        return self._chunk(index, text, finish, c.sent if completion.finish_reason == "stop" else None)
+
+    def usage(self, completions: list) -> dict:
+        generated = 0 if self.req.echo_only else sum(c.completion_tokens for c in completions)
+        return protocol.completion_chunk(self.cid, self.name, self.created, [], protocol.usage(
+            self.prompt_tokens, generated))
+
+    def _echo(self, c: _StreamedChoice, prompt_logprobs) -> str:
+        if c.echoed:
+            return ""
+        c.echoed = True
+        if c.cursor is not None:
+            c.cursor.push(c.prompt.ids, prompt_logprobs)
+        return c.prompt.text
+
+    def _chunk(self, index: int, text: str, finish: str | None, upto: int | None) -> dict:
+        cursor = self.choices[index].cursor
+        logprobs = None if cursor is None else completion_shape(self.tokenizer, cursor.take(upto))
+        return protocol.completion_chunk(self.cid, self.name, self.created,
+                                         [protocol.completion_choice(index, text, finish, logprobs)])

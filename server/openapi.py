@@ -40,6 +40,11 @@ def _choices(config: ServerConfig) -> dict:
                         "description": "accepted only equal to n"}}
 
 
+def _stream() -> dict:
+    return {"type": "boolean", "description": "server-sent events; every choice (n, several prompts) streams, "
+            "each chunk naming its index and carrying the logprobs of its own text when asked"}
+
+
 def _stream_options() -> dict:
     return {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}
 
@@ -91,7 +96,7 @@ def build_openapi(config: ServerConfig) -> dict:
             **_choices(config),
             "logprobs": {"type": "integer", "minimum": 0, "maximum": config.max_logprobs, "nullable": True,
                          "description": "top alternatives per token; log-softmax of the raw logits"},
-            "stream": {"type": "boolean"}, "echo": {"type": "boolean"}, "user": {"type": "string"},
+            "stream": _stream(), "echo": {"type": "boolean"}, "user": {"type": "string"},
             "stream_options": _stream_options()}},
         "ChatRequest": {"type": "object", "required": ["messages"], "properties": {
             "model": {"type": "string"},
@@ -107,7 +112,7 @@ def build_openapi(config: ServerConfig) -> dict:
             **_choices(config),
             "logprobs": {"type": "boolean"},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": config.max_logprobs},
-            "stream": {"type": "boolean"}, "stream_options": _stream_options(), "user": {"type": "string"}}},
+            "stream": _stream(), "stream_options": _stream_options(), "user": {"type": "string"}}},
         "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                            "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                           "created": {"type": "integer"}, "model": {"type": "string"},

@@ -259,15 +259,9 @@ def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
     if body.get("suffix") not in (None, ""):
         raise Unprocessable("suffix", "suffix is not supported")
     stream, include_usage = read_stream(body)
-    if stream and len(prompts) * n > 1:
-        raise Unprocessable("stream", "streaming supports one prompt and n=1 per request")
     echo = read_bool(body, "echo", False)
     d = OPENAI_DEFAULTS
     max_tokens = read_int(body, "max_tokens", d["max_tokens"], 0 if echo else 1, limits.max_length)
-    if stream and logprobs is not None:
-        raise Unprocessable("logprobs", "logprobs are not streamed; send stream: false")
-    if max_tokens == 0 and stream:
-        raise Unprocessable("max_tokens", "0 (echo only) cannot be streamed")
     params = _params(
         max_new_tokens=max(1, max_tokens),  # the engine generates at least one; echo_only drops it
         temperature=read_number(body, "temperature", d["temperature"], 0.0, 2.0),
@@ -304,14 +298,17 @@ def completion_id() -> str:
 def completion_response(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def completion_chunk(cid: str, model: str, created: int, choices: list[dict], usage: dict | None = None) -> dict:

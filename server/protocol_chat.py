@@ -16,7 +16,7 @@ from model.sampling import SamplingParams
 
 from .errors import BadRequest, Unprocessable
 from .protocol import (MAX_SEED, Limits, _params, read_bool, read_int, read_model, read_n, read_number, read_stop,
-                       read_stream, reject_unsupported, require_object)
+                       read_stream, reject_unsupported, require_object, usage)
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_MESSAGES = 1024
@@ -103,10 +103,6 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
         raise BadRequest("top_logprobs", "needs logprobs: true")
     top_logprobs = (top or 0) if logprobs else None
     stream, include_usage = read_stream(body)
-    if stream and n > 1:
-        raise Unprocessable("stream", "streaming supports n=1")
-    if stream and logprobs:
-        raise Unprocessable("logprobs", "logprobs are not streamed; send stream: false")
     params = _params(
         max_new_tokens=max_tokens or 1,
         temperature=read_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -134,16 +130,11 @@ def chat_response(cid: str, model: str, choices: list[dict], prompt_tokens: int,
 
 
 def chat_chunk(cid: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
-               usage_: dict | None = None) -> dict:
-    """One SSE event; delta None gives an empty choices list (the final usage event)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+               usage_: dict | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+    """One SSE event of choice `index`; delta None gives an empty choices list (the final usage event)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish_reason}]
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         out["usage"] = usage_
     return out
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from model.engine import EngineStopped
 from model.engine import Overloaded as EngineOverloaded
 from model.engine import PromptTooLong as EnginePromptTooLong
+from model.engine import TokenChunk
 from model.sampling import SamplingParams
 from model.tokenizer import TokenizerError
 
@@ -211,38 +212,91 @@ class Generator:
 
     @contextlib.asynccontextmanager
     async def stream(self, prompt: Prompt, params: SamplingParams, identity: str) -> AsyncIterator["Stream"]:
-        """`async with gen.stream(...) as s: async for text in s: ...; s.completion`.
+        """`async with gen.stream(...) as s: async for text in s: ...; s.completion` (see streams)."""
+        async with self.streams([prompt], [params], identity) as streams:
+            yield streams[0]
 
-        Submits on entry (so Overloaded and friends raise before any response bytes);
-        cancels the engine request on exit unless it finished.
+    @contextlib.asynccontextmanager
+    async def streams(self, prompts: list[Prompt], params: list[SamplingParams],
+                      identity: str) -> AsyncIterator[list["Stream"]]:
+        """One Stream per prompt (with its params), for the choices of one streamed response.
+
+        Submits them all on entry (so Overloaded and friends raise before any response bytes,
+        and a refused one cancels those already submitted); cancels on exit every engine
+        request that has not finished.
         """
-        held = await self.limiter.reserve_tokens(identity, params.max_new_tokens)
+        held = await self.limiter.reserve_tokens(identity, sum(p.max_new_tokens for p in params))
         try:
-            async with self.admission.slots(identity, 1):
-                handle = self._submit(prompt, params)
-                s = Stream(self, handle, held)
+            async with self.admission.slots(identity, len(prompts)):
+                handles: list = []
                 try:
-                    yield s
+                    for prompt, p in zip(prompts, params):
+                        handles.append(self._submit(prompt, p))
+                    streams = [Stream(self, h, held) for h in handles]
+                    handles = []  # the streams own them now
+                    try:
+                        yield streams
+                    finally:
+                        left = [s.handle for s in streams if not s.accounted]  # the client left, a timeout
+                        if left:
+                            await self._abandon(left, held)
                 finally:
-                    if not s.accounted:  # the client left, or a timeout, before the engine finished
-                        await self._abandon([handle], held)
+                    if handles:  # a later submit was refused
+                        await self._abandon(handles, held)
         finally:
             await self.limiter.settle(held)
 
 
 class Stream:
-    """Async iterator of text deltas; `.completion` is set once the engine finishes."""
+    """One engine request's output as it comes: `chunks()` (TokenChunks, logprobs and all) or
+    iterate for the text deltas; `.completion` is set once the engine finishes."""
 
     def __init__(self, gen: Generator, handle, held):
-        self._gen, self._handle, self._held = gen, handle, held
+        self._gen, self.handle, self._held = gen, handle, held
         self.completion: Completion | None = None
         self.accounted = False  # the engine's result has been recorded (metrics, token budget)
 
-    async def __aiter__(self) -> AsyncIterator[str]:
-        async for chunk in self._handle:
-            if chunk.text:
-                yield chunk.text
-        result = await self._handle.result()
+    async def chunks(self) -> AsyncIterator[TokenChunk]:
+        async for chunk in self.handle:
+            yield chunk
+        result = await self.handle.result()
         self.accounted = True
         self._gen._account(result, self._held)
         self.completion = self._gen._completion(result)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for chunk in self.chunks():
+            if chunk.text:
+                yield chunk.text
+
+
+async def interleave(streams: list[Stream]) -> AsyncIterator[tuple[int, TokenChunk | None]]:
+    """(i, chunk) for every stream's chunks as they arrive, and (i, None) once stream i has
+    finished (its `.completion` is set). An error of any stream is raised here."""
+    if len(streams) == 1:
+        async for chunk in streams[0].chunks():
+            yield 0, chunk
+        yield 0, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def read(i: int, stream: Stream) -> None:
+        try:
+            async for chunk in stream.chunks():
+                queue.put_nowait((i, chunk))
+            queue.put_nowait((i, None))
+        except Exception as e:  # handed to the reader, who raises it
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(read(i, s)) for i, s in enumerate(streams)]
+    ended = 0
+    try:
+        while ended < len(streams):
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            ended += item is None
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()

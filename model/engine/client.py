@@ -28,7 +28,8 @@ import zmq.asyncio
 
 from model.engine import core_process
 from model.engine.errors import EngineError, EngineStopped, Overloaded, PromptTooLong
-from model.engine.protocol import Cancel, CoreSpec, Finish, FromCore, Hello, Outputs, Params, Shutdown, Submit
+from model.engine.protocol import (Cancel, CoreSpec, Finish, FromCore, Hello, Outputs, Params, Shutdown, Submit,
+                                   from_wire)
 from model.engine.request import EngineStats, GenerationResult, RequestHandle, TokenChunk
 from model.generate import TextStream
 from model.sampling import SamplingParams
@@ -47,6 +48,8 @@ class _Live:
     token_ids: list[int] = field(default_factory=list)
     first_token: float | None = None
     stopped: bool = False  # a stop string was hit; the core has been told to cancel
+    logprobs: list | None = None  # TokenLogprob per token in token_ids, when the request asked
+    prompt_logprobs: tuple | None = None  # ... and the prompt's, once the core has sent them
 
 
 class EngineClient:
@@ -193,9 +196,6 @@ class EngineClient:
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            # the per-step message carries token ids only (model/engine/protocol.py)
-            raise ValueError("logprobs are not served by an engine in its own process yet (ENGINE_PROCESS=true)")
         hello = self._hello
         if hello is not None and len(prompt_ids) >= hello.block_size:
             raise PromptTooLong(len(prompt_ids), hello.block_size)
@@ -208,9 +208,11 @@ class EngineClient:
         handle = RequestHandle(self, asyncio.get_running_loop())
         handle.rid = next(self._rids)
         self._live[handle.rid] = _Live(handle, TextStream(self.tokenizer, params.stop), len(prompt_ids),
-                                       params.max_new_tokens, time.perf_counter())
+                                       params.max_new_tokens, time.perf_counter(),
+                                       logprobs=None if params.logprobs is None else [])
         self._send(Submit(handle.rid, list(prompt_ids), Params(
-            params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed, params.stop_at_eot)))
+            params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed, params.stop_at_eot,
+            params.logprobs, params.prompt_logprobs)))
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
@@ -246,17 +248,23 @@ class EngineClient:
         if not isinstance(msg, Outputs):
             return
         now = time.perf_counter()
+        scored, prompts = dict(msg.logprobs), dict(msg.prompt_logprobs)
+        for rid, entries in prompts.items():
+            if (live := self._live.get(rid)) is not None:
+                live.prompt_logprobs = tuple(map(from_wire, entries))
         for rid, ids in msg.tokens:
             if (live := self._live.get(rid)) is not None and not live.stopped:
-                self._on_tokens(rid, live, ids, now)
+                self._on_tokens(rid, live, ids, now, scored.get(rid), rid in prompts)
         for fin in msg.finished:
             if (live := self._live.pop(fin.rid, None)) is not None:
                 self._on_finish(live, fin, now)
         self._stats = msg.stats
 
-    def _on_tokens(self, rid: int, live: _Live, ids: list[int], now: float) -> None:
+    def _on_tokens(self, rid: int, live: _Live, ids: list[int], now: float, scored: list | None,
+                   first: bool) -> None:
         """New tokens of one request, possibly several steps' worth merged: detokenize them
-        one by one, so that a stop string ends the request at the token that completed it."""
+        one by one, so that a stop string ends the request at the token that completed it.
+        scored: their logprobs, if it asked; first: the prompt's came with them."""
         if live.first_token is None:
             live.first_token = now
         kept, text = [], ""
@@ -268,7 +276,11 @@ class EngineClient:
                 self._send(Cancel(rid))  # the core's Finish (cancelled) ends the request
                 break
         live.token_ids.extend(kept)
-        live.handle.deliver(TokenChunk(kept, text), None)
+        logprobs = None
+        if scored is not None and live.logprobs is not None:
+            logprobs = tuple(map(from_wire, scored[:len(kept)]))
+            live.logprobs.extend(logprobs)
+        live.handle.deliver(TokenChunk(kept, text, logprobs, live.prompt_logprobs if first else None), None)
 
     def _on_finish(self, live: _Live, fin: Finish, now: float) -> None:
         reason = "stop" if live.stopped else fin.reason
@@ -280,7 +292,8 @@ class EngineClient:
             token_ids=list(live.token_ids), text=live.stream.text, prompt_tokens=live.prompt_len,
             completion_tokens=len(live.token_ids), finish_reason=reason, queue_s=fin.queue_s,
             ttft_s=None if live.first_token is None else live.first_token - live.submitted,
-            total_s=now - live.submitted, error=error))
+            total_s=now - live.submitted, error=error,
+            logprobs=None if live.logprobs is None else tuple(live.logprobs), prompt_logprobs=live.prompt_logprobs))
 
     def _fail_live(self, reason: str, error: str | None) -> None:
         now = time.perf_counter()

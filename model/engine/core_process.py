@@ -23,7 +23,7 @@ import zmq.asyncio
 from model.engine.core import Engine
 from model.engine.errors import EngineError, Overloaded
 from model.engine.protocol import (Cancel, CoreSpec, Finish, FromCore, Hello, Outputs, Shutdown, Stats, Submit,
-                                   ToCore)
+                                   ToCore, to_wire)
 from model.engine.request import RequestHandle
 from model.sampling import SamplingParams
 
@@ -115,9 +115,10 @@ class _Sink(RequestHandle):
     def __init__(self, core: "_Core", engine: Engine, rid: int, loop: asyncio.AbstractEventLoop):
         super().__init__(engine, loop)
         self.rid, self._core = rid, core
+        self.sent_prompt = False  # its prompt logprobs (if it asked) have gone out
 
     def deliver(self, chunk, result) -> None:
-        self._core.collect(self.rid, chunk, result)
+        self._core.collect(self, chunk, result)
 
 
 class _Core:
@@ -125,6 +126,8 @@ class _Core:
         self.engine, self.push, self.encoder = engine, push, encoder
         self.handles: dict[int, _Sink] = {}
         self.tokens: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list] = {}  # only requests that asked: Scored per token in tokens
+        self.prompt_logprobs: dict[int, list] = {}  # ... and the prompt's, sent once
         self.finished: list[Finish] = []
         self._flush_due = False
 
@@ -146,7 +149,8 @@ class _Core:
     def submit(self, msg: Submit) -> None:
         p = msg.params
         params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                                top_p=p.top_p, seed=p.seed, stop_at_eot=p.stop_at_eot)
+                                top_p=p.top_p, seed=p.seed, stop_at_eot=p.stop_at_eot, logprobs=p.logprobs,
+                                prompt_logprobs=p.prompt_logprobs)
         sink = _Sink(self, self.engine, msg.rid, asyncio.get_running_loop())
         try:
             self.handles[msg.rid] = self.engine.submit(msg.prompt_ids, params, handle=sink)
@@ -159,10 +163,19 @@ class _Core:
         self.finished.append(Finish(rid, "error", 0.0, error, retry_after))
         self._schedule_flush()
 
-    def collect(self, rid: int, chunk, result) -> None:
+    def collect(self, sink: _Sink, chunk, result) -> None:
         """One delivery from the engine (on this loop's thread, Outbox.send)."""
+        rid = sink.rid
         if chunk is not None and chunk.token_ids:
             self.tokens.setdefault(rid, []).extend(chunk.token_ids)
+            if chunk.logprobs is not None:
+                self.logprobs.setdefault(rid, []).extend(map(to_wire, chunk.logprobs))
+        prompt = chunk.prompt_logprobs if chunk is not None else None
+        if result is not None and prompt is None and not sink.sent_prompt:
+            prompt = result.prompt_logprobs  # it ended before a first token: only the result has them
+        if prompt is not None and not sink.sent_prompt:
+            sink.sent_prompt = True
+            self.prompt_logprobs[rid] = list(map(to_wire, prompt))
         if result is not None:
             self.finished.append(Finish(rid, result.finish_reason, result.queue_s, result.error))
             self.handles.pop(rid, None)
@@ -180,6 +193,7 @@ class _Core:
         s = self.engine.stats()
         msg: FromCore = Outputs(list(self.tokens.items()), self.finished,
                                 Stats(s.running, s.waiting, s.kv_cache_usage, s.tokens_per_second, s.total_steps,
-                                      s.last_batch_size))
-        self.tokens, self.finished = {}, []
+                                      s.last_batch_size), list(self.logprobs.items()),
+                                list(self.prompt_logprobs.items()))
+        self.tokens, self.finished, self.logprobs, self.prompt_logprobs = {}, [], {}, {}
         self.push.send(self.encoder.encode(msg))

@@ -5,7 +5,8 @@ process (model/engine/core_process.py), as msgspec structs over msgpack.
     core -> client   Hello once, then Outputs per step      (another PUSH/PULL socket)
 
 `Outputs` is the one compact message of a step: the new token ids of every request that
-produced some, the requests that ended, and the engine's counters. Text never crosses: the
+produced some, the requests that ended, and the engine's counters (and logprobs, for the
+requests that asked for them). Text never crosses: the
 client detokenizes and looks for stop strings. Outputs that pile up while the client's loop
 is busy are merged by the core before they are sent, so a slow reader costs one message,
 not one per token.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import msgspec
 
 from model.engine.config import EngineConfig
+from model.logprobs import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Params(msgspec.Struct, array_like=True):
     top_p: float
     seed: int | None
     stop_at_eot: bool
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 class Submit(msgspec.Struct, tag=True, array_like=True):
@@ -76,10 +80,21 @@ class Stats(msgspec.Struct, array_like=True):
     last_batch_size: int
 
 
+class Scored(msgspec.Struct, array_like=True):
+    """model.logprobs.TokenLogprob on the wire: the token, its logprob, the top (id, logprob)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
 class Outputs(msgspec.Struct, tag=True, array_like=True):
     tokens: list[tuple[int, list[int]]]  # (rid, new token ids), in the order they were sampled
     finished: list[Finish]
     stats: Stats
+    # Only for the requests that asked, so the others' messages carry nothing more: (rid, a Scored
+    # per new token in `tokens`), and once per request (rid, the prompt's, the first None).
+    logprobs: list[tuple[int, list[Scored]]] = []
+    prompt_logprobs: list[tuple[int, list[Scored | None]]] = []
 
 
 class Hello(msgspec.Struct, tag=True, array_like=True):
@@ -99,3 +114,13 @@ class Hello(msgspec.Struct, tag=True, array_like=True):
 
 ToCore = Submit | Cancel | Shutdown
 FromCore = Hello | Outputs
+
+
+def to_wire(entry: TokenLogprob | None) -> Scored | None:
+    """A TokenLogprob (or None) as a Scored."""
+    return None if entry is None else Scored(entry.token, entry.logprob, list(entry.top))
+
+
+def from_wire(entry: Scored | None) -> TokenLogprob | None:
+    """A Scored (or None) as the TokenLogprob it was."""
+    return None if entry is None else TokenLogprob(entry.token, entry.logprob, tuple(map(tuple, entry.top)))

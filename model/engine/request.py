@@ -28,6 +28,16 @@ class EngineStats:
 class TokenChunk:
     token_ids: list[int]
     text: str  # newly completed text; never contains (part of) a stop string
+    # Only for requests that asked (SamplingParams.logprobs / .prompt_logprobs): a TokenLogprob per
+    # token in token_ids, and on the first chunk the prompt's (the first None), as in GenerationResult.
+    logprobs: tuple | None = None
+    prompt_logprobs: tuple | None = None
+
+    def merge(self, more: "TokenChunk") -> "TokenChunk":
+        """This chunk followed by `more`, as one."""
+        logprobs = self.logprobs if more.logprobs is None else (self.logprobs or ()) + more.logprobs
+        return TokenChunk(self.token_ids + more.token_ids, self.text + more.text, logprobs,
+                          self.prompt_logprobs if self.prompt_logprobs is not None else more.prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class RequestHandle:
             if more is None:
                 self._ended = True
                 break
-            chunk = TokenChunk(chunk.token_ids + more.token_ids, chunk.text + more.text)
+            chunk = chunk.merge(more)
         if chunk is None:
             self._ended = True
             raise StopAsyncIteration

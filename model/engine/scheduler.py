@@ -24,6 +24,7 @@ also wakes the idle worker); `rows` and `free` belong to the worker thread alone
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import itertools
 import os
@@ -304,9 +305,10 @@ class Scheduler:
                 continue
             seq.tokens.append(token)
             seq.generated.append(token)
-            if r in scores.sampled:
-                seq.logprobs.append(scores.sampled[r])
-            out.put(seq.handle, TokenChunk([token], seq.stream.push([token])))
+            chunk = TokenChunk([token], seq.stream.push([token]))
+            if r in scores.sampled or (seq.prompt_logprobs is not None and len(seq.generated) == 1):
+                chunk = self._scored(seq, chunk, scores.sampled.get(r))
+            out.put(seq.handle, chunk)
             if seq.stream.stopped:
                 self._finish(seq, "stop", out)
             elif len(seq.generated) >= seq.params.max_new_tokens:
@@ -315,6 +317,16 @@ class Scheduler:
                 seq.pending, seq.n_cached = context_window(seq.tokens, self.block_size), 0
             else:
                 seq.pending = [token]
+
+    @staticmethod
+    def _scored(seq: Request, chunk: TokenChunk, sampled) -> TokenChunk:
+        """The chunk of a request that asked for logprobs: the sampled token's, and with the first
+        token the prompt's (all computed by now: prefill scored every prompt position)."""
+        if sampled is not None:
+            seq.logprobs.append(sampled)
+        first = seq.prompt_logprobs is not None and len(seq.generated) == 1
+        return dataclasses.replace(chunk, logprobs=(sampled,) if sampled is not None else None,
+                                   prompt_logprobs=tuple(seq.prompt_logprobs) if first else None)
 
     # --- endings ---------------------------------------------------------------
     def fail_running(self, error: str) -> None:

@@ -143,8 +143,34 @@ async def test_a_core_that_cannot_load_fails_start(tmp_path):
     assert not client.alive
 
 
-def test_logprobs_are_refused_rather_than_dropped(checkpoint):
-    client = EngineClient(spec(checkpoint))  # refused before anything reaches a core
-    for asked in ({"logprobs": 1}, {"prompt_logprobs": 0}):
-        with pytest.raises(ValueError, match="logprobs are not served by an engine in its own process"):
-            client.submit([1, 2, 3], SamplingParams(max_new_tokens=2, **asked))
+def scored(entries):
+    return None if entries is None else [None if e is None else (e.token, round(e.logprob, 5),
+                                                                 [t for t, _ in e.top]) for e in entries]
+
+
+async def test_logprobs_equal_in_process_also_streamed_and_cut_by_a_stop_string(checkpoint):
+    """Generated and prompt logprobs (with top alternatives) cross the process boundary: the same
+    as in-process in the result and in the stream's chunks; a stop string cuts both at the token
+    that completed it; requests that did not ask get none."""
+    asked = SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=3, prompt_logprobs=2)
+
+    async def fn(engine):
+        first = await run_all(engine, [([1, 2, 3, 4], asked), ([5, 6], SamplingParams(max_new_tokens=6, seed=1)),
+                                       ([7, 1], replace(asked, prompt_logprobs=None, temperature=1.0, seed=4))])
+        stop = first[0].text[3:5]
+        cut = await engine.submit([1, 2, 3, 4], replace(asked, stop=(stop,))).result()
+        handle = engine.submit([2, 3, 4], asked)
+        chunks = [c async for c in handle]
+        return first + [cut, await handle.result()], chunks
+
+    (local, local_chunks), (remote, remote_chunks) = await in_process_and_remote(checkpoint, fn)
+    for a, b in zip(local, remote):
+        assert fields(a) == fields(b)
+        assert scored(a.logprobs) == scored(b.logprobs) and scored(a.prompt_logprobs) == scored(b.prompt_logprobs)
+    assert len(local[0].logprobs) == 10 and len(local[0].prompt_logprobs) == 4 and local[2].prompt_logprobs is None
+    assert local[1].logprobs is None and local[1].prompt_logprobs is None and remote[1].logprobs is None
+    assert local[3].finish_reason == "stop" and len(remote[3].logprobs) == len(remote[3].token_ids) < 10
+    for chunks, result in ((local_chunks, local[4]), (remote_chunks, remote[4])):
+        assert scored([e for c in chunks for e in c.logprobs or ()]) == scored(result.logprobs)
+        assert scored(chunks[0].prompt_logprobs) == scored(result.prompt_logprobs)
+        assert all(c.prompt_logprobs is None for c in chunks[1:])

@@ -100,3 +100,34 @@ def test_prompt_logprobs_in_pieces_equal_one_product():
         whole = token_logprobs(head(hidden), targets, 3, 40)
     assert [(e.token, round(e.logprob, 5)) for e in pieces] == [(e.token, round(e.logprob, 5)) for e in whole]
     assert all(t < 40 for e in pieces for t, _ in e.top)  # padded vocabulary entries never appear
+
+
+async def test_streamed_logprobs_batched_equal_the_request_alone():
+    """A streamed request's chunks carry its tokens' logprobs (the prompt's with the first): the
+    same alone as beside other rows, and put together they are the result's."""
+    model = tiny_model(block_size=64)
+    tok = model.tokenizer
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, seed=5, logprobs=2, prompt_logprobs=1)
+    prompt = tok.encode("streamed and scored")
+
+    async def streamed(engine):
+        handle = engine.submit(prompt, params)
+        chunks = [c async for c in handle]
+        return chunks, await handle.result()
+
+    def entries(items):
+        return [(e.token, [t for t, _ in e.top]) for e in items if e is not None]
+
+    async with running_engine(model) as engine:
+        alone, alone_result = await asyncio.wait_for(streamed(engine), DEADLINE)
+        others = [engine.submit(tok.encode(t), SamplingParams(max_new_tokens=9, temperature=1.0, seed=i))
+                  for i, t in enumerate(["a neighbour", "yz"])]
+        together, _ = await asyncio.wait_for(streamed(engine), DEADLINE)
+        await asyncio.wait_for(asyncio.gather(*(h.result() for h in others)), DEADLINE)
+    a = [e for c in alone for e in c.logprobs or ()]
+    b = [e for c in together for e in c.logprobs or ()]
+    assert len(a) == 6 and entries(a) == entries(b) and entries(a) == entries(alone_result.logprobs)
+    assert all(abs(x.logprob - y.logprob) < 1e-5 for x, y in zip(a, b))
+    assert entries(alone[0].prompt_logprobs) == entries(together[0].prompt_logprobs)
+    assert all(abs(x.logprob - y.logprob) < 1e-5
+               for x, y in zip(alone[0].prompt_logprobs[1:], together[0].prompt_logprobs[1:]))

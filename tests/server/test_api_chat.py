@@ -116,3 +116,29 @@ async def test_text_parts_and_a_template_file(make_client, config, tmp_path):
     assert "".join(tok["token_strs"]) == "<user>ab\n<assistant>"
     resp = await client.post("/v1/chat/completions", json={"messages": parts, "max_tokens": 3})
     assert resp.status == 200 and (await resp.json())["usage"]["prompt_tokens"] == tok["count"]
+
+
+async def test_chat_stream_with_n_and_logprobs_equals_json(oai):
+    """n=3 streamed: every choice opens with the role and ends with its finish_reason; each delta's
+    logprobs.content are its own tokens', and put together they are the JSON response's."""
+    kwargs = dict(model="tiny-char", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=8, n=3,
+                  logprobs=True, top_logprobs=2)
+    whole = await oai.chat.completions.create(**kwargs)
+    stream = await oai.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    text, content, roles, reasons, usage = {}, {}, {}, {}, None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            assert ch.index not in reasons
+            roles.setdefault(ch.index, ch.delta.role)
+            text[ch.index] = text.get(ch.index, "") + (ch.delta.content or "")
+            if ch.delta.content:
+                assert "".join(t.token for t in ch.logprobs.content) == ch.delta.content  # one char per token
+            content.setdefault(ch.index, []).extend(ch.logprobs.content if ch.logprobs else [])
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
+    for i, ch in enumerate(whole.choices):
+        assert text[i] == ch.message.content and reasons[i] == ch.finish_reason
+        assert [t.model_dump() for t in content[i]] == [t.model_dump() for t in ch.logprobs.content]
+    assert usage.completion_tokens == whole.usage.completion_tokens

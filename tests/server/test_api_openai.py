@@ -162,6 +162,68 @@ async def test_logprobs_without_echo_and_with_stop(oai):
 
 async def test_logprobs_limits(client):
     for body, field in (({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
-                        ({"prompt": "a", "logprobs": 1, "stream": True}, "logprobs")):
+                        ({"prompt": "a", "logprobs": 1, "stream": True, "max_tokens": 0}, "max_tokens")):
         resp = await client.post("/v1/completions", json=body)
         assert resp.status in (400, 422) and (await resp.json())["error"]["param"] == field, body
+
+
+async def streamed(stream) -> tuple[dict, dict, object]:
+    """A completions stream gathered per choice index: (text, logprobs lists end to end), finish_reason, usage."""
+    out, reasons, usage = {}, {}, None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            text, lp = out.setdefault(ch.index, ["", {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                       "text_offset": []}])
+            out[ch.index][0] = text + ch.text
+            for key in lp if ch.logprobs is not None else ():
+                lp[key] += getattr(ch.logprobs, key)
+            assert ch.index not in reasons, "a chunk after the choice's finish_reason"
+            if ch.finish_reason is not None:
+                reasons[ch.index] = ch.finish_reason
+    return out, reasons, usage
+
+
+def as_lists(lp) -> dict:
+    return {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "top_logprobs": lp.top_logprobs,
+            "text_offset": lp.text_offset}
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(prompt="xy", max_tokens=8, temperature=1.0, seed=5, logprobs=2),
+    dict(prompt="ROMEO: where", max_tokens=5, temperature=0, echo=True, logprobs=1),
+    dict(prompt="ROMEO: where", max_tokens=0, echo=True, logprobs=3),
+    dict(prompt="xy", max_tokens=8, temperature=1.0, seed=5, logprobs=1, stop=["e", "a", "o"]),
+])
+async def test_streamed_logprobs_put_together_equal_the_json_response(oai, kwargs):
+    """Each chunk carries the logprobs of its own text (offsets into the whole choice); with echo the
+    prompt's come first; put end to end they are the non-streamed response's."""
+    whole = await oai.completions.create(model="tiny-char", **kwargs)
+    out, reasons, usage = await streamed(await oai.completions.create(
+        model="tiny-char", stream=True, stream_options={"include_usage": True}, **kwargs))
+    text, lp = out[0]
+    assert text == whole.choices[0].text and reasons[0] == whole.choices[0].finish_reason
+    assert lp == as_lists(whole.choices[0].logprobs) and lp["tokens"]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+async def test_streamed_chunks_carry_their_own_tokens_logprobs(client):
+    resp = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 6, "temperature": 0,
+                                                      "logprobs": 2, "stream": True})
+    events = [json.loads(ln[6:]) for ln in (await resp.text()).splitlines() if ln.startswith("data: {")]
+    for e in events:
+        ch = e["choices"][0]
+        if ch["text"]:
+            assert "".join(ch["logprobs"]["tokens"]) == ch["text"]  # one character per token
+            assert all(len(top) in (2, 3) for top in ch["logprobs"]["top_logprobs"])
+
+
+async def test_n_streamed_choices_each_with_index_and_finish_reason(oai):
+    kwargs = dict(model="tiny-char", prompt=["ab", "cd"], max_tokens=10, temperature=1.0, n=3, seed=11)
+    whole = await oai.completions.create(**kwargs)
+    out, reasons, usage = await streamed(await oai.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}))
+    assert sorted(out) == list(range(6)) == sorted(reasons)
+    assert [out[i][0] for i in range(6)] == [c.text for c in whole.choices]  # same seeds, same choices
+    assert [reasons[i] for i in range(6)] == [c.finish_reason for c in whole.choices]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)

@@ -77,6 +77,21 @@ async def test_stream_disconnect_cancels_the_engine_request(client, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_disconnect_from_a_stream_of_n_choices_cancels_all_of_them(client):
+    engine = client.server.app[keys.LIFECYCLE].engine
+    resp = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1000, "n": 3, "stream": True,
+                                                      "logprobs": 1, "temperature": 1.0})
+    await resp.content.readline()  # the first event: generation is running
+    await wait_for(lambda: engine.stats().running == 3, what="all three choices running")
+    resp.close()
+    await wait_for(lambda: engine.stats().running == 0 and engine.stats().waiting == 0, what="slots freed")
+
+    async def cancelled():
+        return finished(await (await client.get("/metrics")).text(), "cancelled") == 3
+
+    await wait_for(cancelled, what="3 cancelled requests in metrics")
+
+
 async def test_non_streaming_disconnect_cancels_the_engine_request(client):
     engine = client.server.app[keys.LIFECYCLE].engine
     task = asyncio.create_task(client.post("/generate", json={"prompt": "a", "max_length": 1000}))
