@@ -97,7 +97,7 @@ def make_client(aiohttp_client, make_engine, config):
                 resp = await client.get("/readyz")
                 return resp.status == 200
 
-            await wait_for(is_ready, what="/readyz")
+            await wait_for(is_ready, timeout=120, what="/readyz")  # an engine process imports torch first
         return client
 
     return make
@@ -243,7 +243,7 @@ def guarded_app(guarded_server, make_engine, config):
             async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
                 return r.status == 200
 
-        await wait_for(ready, what="/readyz")
+        await wait_for(ready, timeout=120, what="/readyz")
         return port, guard, app
 
     return start

@@ -62,7 +62,7 @@ async def test_server_exits_non_zero_when_the_core_dies(server_process):
                 assert proc.poll() is None, proc.log_path.read_text()
                 return False
 
-        await wait_for(ready, timeout=120, what="server ready")
+        await wait_for(ready, timeout=180, what="server ready")
         async with http.post(base + "/generate", json={"prompt": "ab", "max_length": 5}) as r:
             assert r.status == 200 and (await r.json())["tokens_generated"] == 5
     children = core_pids(proc.pid)

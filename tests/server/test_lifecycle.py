@@ -123,7 +123,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(server_process):
                 assert proc.poll() is None, proc.log_path.read_text()
                 return False
 
-        await wait_for(ready, timeout=60, what="server ready")
+        await wait_for(ready, timeout=180, what="server ready")
         # alive from the first answer; ready only at the end (the load is logged after "listening", below)
         assert all(live == 200 for live, _ in probes) and [r for _, r in probes].count(200) == 1
         async with http.post(base + "/generate", json={"prompt": "ROMEO:", "max_length": 1000, "stream": True}) as resp:
@@ -224,7 +224,7 @@ async def test_requests_cut_at_the_end_of_the_drain_get_an_answer(server_process
                 assert proc.poll() is None, proc.log_path.read_text()
                 return False
 
-        await wait_for(ready, timeout=60, what="server ready")
+        await wait_for(ready, timeout=180, what="server ready")
         long = {"prompt": "ROMEO:", "max_length": 1000}
         async with http.post(base + "/generate", json={**long, "stream": True}) as stream:
             first = await stream.content.readline()

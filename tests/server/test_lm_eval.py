@@ -104,7 +104,7 @@ def test_lm_eval_local_completions_equals_direct_and_hf(hf_dir, server_process, 
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     proc, base = server_process(hf_dir, SERVED_MODEL_NAME="nano", DTYPE="float32")
-    wait_for_sync(lambda: proc.poll() is not None or _healthy(requests, base), timeout=120, what="server /health")
+    wait_for_sync(lambda: proc.poll() is not None or _healthy(requests, base), timeout=300, what="server /health")
     assert proc.poll() is None, proc.log_path.read_text()[-2000:]
     tasks = _tasks(tmp_path)
 

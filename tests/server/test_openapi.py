@@ -31,7 +31,7 @@ def fuzz_server(tiny_model, config_factory):
         def ready() -> bool:
             return requests.get(server.base_url + "/readyz", timeout=5).status_code == 200
 
-        wait_for_sync(ready, timeout=60, what="server ready")
+        wait_for_sync(ready, timeout=180, what="server ready")
         yield server.base_url
 
 
