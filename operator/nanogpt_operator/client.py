@@ -81,6 +81,14 @@ def load_cluster_config(kubeconfig: str | None) -> Any:
     return cfg
 
 
+async def _json_or_none(response: aiohttp.ClientResponse) -> Any:
+    """An error body that may not be JSON (a log endpoint's proxy answering in text)."""
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
 class KubeClient:
     """Namespaced get/list/create/patch/delete of the child kinds, returning plain dicts."""
 
@@ -123,27 +131,29 @@ class KubeClient:
         await self._session.close()
 
     async def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
-                       content_type: str = "application/json") -> Any:
+                       content_type: str = "application/json", text: bool = False) -> Any:
         if self.closed:  # the operator is stopping while a timer still runs
             raise ClientClosedError(0, "ClientClosed", "the operator is shutting down")
         self._inflight += 1
         try:
-            return await self._send(method, path, body, params, content_type)
+            return await self._send(method, path, body, params, content_type, text)
         finally:
             self._inflight -= 1
             async with self._idle:
                 self._idle.notify_all()
 
     async def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
-                    content_type: str) -> Any:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+                    content_type: str, text: bool = False) -> Any:
+        headers = {"Accept": "*/*" if text else "application/json", "Content-Type": content_type}
         token = self._authorization()
         if token:
             headers["Authorization"] = token
         try:
             async with self._session.request(method, self._server + path, json=body, params=params,
                                              headers=headers) as response:
-                data = await response.json(content_type=None)
+                if text and response.status < 400:
+                    return await response.text(errors="replace")
+                data = await response.json(content_type=None) if not text else await _json_or_none(response)
                 if response.status >= 400:
                     raise error_for(response.status, data)
                 return data
@@ -195,6 +205,14 @@ class KubeClient:
         """Merge-patch the status subresource of the custom resource at `path` (see api.models_path)."""
         await self._request("PATCH", f"{path}/status", body={"status": dict(status)},
                             params={"fieldManager": self._field_manager}, content_type=MERGE_PATCH)
+
+    async def pod_log(self, namespace: str, name: str, container: str, *, tail_lines: int,
+                      limit_bytes: int) -> str:
+        """The last `tail_lines` lines of one container's log, at most `limit_bytes` bytes (pods/log get)."""
+        params = {"container": container, "tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
+        result: str = await self._request("GET", f"{collection_path('Pod', namespace)}/{name}/log", params=params,
+                                          text=True)
+        return result
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete if present; False when it was already gone."""

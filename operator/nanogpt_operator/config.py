@@ -42,6 +42,8 @@ class OperatorConfig:
     cpu_image: str = "nanogpt-server:latest-cpu"
     # The cluster's DNS domain (kubelet --cluster-domain), for status.endpoint.
     cluster_domain: str = "cluster.local"
+    # Bytes of a fetching pod's `fetch` log read for status.fetch.doneBytes (pods/log limitBytes); 0: never read.
+    fetch_log_bytes: int = 8192
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -99,6 +101,7 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
         image=_name(env, "IMAGE", OperatorConfig.image, _IMAGE),
         cpu_image=_name(env, "CPU_IMAGE", OperatorConfig.cpu_image, _IMAGE),
         cluster_domain=_name(env, "CLUSTER_DOMAIN", OperatorConfig.cluster_domain, _DOMAIN),
+        fetch_log_bytes=_int(env, "FETCH_LOG_BYTES", OperatorConfig.fetch_log_bytes, 0, 1 << 20),
     )
 
 

@@ -74,6 +74,7 @@ EXPECTED_RULES = {
     ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
+    ("", "pods/log"): {"get"},
     ("", "secrets"): {"get"},
     ("monitoring.coreos.com", "servicemonitors"): {"get", "create", "patch", "delete"},
     ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},

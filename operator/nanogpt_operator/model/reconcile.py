@@ -23,6 +23,7 @@ from nanogpt_operator.model.apply import Applied, apply, remove
 from nanogpt_operator.model.build import (Owner, desired_children, desired_deployment, owner_of, pod_labels,
                                           unwanted_children)
 from nanogpt_operator.model.drift import Path
+from nanogpt_operator.model.fetch_progress import fetch_progress
 from nanogpt_operator.model.integrations import apply_integrations, integrations_condition
 from nanogpt_operator.model.rollback import decide_rollback, effective_spec, pinned_rollback
 from nanogpt_operator.model.spec import ModelSpec, parse_model
@@ -106,7 +107,8 @@ async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync
             await apply(client, desired_deployment(target, owner), keep=_keep(m, "Deployment"))
             events.append(Event("Warning", "RolledBack", rollback["message"]))
             deployment = await client.get("Deployment", m.namespace, m.name)
-    status = derive_status(target, generation, deployment, pods, previous, rollback, now)
+    progress = await fetch_progress(client, target, pods, config.fetch_log_bytes)
+    status = derive_status(target, generation, deployment, pods, previous, rollback, now, progress)
     integrations = integrations_condition(target, integrated.missing, generation, previous, now)
     if integrations is not None:
         status["conditions"].append(integrations)
@@ -151,7 +153,8 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
     target = effective_spec(m, rollback)
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
-    status = derive_status(target, generation, deployment, pods, previous, rollback, _now())
+    progress = await fetch_progress(client, target, pods, config.fetch_log_bytes)
+    status = derive_status(target, generation, deployment, pods, previous, rollback, _now(), progress)
     # The Integrations condition is about children this path does not apply: the last reconcile's stands.
     integrations = [c for c in previous.get("conditions") or [] if c.get("type") == "Integrations"]
     status["conditions"].extend(integrations)

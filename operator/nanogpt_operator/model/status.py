@@ -9,12 +9,12 @@ nvidia.com/gpu" or "OOMKilled" is what a person can act on, and a Deployment's o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nanogpt_operator.conditions import condition
 from nanogpt_operator.model.build import CHECKPOINT_ANNOTATION, endpoint, pod_labels
-from nanogpt_operator.model.fetch_status import FetchState, fetch_state
+from nanogpt_operator.model.fetch_status import FetchProgress, FetchState, fetch_state
 from nanogpt_operator.model.spec import ModelSpec
 
 # Waiting reasons that mean the container will not start by itself; ordered by what to fix first.
@@ -146,14 +146,19 @@ def _verdict(rs: DeploymentState | None, problems: Sequence[Problem], rollback: 
 
 def derive_status(m: ModelSpec, generation: int, deployment: Mapping[str, Any] | None,
                   pods: Sequence[Mapping[str, Any]], previous: Mapping[str, Any],
-                  rollback: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
-    """The whole status subresource for one reconcile, from the live Deployment and its pods."""
+                  rollback: Mapping[str, Any] | None, now: str,
+                  progress: FetchProgress | None = None) -> dict[str, Any]:
+    """The whole status subresource for one reconcile, from the live Deployment and its pods.
+
+    `progress`: what the fetching pod's log says (model/fetch_progress.py), for status.fetch's bytes."""
     rs = deployment_state(deployment) if deployment is not None else None
     good_ckpt, good_image = previous.get("lastGoodCheckpoint"), previous.get("lastGoodImage")
     if rs is not None and rs.complete and rs.desired > 0 and rollback is None:
         good_ckpt, good_image = rs.checkpoint, rs.image  # proven: every replica served it
     verdict = _verdict(rs, pod_problems(pods), rollback, m.progress_deadline_seconds, bool(good_ckpt))
     fetch = fetch_state(pods) if m.checkpoint.uri else None
+    if fetch is not None and fetch.phase == "Fetching" and progress is not None:
+        fetch = replace(fetch, progress=progress)
     old = previous.get("conditions") or []
     conditions = [condition("Ready", *verdict.ready, generation, old, now),
                   condition("Progressing", *verdict.progressing, generation, old, now),
@@ -191,7 +196,9 @@ def _fetched(fetch: FetchState | None, uri: str) -> tuple[bool, str, str]:
     if fetch.phase == "Fetched":
         return True, "Fetched", f"{uri} fetched ({fetch.pod}), sha256 {fetch.sha256 or 'unknown'}"
     if fetch.phase == "Fetching":
-        return False, "Fetching", f"{fetch.pod} is fetching {uri}"
+        done = fetch.progress
+        so_far = "" if done is None else f" ({done.done_bytes} of {done.total_bytes or '?'} bytes)"
+        return False, "Fetching", f"{fetch.pod} is fetching {uri}{so_far}"
     retry = "; the kubelet retries it" if fetch.retryable else "; retrying will not help: fix the spec or the source"
     return False, "FetchFailed", f"fetching {uri} failed in {fetch.pod}: {fetch.reason}: {fetch.message}{retry}"
 
