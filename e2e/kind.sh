@@ -7,8 +7,10 @@
 #   CLUSTER_TOOL=k3d e2e/kind.sh
 #
 # Steps: build both images -> load them into the cluster -> kubectl apply -k manifests/ -> copy the demo
-# checkpoint into a PVC -> apply a CPU NanoGPTModel -> wait for phase Ready -> POST /generate through the
-# Service -> change spec.checkpoint to a missing file -> wait for the automatic rollback -> delete.
+# checkpoint into a PVC (scripts/upload-checkpoint.sh) -> apply a CPU NanoGPTModel -> wait for phase Ready
+# -> POST /generate through the Service -> a second model from an http:// uri served by a pod in the
+# cluster (fetched by its init container; status.fetch Fetched) -> change spec.checkpoint to a missing
+# file -> wait for the automatic rollback -> delete.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -71,29 +73,9 @@ kubectl apply -k "$ROOT/manifests"
 kubectl -n nanogpt-system set image deployment/nanogpt-operator operator="nanogpt-operator:$TAG"
 kubectl -n nanogpt-system rollout status deployment/nanogpt-operator --timeout=300s
 
-log "checkpoint volume"
+log "checkpoint volume (scripts/upload-checkpoint.sh, the documented path for a local checkpoint)"
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n "$NS" apply -f - <<YAML
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: model-pvc}
-spec:
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 1Gi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: loader}
-spec:
-  containers:
-    - {name: loader, image: busybox:1.36, command: [sleep, "3600"], volumeMounts: [{name: m, mountPath: /models}]}
-  volumes: [{name: m, persistentVolumeClaim: {claimName: model-pvc}}]
-YAML
-kubectl -n "$NS" wait --for=condition=Ready pod/loader --timeout=300s
-kubectl -n "$NS" exec loader -- mkdir -p /models/demo
-kubectl -n "$NS" cp "$DEMO_DIR/." "$NS/loader:/models/demo"
-kubectl -n "$NS" exec loader -- chmod -R a+rX /models
-kubectl -n "$NS" delete pod loader --wait
+"$ROOT/scripts/upload-checkpoint.sh" "$DEMO_DIR" model-pvc -n "$NS" --path demo --size 1Gi
 
 log "model"
 kubectl -n "$NS" apply -f - <<YAML
@@ -116,6 +98,62 @@ kubectl -n "$NS" get ngm demo -o wide
 log "generate through the Service"
 kubectl -n "$NS" run curl --rm -i --restart=Never --image=curlimages/curl:8.8.0 -- \
   -sf http://demo/generate -H 'Content-Type: application/json' -d '{"prompt": "The", "max_length": 20}'
+
+log "a model from an http:// uri served inside the cluster (fetch init container, status.fetch)"
+# A file server from the server image itself: it writes a small random GPT-2-vocabulary nanoGPT ckpt.pt
+# (the demo is a directory; an http(s) uri names one file) and serves it with python's http.server.
+kubectl -n "$NS" apply -f - <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: ckpt-http}
+spec:
+  selector: {app: ckpt-http}
+  ports: [{port: 8000, targetPort: 8000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ckpt-http, labels: {app: ckpt-http}}
+spec:
+  securityContext: {runAsUser: 10001, runAsGroup: 10001, runAsNonRoot: true}
+  containers:
+    - name: files
+      image: nanogpt-server:$TAG
+      imagePullPolicy: Never
+      command: [sh, -c]
+      args:
+        - |
+          python -c '
+          import torch
+          from model.gpt import GPT, GPTConfig
+          args = dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64, bias=False, dropout=0.0)
+          torch.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args}, "/srv/ckpt.pt")
+          ' && exec python -m http.server 8000 --directory /srv
+      readinessProbe: {tcpSocket: {port: 8000}, periodSeconds: 2}
+      securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+      volumeMounts: [{name: srv, mountPath: /srv}]
+  volumes: [{name: srv, emptyDir: {}}]
+YAML
+kubectl -n "$NS" wait --for=condition=Ready pod/ckpt-http --timeout=300s
+kubectl -n "$NS" apply -f - <<YAML
+apiVersion: nanogpt.dev/v1alpha1
+kind: NanoGPTModel
+metadata: {name: demo-http}
+spec:
+  checkpoint: {uri: "http://ckpt-http.$NS.svc:8000/ckpt.pt", allowHttp: true}
+  image: nanogpt-server:$TAG
+  imagePullPolicy: Never
+  replicas: 1
+  gpus: 0
+  resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
+  server: {startupTimeoutSeconds: 120}
+YAML
+wait_phase demo-http Ready
+kubectl -n "$NS" get ngm demo-http -o jsonpath='{.status.fetch}{"\n"}'
+[ "$(kubectl -n "$NS" get ngm demo-http -o jsonpath='{.status.fetch.phase}')" = Fetched ] || die "no Fetched status"
+kubectl -n "$NS" run curl-http --rm -i --restart=Never --image=curlimages/curl:8.8.0 -- \
+  -sf http://demo-http/generate -H 'Content-Type: application/json' -d '{"prompt": "The", "max_length": 8}'
+kubectl -n "$NS" delete ngm demo-http --wait --timeout=120s
+kubectl -n "$NS" delete pod/ckpt-http service/ckpt-http --wait --timeout=120s
 
 log "failed rollout rolls back"
 kubectl -n "$NS" patch ngm demo --type merge -p '{"spec": {"checkpoint": {"path": "demo/missing.pt"}}}'

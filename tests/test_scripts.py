@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["e2e/kind.sh", ".ci/run", ".ci/images/standin.sh"]
 
-# kubectl as far as kind.sh asks it: phase Ready until the checkpoint is patched, then Degraded, and
-# the served checkpoint stays the first one (the operator rolled back).
+# kubectl as far as kind.sh (and the upload-checkpoint.sh it runs) asks it: phase Ready until the checkpoint
+# is patched, then Degraded, and the served checkpoint stays the first one (the operator rolled back).
 KUBECTL = """#!/usr/bin/env bash
 echo "kubectl $*" >> "$STUB_LOG"
 case "$*" in *"-f -"*) cat >/dev/null ;; esac  # read the manifest, as kubectl does (a pipe must not break)
@@ -23,6 +23,9 @@ case "$*" in
   *patch*) touch "$STUB_LOG.patched" ;;
   *"{.status.phase}"*) if [ -e "$STUB_LOG.patched" ]; then echo Degraded; else echo Ready; fi ;;
   *"{.status.servedCheckpoint}"*) echo demo ;;
+  *"{.status.fetch.phase}"*) echo Fetched ;;
+  # upload-checkpoint.sh compares sha256 sums on both sides: the pod's copy is the demo itself.
+  *exec*sha256sum*) (cd "$STUB_DEMO" && find . -type f -exec sha256sum {} + | sort -k2) ;;
   *"--dry-run=client"*) echo "apiVersion: v1" ;;
 esac
 """
@@ -52,7 +55,8 @@ def _dry_run(tmp_path: Path, cluster_tool: str) -> list[str]:
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "CLUSTER_TOOL": cluster_tool}
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "CLUSTER_TOOL": cluster_tool,
+           "STUB_DEMO": str(REPO / "model" / "demo")}
     result = subprocess.run(["bash", str(REPO / "e2e/kind.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "e2e passed" in result.stdout
@@ -72,7 +76,10 @@ def test_kind_sh_dry_run_builds_loads_installs_serves_and_cleans_up(tmp_path: Pa
     load = (_index(calls, "kind load docker-image", "nanogpt-operator:e2e", "nanogpt-server:e2e")
             if cluster_tool == "kind" else _index(calls, "k3d image import", "nanogpt-operator:e2e", "nanogpt-server:e2e"))
     install = _index(calls, "kubectl apply -k", "manifests")
-    model = _index(calls, "kubectl", "apply -f -")
+    upload = _index(calls, "kubectl -n nanogpt-e2e cp", "model/demo/.", "/models/demo")
+    model = _index(calls, "get ngm demo ", "{.status.phase}")  # waiting on the claim model
+    uri_model = _index(calls, "kubectl -n nanogpt-e2e get ngm demo-http", "{.status.fetch.phase}")
     rollback = _index(calls, "kubectl", "patch ngm demo")
     delete = _index(calls, cluster_tool, "delete")
-    assert create < operator < server < load < install < model < rollback < delete == len(calls) - 1
+    assert create < operator < server < load < install < upload < model < uri_model < rollback
+    assert rollback < delete == len(calls) - 1
