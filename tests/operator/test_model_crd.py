@@ -55,6 +55,7 @@ def test_names_scope_and_subresources() -> None:
     assert columns["Source"] == ".status.source" and columns["Replicas"] == ".spec.replicas"
     assert columns["Ready"] == ".status.readyReplicas" and columns["Phase"] == ".status.phase"
     assert columns["Age"] == ".metadata.creationTimestamp"
+    assert columns["Fetched"] == ".status.fetch.doneBytes"  # -o wide, while a uri is being fetched
 
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:

@@ -13,8 +13,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
-from operator_helpers import serve_loopback
+from operator_helpers import CRD_PATH, serve_loopback
 from test_model_fetch import NOW, S3, SOURCES, conditions, deployment, fetch_pod
 
 from model.fetch.transfer import Status
@@ -79,6 +80,10 @@ def test_status_fetch_gains_the_bytes_and_no_credential(model_body) -> None:
                                "etaSeconds": 2}
     assert "524288 of 1048576 bytes" in conditions(status)["Fetched"][2]
     assert "secret" not in json.dumps(status)
+    # The API server prunes status fields its structural schema does not declare.
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert set(status["fetch"]) <= set(schema["fetch"]["properties"])
 
 
 def test_progress_is_dropped_once_the_fetch_ended(model_body) -> None:
