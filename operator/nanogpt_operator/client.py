@@ -131,26 +131,29 @@ class KubeClient:
         await self._session.close()
 
     async def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
-                       content_type: str = "application/json", text: bool = False) -> Any:
+                       content_type: str = "application/json", text: bool = False,
+                       timeout_s: float | None = None) -> Any:
         if self.closed:  # the operator is stopping while a timer still runs
             raise ClientClosedError(0, "ClientClosed", "the operator is shutting down")
         self._inflight += 1
         try:
-            return await self._send(method, path, body, params, content_type, text)
+            return await self._send(method, path, body, params, content_type, text, timeout_s)
         finally:
             self._inflight -= 1
             async with self._idle:
                 self._idle.notify_all()
 
     async def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
-                    content_type: str, text: bool = False) -> Any:
+                    content_type: str, text: bool = False, timeout_s: float | None = None) -> Any:
         headers = {"Accept": "*/*" if text else "application/json", "Content-Type": content_type}
         token = self._authorization()
         if token:
             headers["Authorization"] = token
         try:
+            # A shorter deadline than the session's for a best-effort read (a pod log through a slow kubelet).
+            timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
             async with self._session.request(method, self._server + path, json=body, params=params,
-                                             headers=headers) as response:
+                                             headers=headers, timeout=timeout) as response:
                 if text and response.status < 400:
                     return await response.text(errors="replace")
                 data = await response.json(content_type=None) if not text else await _json_or_none(response)
@@ -207,11 +210,11 @@ class KubeClient:
                             params={"fieldManager": self._field_manager}, content_type=MERGE_PATCH)
 
     async def pod_log(self, namespace: str, name: str, container: str, *, tail_lines: int,
-                      limit_bytes: int) -> str:
+                      limit_bytes: int, timeout_s: float) -> str:
         """The last `tail_lines` lines of one container's log, at most `limit_bytes` bytes (pods/log get)."""
         params = {"container": container, "tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
         result: str = await self._request("GET", f"{collection_path('Pod', namespace)}/{name}/log", params=params,
-                                          text=True)
+                                          text=True, timeout_s=timeout_s)
         return result
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:

@@ -44,6 +44,8 @@ class OperatorConfig:
     cluster_domain: str = "cluster.local"
     # Bytes of a fetching pod's `fetch` log read for status.fetch.doneBytes (pods/log limitBytes); 0: never read.
     fetch_log_bytes: int = 8192
+    # Seconds one such log read may take: it is best effort, and a slow kubelet must not hold up the reconcile.
+    fetch_log_timeout_s: float = 5.0
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -102,6 +104,7 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
         cpu_image=_name(env, "CPU_IMAGE", OperatorConfig.cpu_image, _IMAGE),
         cluster_domain=_name(env, "CLUSTER_DOMAIN", OperatorConfig.cluster_domain, _DOMAIN),
         fetch_log_bytes=_int(env, "FETCH_LOG_BYTES", OperatorConfig.fetch_log_bytes, 0, 1 << 20),
+        fetch_log_timeout_s=float(_int(env, "FETCH_LOG_TIMEOUT", 5, 1, 60)),
     )
 
 

@@ -6,6 +6,7 @@ limitBytes), and under kopf against kmock's emulator with a reaction serving the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -20,12 +21,14 @@ from test_model_fetch import NOW, S3, SOURCES, conditions, deployment, fetch_pod
 
 from model.fetch.transfer import Status
 from nanogpt_operator.client import KubeClient
+from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.model.fetch_progress import TAIL_LINES, fetch_progress
 from nanogpt_operator.model.fetch_status import FetchProgress, parse_progress
 from nanogpt_operator.model.spec import parse_model
 from nanogpt_operator.model.status import derive_status
 
 URI = "https://example.com/out/ckpt.pt?X-Amz-Signature=secret"
+CONFIG = OperatorConfig()
 
 
 def progress_line(done: int, total: int | None, rate: float = 1000.0, eta: float | None = 2.5) -> str:
@@ -98,11 +101,13 @@ def test_progress_is_dropped_once_the_fetch_ended(model_body) -> None:
 @pytest.fixture
 async def log_api() -> AsyncIterator[dict[str, Any]]:
     """A loopback API server with pods/log: `answers[pod]` is (status, body) or text; requests are kept."""
-    state: dict[str, Any] = {"answers": {}, "requests": []}
+    state: dict[str, Any] = {"answers": {}, "requests": [], "release": asyncio.Event()}
 
     async def log(request: web.Request) -> web.Response:
         state["requests"].append((request.match_info["pod"], dict(request.query)))
         answer = state["answers"].get(request.match_info["pod"])
+        if answer == "hang":  # a kubelet that never answers
+            await state["release"].wait()
         if answer is None:
             return web.json_response({"kind": "Status", "reason": "NotFound", "message": "pods not found"}, status=404)
         if isinstance(answer, tuple) and isinstance(answer[1], str):
@@ -117,6 +122,7 @@ async def log_api() -> AsyncIterator[dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
             state["client"] = KubeClient(session, url, lambda: None, "test")
             yield state
+            state["release"].set()
 
 
 async def test_the_fetching_pod_log_is_read_bounded(log_api, model_body) -> None:
@@ -124,7 +130,7 @@ async def test_the_fetching_pod_log_is_read_bounded(log_api, model_body) -> None
     log_api["answers"]["llm-2"] = "\n".join([prose("1 KiB"), progress_line(2048, 4096)]) + "\n"
     pods = [fetch_pod("llm-1", {"waiting": {"reason": "PodInitializing"}}),
             fetch_pod("llm-2", {"running": {"startedAt": NOW}})]
-    assert await fetch_progress(log_api["client"], m, pods, 8192) == FetchProgress(2048, 4096, 1000, 2)
+    assert await fetch_progress(log_api["client"], m, pods, CONFIG) == FetchProgress(2048, 4096, 1000, 2)
     assert log_api["requests"] == [("llm-2", {"container": "fetch", "tailLines": str(TAIL_LINES),
                                               "limitBytes": "8192"})]
 
@@ -138,18 +144,28 @@ async def test_an_unreadable_log_is_no_error(log_api, model_body, caplog, answer
         log_api["answers"]["llm-1"] = answer
     pods = [fetch_pod("llm-1", {"running": {"startedAt": NOW}})]
     with caplog.at_level(logging.DEBUG, logger="nanogpt_operator.fetch"):
-        assert await fetch_progress(log_api["client"], m, pods, 8192) is None
+        assert await fetch_progress(log_api["client"], m, pods, CONFIG) is None
     (record,) = [r for r in caplog.records if r.name == "nanogpt_operator.fetch"]
     assert record.levelno == logging.DEBUG and "llm-1" in record.getMessage()
+
+
+async def test_a_hung_log_read_gives_up_at_its_own_deadline(log_api, model_body) -> None:
+    log_api["answers"]["llm-1"] = "hang"
+    pods = [fetch_pod("llm-1", {"running": {"startedAt": NOW}})]
+    fast = OperatorConfig(fetch_log_timeout_s=0.2)
+    # Bounded far below the session's own timeout (aiohttp's default, 300 s): the log read's deadline applies.
+    progress = await asyncio.wait_for(fetch_progress(log_api["client"], parse_model(model_body(checkpoint=S3)),
+                                                     pods, fast), 60)
+    assert progress is None and len(log_api["requests"]) == 1
 
 
 async def test_no_log_is_read_unless_a_pod_is_fetching(log_api, model_body) -> None:
     fetching = [fetch_pod("llm-1", {"running": {"startedAt": NOW}})]
     done = [fetch_pod("llm-1", {"terminated": {"exitCode": 0, "message": "{}"}})]
     client = log_api["client"]
-    assert await fetch_progress(client, parse_model(model_body()), fetching, 8192) is None  # a claim: no fetch
-    assert await fetch_progress(client, parse_model(model_body(checkpoint=S3)), done, 8192) is None
-    assert await fetch_progress(client, parse_model(model_body(checkpoint=S3)), fetching, 0) is None  # turned off
+    assert await fetch_progress(client, parse_model(model_body()), fetching, CONFIG) is None  # a claim: no fetch
+    assert await fetch_progress(client, parse_model(model_body(checkpoint=S3)), done, CONFIG) is None
+    assert await fetch_progress(client, parse_model(model_body(checkpoint=S3)), fetching, OperatorConfig(fetch_log_bytes=0)) is None  # off
     assert log_api["requests"] == []
 
 

@@ -22,6 +22,12 @@ def test_values() -> None:
             config.kubeconfig) == ("p", 7, True, 5.0, "/k")
 
 
+def test_fetch_log_settings() -> None:
+    assert (config_from_env({}).fetch_log_bytes, config_from_env({}).fetch_log_timeout_s) == (8192, 5.0)
+    config = config_from_env({"NANOGPT_OPERATOR_FETCH_LOG_BYTES": "0", "NANOGPT_OPERATOR_FETCH_LOG_TIMEOUT": "2"})
+    assert (config.fetch_log_bytes, config.fetch_log_timeout_s) == (0, 2.0)
+
+
 def test_random_priorities_differ() -> None:
     assert len({config_from_env({}).priority for _ in range(20)}) > 1
 
@@ -32,6 +38,8 @@ def test_random_priorities_differ() -> None:
     ({"NANOGPT_OPERATOR_STANDALONE": "maybe"}, "NANOGPT_OPERATOR_STANDALONE"),
     ({"NANOGPT_OPERATOR_PEERING": " "}, "NANOGPT_OPERATOR_PEERING"),
     ({"NANOGPT_OPERATOR_REQUEST_TIMEOUT": "0"}, "NANOGPT_OPERATOR_REQUEST_TIMEOUT"),
+    ({"NANOGPT_OPERATOR_FETCH_LOG_BYTES": str(2 << 20)}, "NANOGPT_OPERATOR_FETCH_LOG_BYTES"),
+    ({"NANOGPT_OPERATOR_FETCH_LOG_TIMEOUT": "0"}, "NANOGPT_OPERATOR_FETCH_LOG_TIMEOUT"),
 ])
 def test_errors_name_the_variable(env, variable) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nanogpt_operator.client import KubeClient
+from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import ApiError, ClientClosedError
 from nanogpt_operator.model.fetch_build import FETCH_CONTAINER
 from nanogpt_operator.model.fetch_status import FetchProgress, fetch_state, parse_progress
@@ -22,16 +23,16 @@ TAIL_LINES = 5  # a progress line is written with one prose line beside it, plus
 
 
 async def fetch_progress(client: KubeClient, m: ModelSpec, pods: Sequence[Mapping[str, Any]],
-                         limit_bytes: int) -> FetchProgress | None:
+                         config: OperatorConfig) -> FetchProgress | None:
     """The progress of the pod that status.fetch names, when it is Fetching; None when unknown."""
-    if not m.checkpoint.uri or limit_bytes <= 0:
+    if not m.checkpoint.uri or config.fetch_log_bytes <= 0:
         return None
     state = fetch_state(pods)
     if state is None or state.phase != "Fetching":
         return None
     try:
         log = await client.pod_log(m.namespace, state.pod, FETCH_CONTAINER, tail_lines=TAIL_LINES,
-                                   limit_bytes=limit_bytes)
+                                   limit_bytes=config.fetch_log_bytes, timeout_s=config.fetch_log_timeout_s)
     except ClientClosedError:
         raise  # the operator is stopping: the reconcile ends, as for any other request
     except ApiError as err:  # TransientApiError included: progress is not worth a retry

@@ -107,7 +107,7 @@ async def reconcile_model(client: KubeClient, body: Mapping[str, Any], *, resync
             await apply(client, desired_deployment(target, owner), keep=_keep(m, "Deployment"))
             events.append(Event("Warning", "RolledBack", rollback["message"]))
             deployment = await client.get("Deployment", m.namespace, m.name)
-    progress = await fetch_progress(client, target, pods, config.fetch_log_bytes)
+    progress = await fetch_progress(client, target, pods, config)
     status = derive_status(target, generation, deployment, pods, previous, rollback, now, progress)
     integrations = integrations_condition(target, integrated.missing, generation, previous, now)
     if integrations is not None:
@@ -153,7 +153,7 @@ async def refresh_status(client: KubeClient, body: Mapping[str, Any], config: Op
     target = effective_spec(m, rollback)
     deployment = await client.get("Deployment", m.namespace, m.name)
     pods = await client.list("Pod", m.namespace, pod_labels(m.name))
-    progress = await fetch_progress(client, target, pods, config.fetch_log_bytes)
+    progress = await fetch_progress(client, target, pods, config)
     status = derive_status(target, generation, deployment, pods, previous, rollback, _now(), progress)
     # The Integrations condition is about children this path does not apply: the last reconcile's stands.
     integrations = [c for c in previous.get("conditions") or [] if c.get("type") == "Integrations"]
