@@ -119,7 +119,49 @@ def _order_key(v):
 
 
 @triton.jit
-def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s_lb, V,
+def _exp(x, PRECISE: tl.constexpr):
+    if PRECISE:  # CUDA's expf, as torch's softmax on the GPU
+        return tl.extra.cuda.libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _nucleus_key(row, t, k, top_p, k_key, best_v, V, BLOCK_V: tl.constexpr, PRECISE: tl.constexpr):
+    """The order key of a row's top-p threshold: the largest scaled logit x whose probability mass
+    of tokens >= x reaches top_p, and at least the top-k threshold (key k_key; 0 without top-k).
+    Probabilities are softmax over the top-k set (exactly k tokens: ties at the k-th value count
+    up to k, as sample()'s sorted prefix does) or over the whole row. Found bit by bit as the
+    top-k threshold is (32 passes), each pass summing the mass at or above a candidate in a fixed
+    order; a float sum grows with each term it adds, so the mass falls as the candidate rises and
+    the bisection is exact for these sums. 0: no candidate reaches top_p (keep the whole row)."""
+    m = tl.math.div_rn(best_v, t)  # the largest scaled logit (division by t > 0 keeps the order)
+    has_k = k > 1
+    top = tl.full([], 0x80000000, tl.uint32)
+    kth = tl.where((k_key & top) != 0, k_key ^ top, ~k_key).to(tl.float32, bitcast=True)
+    z = 0.0
+    n_above = 0
+    for start in range(0, V, BLOCK_V):
+        j = start + tl.arange(0, BLOCK_V)
+        x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+        inside = (j < V) & ((x > kth) | ~has_k)
+        z += tl.sum(tl.where(inside, _exp(x - m, PRECISE), 0.0), axis=0)
+        n_above += tl.sum(inside.to(tl.int32), axis=0)
+    z += tl.where(has_k, (k - n_above).to(tl.float32) * _exp(kth - m, PRECISE), 0.0)
+    key = tl.full([], 0, tl.uint32)
+    for i in range(32):
+        cand = key | (tl.full([], 1, tl.uint32) << (31 - i))
+        mass = 0.0
+        for start in range(0, V, BLOCK_V):
+            j = start + tl.arange(0, BLOCK_V)
+            x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+            p = _exp(x - m, PRECISE) / z
+            mass += tl.sum(tl.where((j < V) & (_order_key(x) >= cand), p, 0.0), axis=0)
+        key = tl.where((has_k & (cand <= k_key)) | (mass >= top_p), cand, key)
+    return key
+
+
+@triton.jit
+def sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr, s_lb, V,
                   BLOCK_V: tl.constexpr, PRECISE_LOG: tl.constexpr):
     b = tl.program_id(0)
     row = logits_ptr + b * s_lb
@@ -140,7 +182,10 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
         best_i = tl.where(take, i, best_i)
         best_v = tl.where(take, m, best_v)
     threshold_key = tl.full([], 0, tl.uint32)
-    keep_all = (k <= 1) | (temp == 0.0)  # no top-k (and greedy rows, whose race is not used)
+    top_p = tl.load(topp_ptr + b)
+    nucleus = (top_p < 1.0) & (temp != 0.0) & (k != 1)
+    # no top-k or top-p (and greedy rows, whose race is not used)
+    keep_all = ((k <= 1) | (temp == 0.0)) & ~nucleus
     if (k > 1) & (temp != 0.0):
         for i in range(32):
             cand = threshold_key | (tl.full([], 1, tl.uint32) << (31 - i))
@@ -150,6 +195,9 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
                 x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
                 count += tl.sum(((_order_key(x) >= cand) & (j < V)).to(tl.int32), axis=0)
             threshold_key = tl.where(count >= k, cand, threshold_key)
+    if nucleus:
+        threshold_key = _nucleus_key(row, t, k, top_p, threshold_key, best_v, V, BLOCK_V, PRECISE_LOG)
+        keep_all = threshold_key == 0  # the whole row's mass rounded below top_p: keep every token
     # back to the float (compared as floats: -0.0 and 0.0 are one threshold, as in sample())
     top = tl.full([], 0x80000000, tl.uint32)
     threshold = tl.where((threshold_key & top) != 0, threshold_key ^ top, ~threshold_key).to(tl.float32, bitcast=True)
@@ -175,4 +223,5 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
         win_i = tl.where(take, i, win_i)
         win_v = tl.where(take, m, win_v)
     win_i = tl.where(win_i < V, win_i, 0)  # every score -inf: torch's argmax answers 0
+    tl.store(thr_ptr + b, tl.where(keep_all | greedy, float("-inf"), threshold))
     tl.store(out_ptr + b, tl.where(greedy, best_i, win_i).to(tl.int64))
