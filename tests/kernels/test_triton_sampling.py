@@ -63,8 +63,8 @@ EPS = 1e-5  # how near top_p a token's exact mass above it may be for the kernel
 
 
 def ambiguous(logits, bp, n_vocab, eps=EPS):
-    """(B, n_vocab) bool: the tokens whose exact (float64) probability mass above them, over the
-    row's top-k set or the whole row, lies within eps of the row's top_p (top-p rows only)."""
+    """(B, n_vocab) bool: the tokens of a top-p row's top-k set (or whole row) whose exact
+    (float64) probability mass above them, over that set, lies within eps of the row's top_p."""
     scaled = (logits[:, :n_vocab].float() / bp.temperature.clamp_min(1e-6).unsqueeze(1)).double()
     out = torch.zeros(scaled.shape, dtype=torch.bool)
     for r in range(scaled.shape[0]):
@@ -74,7 +74,7 @@ def ambiguous(logits, bp, n_vocab, eps=EPS):
         vals = scaled[r].sort(descending=True).values[:k or n_vocab]
         probs = torch.softmax(vals, dim=0)
         above = torch.stack([probs[vals > x].sum() for x in scaled[r]])
-        out[r] = (above - p).abs() <= eps
+        out[r] = ((above - p).abs() <= eps) & (scaled[r] >= vals[-1])  # top-k's cut is exact on both sides
     return out
 
 
@@ -117,14 +117,19 @@ def test_top_p_keeps_todays_set_but_within_rounding_of_the_boundary(dtype):
 
 def test_top_p_keeps_ties_with_its_threshold_and_a_top_p_just_below_one_keeps_the_row():
     rows = [SamplingParams(temperature=1.0, top_k=0, top_p=0.6, seed=1),
-            SamplingParams(temperature=1.0, top_k=0, top_p=float.fromhex("0x1.fffffep-1"), seed=2)]
-    logits = torch.full((2, 24), -3.0)
+            SamplingParams(temperature=1.0, top_k=0, top_p=float.fromhex("0x1.fffffep-1"), seed=2),
+            SamplingParams(temperature=1.0, top_k=3, top_p=float.fromhex("0x1.fffffep-1"), seed=3)]
+    logits = torch.full((3, 24), -3.0)
     logits[0, [2, 9, 17, 20]] = 2.0  # four tied tokens hold most of the mass; top_p is reached inside them
     logits[1] = torch.linspace(1.0, -1.0, 24)  # the largest float below 1: nearly the whole row
-    bp = BatchParams.build(rows, [1, 2], torch.device("cpu"))
+    # the top-k set's float32 mass rounds to 0.9999999, below top_p: still no more than its k tokens
+    logits[2, [4, 11, 15]] = torch.tensor([1.87, -1.32, -2.64])
+    logits[2, [0, 1]] = -2.7
+    bp = BatchParams.build(rows, [1, 2, 3], torch.device("cpu"))
     want, got, _ = kept_sets(logits, bp, 24, block_v=16)
     assert got[0].nonzero().flatten().tolist() == [2, 9, 17, 20] and torch.equal(want[0], got[0])
     assert got[1].all() and torch.equal(want[1], got[1]) and not ambiguous(logits, bp, 24).any()
+    assert got[2].nonzero().flatten().tolist() == [4, 11, 15] and torch.equal(want[2], got[2])
 
 
 def test_mixed_batch_with_top_p_draws_todays_tokens():
