@@ -73,7 +73,9 @@ def ambiguous(logits, bp, n_vocab, eps=EPS):
             continue
         vals = scaled[r].sort(descending=True).values[:k or n_vocab]
         probs = torch.softmax(vals, dim=0)
-        above = torch.stack([probs[vals > x].sum() for x in scaled[r]])
+        before = probs.cumsum(0) - probs  # float64: exact enough to judge a float32 rounding
+        first = torch.searchsorted(-vals, -scaled[r]).clamp_max(len(vals) - 1)  # a value's first rank
+        above = before[first]
         out[r] = ((above - p).abs() <= eps) & (scaled[r] >= vals[-1])  # top-k's cut is exact on both sides
     return out
 
