@@ -78,12 +78,14 @@ class DecodeGraphs:
         g.replay()
         return logits, tokens
 
-    def set_sampling(self, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor) -> None:
+    def set_sampling(self, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     seed: torch.Tensor) -> None:
         """The captured sampler's per-row parameters (device tensors of one decode batch's rows),
         copied into its static buffers; they hold until the next call."""
         B = temperature.shape[0]
         self._temperature[:B].copy_(temperature)
         self._top_k[:B].copy_(top_k)
+        self._top_p[:B].copy_(top_p)
         self._seed[:B].copy_(seed)
 
     def _length(self, kv_needed: int) -> int:
@@ -131,6 +133,7 @@ class DecodeGraphs:
         self.sampling = sampler is not None
         self._temperature = torch.ones(max_batch, device=device)
         self._top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._top_p = torch.ones(max_batch, device=device)
         self._seed = torch.zeros(max_batch, dtype=torch.long, device=device)
         n_vocab = model.tokenizer.n_vocab if sampler is not None else 0
         for B in reversed(self.batches):  # largest first, so smaller graphs reuse its memory pool
@@ -139,7 +142,8 @@ class DecodeGraphs:
             def decode(B=B, idx=idx, pos=pos, steps=steps, L=None):
                 logits = model.step(idx, pos, cache, kv_len=L)
                 tokens = None if sampler is None else sampler(
-                    logits[:, -1], self._temperature[:B], self._top_k[:B], self._seed[:B], steps, n_vocab)
+                    logits[:, -1], self._temperature[:B], self._top_k[:B], self._top_p[:B], self._seed[:B], steps,
+                    n_vocab)
                 return logits, tokens
             for L in reversed(self.decode_lengths):
                 self.graphs[(B, L)] = self._capture(lambda: decode(L=L))

@@ -115,9 +115,9 @@ class ModelRunner:
         tokens = None
         if self.graphs:
             step = self.graphs.load(d.idx, d.pos, d.steps)
-            fused = self.graphs.sampling and triton_sampling.supports(bp)
+            fused = self.graphs.sampling
             if fused and bp is not self._graph_params:  # new members: the captured sampler's buffers
-                self.graphs.set_sampling(bp.temperature, bp.top_k, bp.seed)
+                self.graphs.set_sampling(bp.temperature, bp.top_k, bp.top_p, bp.seed)
                 self._graph_params = bp
             logits, tokens = self.graphs.replay(B, max(d.pos) + 1)
             tokens = tokens if fused else None
@@ -135,11 +135,11 @@ class ModelRunner:
         return sampled
 
     def _sample(self, logits: torch.Tensor, bp: BatchParams, step: torch.Tensor) -> torch.Tensor:
-        """The decode's tokens: by the one fused Triton kernel on the Triton CUDA path where its
-        rows allow (no top-p: model/kernels/triton_sampling.py), else model/sampling.sample (the
-        same tokens for the same seeds)."""
-        if self.cuda_kernels == "triton" and not bp.all_greedy and triton_sampling.supports(bp):
-            return triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.seed, step, self.n_vocab)
+        """The decode's tokens: by the one fused Triton kernel on the Triton CUDA path
+        (model/kernels/triton_sampling.py), else model/sampling.sample (the same tokens for the
+        same seeds, up to top-p's rounding boundary that module describes)."""
+        if self.cuda_kernels == "triton" and not bp.all_greedy:
+            return triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.top_p, bp.seed, step, self.n_vocab)
         return sample(logits, bp, step, self.n_vocab)
 
     def _graph_prefill(self, c: PrefillChunk) -> bool:

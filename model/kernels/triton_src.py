@@ -119,7 +119,69 @@ def _order_key(v):
 
 
 @triton.jit
-def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s_lb, V,
+def _from_key(key):
+    """_order_key's inverse: the float32 of an order key."""
+    top = tl.full([], 0x80000000, tl.uint32)
+    return tl.where((key & top) != 0, key ^ top, ~key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bisect_key(row, t, target, floor_key, m, z, V, BLOCK_V: tl.constexpr, MASS: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """The largest order key c whose weight, summed over the row's scaled logits with keys >= c,
+    reaches target (or c <= floor_key), found bit by bit in 32 passes over the row: the weight is
+    1 a token (a count, exact in float32 below 2**24) or, with MASS, its probability exp(x - m) / z.
+    Either sum only grows as terms join it, so the weight falls as c rises and the search is exact
+    for the sums computed. It is the key of a value of the row, or 0 where no c reaches target."""
+    key = tl.full([], 0, tl.uint32)
+    for i in range(32):
+        cand = key | (tl.full([], 1, tl.uint32) << (31 - i))
+        acc = tl.full([], 0.0, tl.float32)
+        for start in range(0, V, BLOCK_V):
+            j = start + tl.arange(0, BLOCK_V)
+            x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+            if MASS:
+                w = _exp(x - m, PRECISE) / z
+            else:
+                w = tl.full([BLOCK_V], 1.0, tl.float32)
+            acc += tl.sum(tl.where((j < V) & (_order_key(x) >= cand), w, 0.0), axis=0)
+        key = tl.where((cand <= floor_key) | (acc >= target), cand, key)
+    return key
+
+
+@triton.jit
+def _exp(x, PRECISE: tl.constexpr):
+    if PRECISE:  # CUDA's expf, as torch's softmax on the GPU
+        return tl.extra.cuda.libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _nucleus_key(row, t, k, top_p, k_key, best_v, V, BLOCK_V: tl.constexpr, PRECISE: tl.constexpr):
+    """The order key of a row's top-p threshold: the largest scaled logit x whose probability mass
+    of tokens >= x reaches top_p, and at least the top-k threshold (key k_key; 0 without top-k).
+    Probabilities are softmax over the top-k set (exactly k tokens: ties at the k-th value count
+    up to k, as sample()'s sorted prefix does) or over the whole row. Found bit by bit as the
+    top-k threshold is (32 passes), each pass summing the mass at or above a candidate in a fixed
+    order (_bisect_key). 0: no candidate reaches top_p (keep the whole row)."""
+    m = tl.math.div_rn(best_v, t)  # the largest scaled logit (division by t > 0 keeps the order)
+    has_k = k > 1
+    kth = _from_key(k_key)
+    z = tl.full([], 0.0, tl.float32)
+    n_above = tl.full([], 0, tl.int32)
+    for start in range(0, V, BLOCK_V):
+        j = start + tl.arange(0, BLOCK_V)
+        x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
+        inside = (j < V) & ((x > kth) | ~has_k)
+        z += tl.sum(tl.where(inside, _exp(x - m, PRECISE), 0.0), axis=0)
+        n_above += tl.sum(inside.to(tl.int32), axis=0)
+    z += tl.where(has_k, (k - n_above).to(tl.float32) * _exp(kth - m, PRECISE), 0.0)
+    floor_key = tl.where(has_k, k_key, tl.full([], 0, tl.uint32))
+    return _bisect_key(row, t, top_p, floor_key, m, z, V, BLOCK_V, True, PRECISE)
+
+
+@triton.jit
+def sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr, s_lb, V,
                   BLOCK_V: tl.constexpr, PRECISE_LOG: tl.constexpr):
     b = tl.program_id(0)
     row = logits_ptr + b * s_lb
@@ -127,8 +189,7 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
     k = tl.minimum(tl.load(topk_ptr + b), V).to(tl.int32)
     greedy = (temp == 0.0) | (k == 1)
     t = tl.maximum(temp, 1e-6)
-    # greedy: the first largest logit; sampling with top-k: the k-th largest scaled logit, found
-    # bit by bit of its order key (the largest key that k or more keys reach: a value of the row)
+    # greedy: the first largest logit; sampling with top-k and/or top-p: a threshold (order key)
     best_v = float("-inf")
     best_i = 0
     for start in range(0, V, BLOCK_V):
@@ -140,19 +201,17 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
         best_i = tl.where(take, i, best_i)
         best_v = tl.where(take, m, best_v)
     threshold_key = tl.full([], 0, tl.uint32)
-    keep_all = (k <= 1) | (temp == 0.0)  # no top-k (and greedy rows, whose race is not used)
+    top_p = tl.load(topp_ptr + b)
+    nucleus = (top_p < 1.0) & (temp != 0.0) & (k != 1)
+    # no top-k or top-p (and greedy rows, whose race is not used)
+    keep_all = ((k <= 1) | (temp == 0.0)) & ~nucleus
     if (k > 1) & (temp != 0.0):
-        for i in range(32):
-            cand = threshold_key | (tl.full([], 1, tl.uint32) << (31 - i))
-            count = 0
-            for start in range(0, V, BLOCK_V):
-                j = start + tl.arange(0, BLOCK_V)
-                x = tl.math.div_rn(tl.load(row + j, mask=j < V, other=float("-inf")).to(tl.float32), t)
-                count += tl.sum(((_order_key(x) >= cand) & (j < V)).to(tl.int32), axis=0)
-            threshold_key = tl.where(count >= k, cand, threshold_key)
-    # back to the float (compared as floats: -0.0 and 0.0 are one threshold, as in sample())
-    top = tl.full([], 0x80000000, tl.uint32)
-    threshold = tl.where((threshold_key & top) != 0, threshold_key ^ top, ~threshold_key).to(tl.float32, bitcast=True)
+        threshold_key = _bisect_key(row, t, k.to(tl.float32), threshold_key, 0.0, 1.0, V, BLOCK_V, False,
+                                    PRECISE_LOG)
+    if nucleus:
+        threshold_key = _nucleus_key(row, t, k, top_p, threshold_key, best_v, V, BLOCK_V, PRECISE_LOG)
+        keep_all = threshold_key == 0  # the whole row's mass rounded below top_p: keep every token
+    threshold = _from_key(threshold_key)  # compared as floats: -0.0 and 0.0 are one threshold, as in sample()
     # the race: scaled logit + Gumbel noise of (seed, step, token id) among the kept tokens
     seed = tl.load(seed_ptr + b).to(tl.uint32)
     step = tl.load(step_ptr + b).to(tl.uint32)
@@ -175,4 +234,5 @@ def sample_kernel(logits_ptr, temp_ptr, topk_ptr, seed_ptr, step_ptr, out_ptr, s
         win_i = tl.where(take, i, win_i)
         win_v = tl.where(take, m, win_v)
     win_i = tl.where(win_i < V, win_i, 0)  # every score -inf: torch's argmax answers 0
+    tl.store(thr_ptr + b, tl.where(keep_all | greedy, float("-inf"), threshold))
     tl.store(out_ptr + b, tl.where(greedy, best_i, win_i).to(tl.int64))

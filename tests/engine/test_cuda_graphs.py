@@ -43,3 +43,15 @@ def test_decode_replays_the_smallest_captured_length_and_one_graph_serves_every_
     graphs.decode_lengths = [64]
     assert [graphs.replay(1, n) for n in (1, 33, 64)] == [("logits 64", "tokens 64")] * 3
     assert by_length[64].replays == 3
+
+
+def test_set_sampling_fills_every_per_row_buffer_the_captured_sampler_reads():
+    import torch
+    graphs = DecodeGraphs()  # the buffers capture() allocates, on CPU
+    graphs._temperature, graphs._top_p = torch.ones(4), torch.ones(4)
+    graphs._top_k, graphs._seed = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    graphs.set_sampling(torch.tensor([0.8, 0.0]), torch.tensor([50, 0]), torch.tensor([0.9, 1.0]),
+                        torch.tensor([7, 8]))
+    assert graphs._temperature.tolist() == [0.800000011920929, 0.0, 1.0, 1.0]
+    assert graphs._top_k.tolist() == [50, 0, 0, 0] and graphs._seed.tolist() == [7, 8, 0, 0]
+    assert graphs._top_p.tolist() == [torch.tensor(0.9).item(), 1.0, 1.0, 1.0]  # top-p is captured too

@@ -1,6 +1,7 @@
 """The operators a CUDA decode step launches, counted on CPU over the code path the GPU takes:
 the captured graph is `GPT.step(idx, pos, cache, kv_len=L)` (model/engine/cuda_graphs.py), then
-`sample()` runs eagerly after it (model/engine/runner.py). With CUDA_KERNELS=torch no hooks are
+`sample()` runs eagerly after it (model/engine/runner.py) on the torch path, while on the Triton
+path one sampling kernel is captured in the graph for every sampling configuration. With CUDA_KERNELS=torch no hooks are
 installed; with triton (model/engine/cuda_setup.py) model/kernels/triton_decode.py's hooks are,
 and its kernel launches are counted by a stub in place of its `_launch`. Each operator that is
 not a view or an allocation is about one kernel launch, so these pins are the decode's
@@ -95,8 +96,10 @@ def test_fused_sampling_is_one_launch(monkeypatch):
     launches: collections.Counter = collections.Counter()
     monkeypatch.setattr(triton_decode, "_launch",
                         lambda kernel, grid, *a, **kw: launches.update([f"triton:{kernel.fn.__name__}"]))
-    bp = BatchParams.build([SamplingParams(temperature=0.8, top_k=50)] * B, [1] * B, torch.device("cpu"))
+    rows = [SamplingParams(temperature=0.8, top_k=50), SamplingParams(temperature=0.8, top_p=0.9),
+            SamplingParams(temperature=1.0, top_k=20, top_p=0.5), SamplingParams(temperature=0.0)]
+    bp = BatchParams.build(rows, [1] * B, torch.device("cpu"))  # top-p too: nothing runs after the graph
     logits, step = torch.randn(B, 40), torch.zeros(B, dtype=torch.long)
     with torch.inference_mode(), CountOps() as count:
-        triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.seed, step, 30)
+        triton_sampling.sample(logits, bp.temperature, bp.top_k, bp.top_p, bp.seed, step, 30)
     assert {k: n for k, n in count.ops.items() if k not in ALLOCATIONS} == {} and launches == {"triton:sample_kernel": 1}
