@@ -181,16 +181,23 @@ def test_gpt2_shapes_greedy_int8_agrees_with_bf16_as_long_as_bf16_with_float32()
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_kernels_greedy_text_is_the_torch_references_on_the_demo_model(dtype):
-    """The trained demo model's logits are decisive, so the kernel's products (float32 weights q * s,
-    float32 sums) and the torch reference's (weights rounded to dtype) pick the same tokens. On GPT-2
-    124M's shapes with random weights near-ties make either path leave bfloat16's text early on some
-    prompts (docs/quantization.md)."""
+    """The kernel sums each group of 64 products unscaled, then scales it; the torch reference rounds
+    the weights to dtype and lets F.linear sum. In float32 the trained demo model's logits are
+    decisive enough that both pick the same 100 tokens; in bfloat16, rounding moves its near-ties, so
+    the kernel's text must agree with the reference's at least as long as bfloat16's with float32's
+    (the issue's yardstick). On GPT-2 124M's random-init shapes near-ties make either path leave
+    bfloat16's text early on some prompts (docs/quantization.md)."""
+    def greedy(model, prompt):
+        params = SamplingParams(max_new_tokens=100, temperature=0).validate()
+        return list(generate_ids(model, prompt, params, 0, model.tokenizer.n_vocab))
+
     torch_path = load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8")
     kernel_path = through(load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8"), "kernel")
+    fp32, bf16 = (load_model_from_checkpoint(DEMO, device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     for text in ("The ", "In the beginning", "Python is"):
         prompt = torch_path.tokenizer.encode(text)
-        want = list(generate_ids(torch_path, prompt, SamplingParams(max_new_tokens=100, temperature=0).validate(), 0,
-                                 torch_path.tokenizer.n_vocab))
-        got = list(generate_ids(kernel_path, prompt, SamplingParams(max_new_tokens=100, temperature=0).validate(), 0,
-                                kernel_path.tokenizer.n_vocab))
-        assert got == want, text
+        want, got = greedy(torch_path, prompt), greedy(kernel_path, prompt)
+        if dtype == "float32":
+            assert got == want, text
+        else:
+            assert _agree(got, want) >= _agree(greedy(bf16, prompt), greedy(fp32, prompt)), text
