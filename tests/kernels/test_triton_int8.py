@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is first launched
+from model.kernels import triton_int8
+from model.quant import dequantize_rows, quantize_rows
 
-from model.kernels import triton_int8  # noqa: E402
-from model.quant import dequantize_rows, quantize_rows  # noqa: E402
+pytest.importorskip("triton")
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to the largest output
 
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter():
+    """tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU, before triton is imported."""
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET is set to something other than 1 and there is no GPU")
+        pytest.skip("no GPU, and TRITON_INTERPRET is not 1 (set it before triton is imported)")
 
 
 def device() -> str:
