@@ -1,86 +1,134 @@
-"""int8 weights at batch 1 on CPU: ours int8 vs ours bfloat16 vs transformers float32, same weights.
+"""int8 weights on CPU, through the engine: ours int8 vs ours bfloat16 vs transformers float32, same weights.
 
-    python -m bench.int8 [--shape gpt2-124M] [--new-tokens 32] [--repeats 2] [--json out.json]
+    python -m bench.int8 [--shape gpt2-124M] [--new-tokens 32] [--rounds 2] [--clients 32] [--json out.json]
 
-Prints tokens/s, weight bytes and how many greedy tokens int8 shares with bfloat16 and float32
-(all three from one GPT-2-shaped random model, bench/models.py). Ours runs model/generate.py's
-loop on torch's operators, not the engine: the engine's CPU set-up (model/fastpath.py) does not
-take int8 layers yet, and without our kernels bfloat16 is torch's slow path too. Not part of
-`make bench`'s table; a quick look, not a soak.
+One phase (`bench_int8`), also run by `python -m bench.run --int8`: batch-1 decode tokens/s of our
+engine with int8 weights (model/quant.py; the CPU kernel's linear_rows_int8) in bfloat16 and in
+float32 activations, of our engine in bfloat16 (the kernel's bfloat16 rows), and of transformers'
+generate in float32, in alternating rounds, each row keeping its best (the host is shared); then
+`--clients` concurrent greedy clients on int8 and on bfloat16; weight bytes of int8 and bfloat16
+for GPT-2 124M's and 355M's shapes (laid out on the meta device, nothing allocated); and how many
+greedy tokens int8 shares with bfloat16 and float32. llama.cpp's q8_0 runs in bench/run.py's
+--llama-cpp phase where llama-cpp-python is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
-import time
 
 import torch
 
 from bench import measure
 from bench.models import SHAPES, gpt2_tokenizer, hf_and_ours, in_dtype
-from model.generate import generate_ids
+from model.gpt import GPT, GPTConfig
 from model.quant import quantize_model, weight_bytes
-from model.sampling import SamplingParams
 
 log = logging.getLogger("bench.int8")
+TARGETS = {"int8_vs_bf16_b1": 1.6, "int8_vs_bf16_weight_bytes": 0.55, "int8_vs_bf16_clients": 1.0}  # issue #20
 
 
 def agree(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def decode(model, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """Batch-1 greedy decode tokens/s (the tokens after the first over the time after it) and the tokens."""
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False).validate()
-    tokens, stamps = [], []
-    for token in generate_ids(model, prompt, params, 0, 50257):
-        tokens.append(token)
-        stamps.append(time.perf_counter())
-    return (len(tokens) - 1) / max(stamps[-1] - stamps[0], 1e-9), tokens
-
-
-def ours(models: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    out = {}
-    for name, model in models.items():
-        decode(model, prompt, 2)  # warm-up
-        runs = [decode(model, prompt, new_tokens) for _ in range(repeats)]
-        rate, tokens = max(r[0] for r in runs), runs[0][1]
-        out[name] = {"tok_s": rate, "weight_bytes": weight_bytes(model), "greedy": tokens}
-        log.info("%s: %.1f tok/s, %.1f MiB", name, rate, out[name]["weight_bytes"] / 2**20)
+def shape_weight_bytes(shape: str) -> dict:
+    """int8 and bfloat16 weight bytes of a GPT-2 shape, counted on the meta device."""
+    n_layer, n_head, n_embd = SHAPES[shape]
+    cfg = GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    with torch.device("meta"):
+        bf16 = GPT(cfg).to(torch.bfloat16)
+        int8 = quantize_model(GPT(cfg), dtype=torch.bfloat16)
+    out = {"bfloat16": weight_bytes(bf16), "int8": weight_bytes(int8)}
+    out["ratio"] = out["int8"] / out["bfloat16"]
     return out
+
+
+def models(fp32: GPT) -> dict[str, GPT]:
+    bf16 = in_dtype(fp32, torch.bfloat16)
+    out = {"ours bfloat16": bf16}
+    for name, dtype in (("ours int8 (bfloat16 activations)", torch.bfloat16),
+                        ("ours int8 (float32 activations)", torch.float32)):
+        q = quantize_model(in_dtype(fp32, torch.float32), dtype=dtype)  # from the float32 weights
+        q.tokenizer = fp32.tokenizer
+        out[name] = q
+    return out
+
+
+async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, rounds: int, clients: int) -> dict:
+    """The phase: rows {name: {tok_s, cpu_linear, greedy agreement}}, clients, weight bytes, ratios."""
+    ours = models(fp32)
+    engines = {name: await measure.started_engine(m, max_batch=max(clients, 1)) for name, m in ours.items()}
+    ref = await measure.engine_greedy(await measure.started_engine(fp32, max_batch=1), prompts[0], new_tokens)
+    rows: dict[str, dict] = {name: {"tok_s": 0.0, "cpu_linear": e.cpu_linear} for name, e in engines.items()}
+    rows["transformers float32"] = {"tok_s": 0.0}
+    for _ in range(rounds):  # alternating, each keeping its best: the host's slumps fall on all of them
+        for name, engine in engines.items():
+            rate = await measure.engine_decode_tok_s(engine, prompts[0], new_tokens, 1)
+            rows[name]["tok_s"] = max(rows[name]["tok_s"], rate)
+        rate = measure.hf_decode_tok_s(hf, prompts[0], new_tokens, 1)
+        rows["transformers float32"]["tok_s"] = max(rows["transformers float32"]["tok_s"], rate)
+        log.info("round: %s", {n: round(r["tok_s"], 1) for n, r in rows.items()})
+    bf16_tokens = await measure.engine_greedy(engines["ours bfloat16"], prompts[0], new_tokens)
+    for name, engine in engines.items():
+        tokens = await measure.engine_greedy(engine, prompts[0], new_tokens)
+        rows[name].update(agree_float32=agree(tokens, ref), agree_bfloat16=agree(tokens, bf16_tokens))
+    served = {}
+    if clients:
+        for name in ("ours bfloat16", "ours int8 (bfloat16 activations)"):
+            run = await measure.in_process_clients(engines[name], prompts[:clients], new_tokens, 1)
+            served[name] = run.tokens / run.wall_s
+    for engine in engines.values():
+        await engine.stop(drain=False)
+    sizes = {shape: shape_weight_bytes(shape) for shape in SHAPES}
+    int8 = rows["ours int8 (bfloat16 activations)"]["tok_s"]
+    ratios = {"int8_vs_bf16_b1": int8 / rows["ours bfloat16"]["tok_s"],
+              "int8_f32_vs_bf16_b1": rows["ours int8 (float32 activations)"]["tok_s"] / rows["ours bfloat16"]["tok_s"],
+              "int8_vs_hf_fp32_b1": int8 / rows["transformers float32"]["tok_s"],
+              "int8_vs_bf16_weight_bytes": max(s["ratio"] for s in sizes.values())}
+    if served:
+        ratios["int8_vs_bf16_clients"] = served["ours int8 (bfloat16 activations)"] / served["ours bfloat16"]
+    return {"rows": rows, "clients": clients, "clients_tok_s": served, "weight_bytes": sizes, "ratios": ratios,
+            "targets": TARGETS, "new_tokens": new_tokens, "of": new_tokens}
+
+
+def table(r: dict) -> str:
+    lines = ["| row | batch-1 tok/s | CPU linear | greedy = float32 / bfloat16 (of %d) |" % r["of"], "|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {row['tok_s']:.1f} | {row.get('cpu_linear', '-')} | "
+                     f"{row.get('agree_float32', '-')} / {row.get('agree_bfloat16', '-')} |")
+    for name, rate in r["clients_tok_s"].items():
+        lines.append(f"| {name}, {r['clients']} clients | {rate:.1f} (all clients) | | |")
+    for shape, s in r["weight_bytes"].items():
+        lines.append(f"| weight bytes {shape} | int8 {s['int8'] / 2**20:.1f} MiB, bfloat16 {s['bfloat16'] / 2**20:.1f} MiB"
+                     f" ({s['ratio']:.3f}x) | | |")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f} (target {r['targets'][k]})" if k in r["targets"]
+                                        else f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="gpt2-124M", choices=sorted(SHAPES))
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", type=int, default=32)
     p.add_argument("--json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    hf, fp32 = hf_and_ours(args.shape, gpt2_tokenizer(None))
-    models = {"ours float32": fp32, "ours bfloat16": in_dtype(fp32, torch.bfloat16)}
-    int8 = quantize_model(in_dtype(fp32, torch.float32), dtype=torch.float32)  # CPU serves in float32
-    int8.tokenizer = fp32.tokenizer
-    models["ours int8"] = int8
-    prompt = list(range(1000, 1064))  # 64 tokens, as bench/run.py's batch-1 prompt length
-    rows = ours(models, prompt, args.new_tokens, args.repeats)
-    rows["transformers float32"] = {"tok_s": measure.hf_decode_tok_s(hf, prompt, args.new_tokens, args.repeats),
-                                    "weight_bytes": weight_bytes(hf)}
-    ref, bf16 = rows["ours float32"]["greedy"], rows["ours bfloat16"]["greedy"]
-    q = rows["ours int8"]["greedy"]
-    summary = {"int8_vs_bf16_tok_s": rows["ours int8"]["tok_s"] / rows["ours bfloat16"]["tok_s"],
-               "int8_vs_bf16_weight_bytes": rows["ours int8"]["weight_bytes"] / rows["ours bfloat16"]["weight_bytes"],
-               "greedy_agree": {"int8~float32": agree(q, ref), "int8~bfloat16": agree(q, bf16),
-                                "bfloat16~float32": agree(bf16, ref), "of": args.new_tokens}}
-    for name, row in rows.items():
-        print(f"{name:22s} {row['tok_s']:8.1f} tok/s  {row['weight_bytes'] / 2**20:8.1f} MiB")
-    print(json.dumps(summary))
+    logging.getLogger("model").setLevel(logging.WARNING)
+    from bench.run import make_prompts
+    tokenizer = gpt2_tokenizer(None)
+    hf, fp32 = hf_and_ours(args.shape, tokenizer)
+    prompts, _ = make_prompts(tokenizer, max(args.clients, 1), 64)  # bench/run.py's prompt length
+    report = asyncio.run(bench_int8(fp32, hf, prompts, args.new_tokens, args.rounds, args.clients))
+    report["shape"] = args.shape
+    print(table(report))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "rows": rows, "summary": summary}, f, indent=1)
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

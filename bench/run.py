@@ -1,6 +1,6 @@
 """The benchmark: our engine against transformers (and optionally llama.cpp) on the same weights.
 
-    python -m bench.run [--quick] [--device cpu|cuda] [--shapes gpt2-124M,gpt2-355M] [--llama-cpp]
+    python -m bench.run [--quick] [--device cpu|cuda] [--shapes gpt2-124M,gpt2-355M] [--llama-cpp] [--no-int8]
 
 One run measures, for each model shape: this machine's ceilings (GEMM FLOP/s, copy
 bandwidth, the batch-1 bound: on CPU one matrix-vector pass over all weights by the engine's
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from bench import llama, measure
+from bench import int8, llama, measure
 from bench.models import SHAPES, demo_model, gpt2_tokenizer, hf_and_ours, in_dtype
 
 log = logging.getLogger("bench")
@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-http", action="store_true", help="measure clients in-process even if server/ imports")
     p.add_argument("--no-demo", action="store_true")
+    p.add_argument("--no-int8", action="store_true", help="skip int8 weights vs bfloat16 on CPU (bench/int8.py's phase)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also measure llama.cpp on the same weights (pip install '.[bench-llama]' first)")
     p.add_argument("--llama-convert", default=None,
@@ -370,6 +371,8 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     reference_tokens = await bench_batch1(run)
     if args.llama_cpp:
         bench_llama_cpp(run, reference_tokens)
+    if not args.no_int8 and run.device.type == "cpu":
+        run.out["int8"] = await int8.bench_int8(run.ours, run.hf, run.prompts, run.new, run.rounds, max(run.clients))
     # served throughput, in the serving dtype
     ours, serve_dtype = run.ours, DTYPES[run.serve_dtype]
     model = ours if serve_dtype == torch.float32 else in_dtype(ours, serve_dtype)
@@ -437,6 +440,8 @@ def table(report: dict) -> str:
         lines += [f"### {r['shape']} ({r['n_params'] / 1e6:.0f}M params), prompt 64, {r['new_tokens']} new, greedy", "",
                   "| measurement | tok/s | vs reference | of ceiling |", "|---|---:|---:|---:|"]
         lines += batch1_lines(r) + llama_lines(r) + client_lines(r) + shape_notes(r)
+        if r.get("int8"):
+            lines += ["", "int8 weights (bench/int8.py):", "", int8.table(r["int8"]), ""]
     if report.get("demo"):
         lines.append(f"Demo model: {report['demo']}")
     lines += [f"llama.cpp: {report['llama_cpp']}", f"Load average at the end (1, 5, 15 min): {report['load_avg']}",

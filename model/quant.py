@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .gpt import GPT
+from .kernels import triton_int8
 
 QUANTIZATIONS = ("int8",)
 SCALE_SUFFIX = ".weight_scale"
@@ -64,8 +65,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 weight and float32 group scales (buffers: state_dict keys
-    `weight`, `weight_scale`, and `bias` when there is one). A torch reference: it widens the
-    whole matrix on every call."""
+    `weight`, `weight_scale`, and `bias` when there is one). On CPU a torch reference that widens
+    the whole matrix on every call (the engine installs KernelInt8Linear there); on CUDA, calls of
+    up to triton_int8.MAX_ROWS rows run model/kernels/triton_int8.py's kernel where triton imports."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -80,7 +82,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)  # a no-op in a model cast as a whole
+        if triton_int8.applies(x):  # CUDA, decode-sized: dequantized in registers, not as a whole matrix
+            return triton_int8.int8_linear(x, self.weight, self.weight_scale, bias)
         return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
+
+
+class KernelInt8Linear(Int8Linear):
+    """Int8Linear whose calls of at most `kernel_max_rows` rows without autograd go to the CPU
+    kernel (model/kernels/cpu.py's linear_rows_int8: int8 rows widened in registers), the rest to
+    the torch reference. Installed by cpu.use_int8_kernel, which changes only the class."""
+
+    kernel_max_rows: int = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.kernel_max_rows * self.in_features and x.is_cpu and self.weight.is_cpu:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.ops.nanogpt.linear_rows_int8(x, self.weight, self.weight_scale, bias)
+        return super().forward(x)
 
 
 class Int8Embedding(nn.Module):

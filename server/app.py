@@ -189,10 +189,11 @@ def load_engine(config: ServerConfig):
         from model.engine.protocol import CoreSpec
 
         return EngineClient(CoreSpec(checkpoint=config.model_checkpoint, device=config.device, dtype=config.dtype,
-                                     tokenizer_path=config.tokenizer_path, engine=engine_config))
+                                     tokenizer_path=config.tokenizer_path, engine=engine_config,
+                                     quantize=config.quantize))
     model = load_model_from_checkpoint(config.model_checkpoint, device=config.device, dtype=config.dtype,
                                        tokenizer_path=config.tokenizer_path,
-                                       max_pickle_bytes=config.max_pickle_bytes)
+                                       max_pickle_bytes=config.max_pickle_bytes, quantize=config.quantize)
     param = next(model.parameters())
     # On CPU the engine may keep float32 keys/values under half-precision weights.
     element_size = max(param.element_size(), 4) if param.device.type == "cpu" else param.element_size()

@@ -55,6 +55,7 @@ class ServerConfig:
     port: int = 5000
     device: str | None = None  # None: cuda if available else cpu
     dtype: str | None = None  # None: float32 on cpu, bfloat16 on cuda
+    quantize: str | None = None  # "int8": weight-only int8 at load (model/quant.py); None: weights as stored
     tokenizer_path: str | None = None
     api_key: str | None = None
     api_keys_file: str | None = None
@@ -174,6 +175,11 @@ def _choice(*choices: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _quantize(raw: str) -> str | None:
+    v = raw.strip()
+    return None if v in ("", "none") else _choice("int8", "none")(v)
+
+
 def _device(raw: str) -> str | None:
     v = raw.strip()
     if not v:
@@ -274,6 +280,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "DEVICE", _device, "cpu, cuda, cuda:N (default: cuda if available)"),
     Setting("dtype", "DTYPE", _choice("float32", "bfloat16", "float16", "auto"),
             "weights dtype; auto keeps the checkpoint's (default: float32 on cpu, bfloat16 on cuda)"),
+    Setting("quantize", "QUANTIZE", _quantize,
+            "int8: weight-only int8, quantized at load (an int8 export loads as is); none (default): as stored"),
     Setting("tokenizer_path", "TOKENIZER_PATH", _str, "GPT-2 BPE ranks file (default: tiktoken's cache)"),
     Setting("api_key", "API_KEY", _str, "one accepted API key (X-API-Key or Authorization: Bearer)", secret=True),
     Setting("api_keys_file", "API_KEYS_FILE", _str, "file of accepted keys, one per line; re-read on change"),

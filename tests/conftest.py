@@ -16,8 +16,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE.resolve()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Triton's kernels (model/kernels/triton_decode.py) run in its interpreter on a host without
-# CUDA: triton reads the flag when it is first imported (tl.sum and friends are jitted then),
-# so it is set before anything imports it. bench/gpu_check.sh runs the same tests compiled.
-if not Path("/dev/nvidia0").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+# Without a GPU, Triton kernels (model/kernels/triton_*.py) run in Triton's interpreter on CPU tensors.
+# triton reads the flag as it is imported (torch._dynamo imports it too), so it is set before any test
+# module. bench/gpu_check.sh runs the same tests compiled.
+if not Path("/dev/nvidiactl").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -72,7 +72,7 @@ def _build_engine(spec: CoreSpec) -> Engine:
     from model.checkpoint import load_model_from_checkpoint
 
     model = load_model_from_checkpoint(spec.checkpoint, device=spec.device, dtype=spec.dtype,
-                                       tokenizer_path=spec.tokenizer_path)
+                                       tokenizer_path=spec.tokenizer_path, quantize=spec.quantize)
     # The client admits up to max_batch + max_queue live requests (model/engine/client.py); the core's
     # queue must take all of them, or a burst that arrives before a step admits the first is refused here.
     room = dataclasses.replace(spec.engine, max_queue=spec.engine.max_queue + spec.engine.max_batch)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from model.engine.config import CPU_ATTENTION_CHOICES, CPU_LINEAR_CHOICES
 from model.gpt import GPT
 from model.kernels import cpu as cpukernels
+from model.quant import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,7 @@ def choose_cpu_linear(model: GPT, choice: str = "auto", every_row: bool = False)
                              "contradicts it (use auto or kernel)")
         choice = "kernel"
     if getattr(model, "quantization", None):
-        # int8 weights run through their own modules (model/quant.py); our kernel reads float rows only
-        if choice in ("kernel", "in_out"):
-            raise ValueError(f"cpu_linear {choice!r} needs float weights; this model's are "
-                             f"{model.quantization} (use auto or out_in)")
-        log.info("CPU linear layers: %s weights through model/quant.py's modules", model.quantization)
-        return "out_in"
+        return _choose_int8_linear(model, choice, every_row)
     asked = (choice, every_row)
     state, asked_before, chosen = getattr(model, "_cpu_linear_setup", (None, (None, None), None))
     if state == _linear_state(model) and asked_before[1] == every_row and (
@@ -70,6 +66,50 @@ def choose_cpu_linear(model: GPT, choice: str = "auto", every_row: bool = False)
     _install_cpu_linear(model, choice, every_row)
     model._cpu_linear_setup = (_linear_state(model), asked, choice)
     return choice
+
+
+def _choose_int8_linear(model: GPT, choice: str, every_row: bool) -> str:
+    """choose_cpu_linear for int8 weights (model/quant.py's modules): "kernel" (and "auto" where it
+    builds) sends products of up to `_int8_kernel_max_rows` rows to linear_rows_int8, which widens
+    each int8 weight in registers; "out_in" keeps the torch reference, which widens every matrix on
+    every call. "in_out" lays out float weights only."""
+    if choice == "in_out":
+        raise ValueError(f"cpu_linear 'in_out' needs float weights; this model's are {model.quantization} "
+                         "(use auto, kernel or out_in)")
+    if choice in ("auto", "kernel"):
+        try:
+            cpukernels.use_int8_kernel(model, max_rows=cpukernels.BLOCK_ROWS)
+        except cpukernels.KernelUnavailable as err:
+            if choice == "kernel":
+                raise
+            log.warning("%s; %s weights through model/quant.py's torch modules", err, model.quantization)
+        else:
+            max_rows = cpukernels.EVERY_ROW if every_row else _int8_kernel_max_rows(model)
+            cpukernels.use_int8_kernel(model, max_rows=max_rows)
+            log.info("CPU linear layers: the %s kernel (%s) for inputs of up to %s rows, the torch reference beyond",
+                     model.quantization, cpukernels.isa(), "every" if every_row else max_rows)
+            return "kernel"
+    cpukernels.use_int8_kernel(model, on=False)
+    log.info("CPU linear layers: %s weights through model/quant.py's torch modules", model.quantization)
+    return "out_in"
+
+
+def _int8_kernel_max_rows(model: GPT, limit: int = 512) -> int:
+    """_kernel_max_rows for int8 layers: rows double from one kernel block while linear_rows_int8
+    beats the torch reference (which widens the whole matrix per call) on the first block's four."""
+    block = model.transformer.h[0]
+    layers = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
+    dtype = model.transformer.wpe.weight.dtype
+    rows = cpukernels.BLOCK_ROWS
+    while rows < limit:
+        xs = [torch.randn(2 * rows, m.in_features, dtype=dtype) for m in layers]
+        kernel, torch_ = _interleaved_best_seconds(
+            lambda: [cpukernels.linear_rows_int8(x, m.weight, m.weight_scale) for x, m in zip(xs, layers)],
+            lambda: [Int8Linear.forward(m, x) for x, m in zip(xs, layers)])
+        if torch_ <= kernel:
+            break
+        rows *= 2
+    return rows
 
 
 def _timed_choice(model: GPT) -> str:

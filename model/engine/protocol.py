@@ -33,6 +33,7 @@ class CoreSpec:
     # ("module:function", kwargs): called with the built Engine before it starts, in the core
     # process. For harnesses only (bench/sim_device.py replaces the forward); never from settings.
     prepare: tuple[str, dict] | None = None
+    quantize: str | None = None  # load_model_from_checkpoint's: "int8" quantizes at load
 
 
 class Params(msgspec.Struct, array_like=True):

@@ -44,7 +44,8 @@ BLOCK_ROWS = 8  # csrc/matvec.cpp's kBlockRows: rows of x served by one pass ove
 EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to the kernel
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp",
                                                                "sampling.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc",
+                                                                 "matvec_int8_rows.inc")]
 
 LIBRARY = "nanogpt_cpu.so"  # what cpp_extension.load names the built library
 PREBUILT_ENV = "NANOGPT_CPU_KERNELS_DIR"  # a directory `build` wrote: load it, never compile
@@ -192,6 +193,14 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.nanogpt.linear_rows(x, weight, bias)
 
 
+def linear_rows_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (q * s)^T + b for x (..., in) float32/float16/bfloat16, weight a contiguous int8 [out, in]
+    CPU matrix and scale its float32 [out, groups] scales (model/quant.py's layout); y and the bias
+    in x's dtype. Widens each weight in registers, never the matrix. Call load() first."""
+    return torch.ops.nanogpt.linear_rows_int8(x, weight, scale, bias)
+
+
 class KernelLinear(nn.Linear):
     """nn.Linear that sends calls of at most `kernel_max_rows` rows without autograd to
     the kernel (decode batches) and everything else (big prefills, training) to
@@ -219,6 +228,20 @@ def use_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) ->
     for m in model.modules():
         if type(m) in (nn.Linear, KernelLinear):
             m.__class__ = KernelLinear if on else nn.Linear
+            if on:
+                m.kernel_max_rows = max_rows
+
+
+def use_int8_kernel(model: nn.Module, on: bool = True, max_rows: int = BLOCK_ROWS) -> None:
+    """use_kernel for model/quant.py's Int8Linear layers: inputs of up to `max_rows` rows go to
+    linear_rows_int8, more (prefills) to Int8Linear's torch reference. Only the class changes.
+    Raises KernelUnavailable, changing nothing, where the kernels cannot be loaded."""
+    from model.quant import Int8Linear, KernelInt8Linear
+    if on:
+        load()
+    for m in model.modules():
+        if type(m) in (Int8Linear, KernelInt8Linear):
+            m.__class__ = KernelInt8Linear if on else Int8Linear
             if on:
                 m.kernel_max_rows = max_rows
 

@@ -15,6 +15,7 @@ from model import generate_text, load_model_from_checkpoint
 from model.__main__ import main as cli
 from model.checkpoint import CheckpointError
 from model.generate import generate_ids
+from model.kernels import cpu as cpukernels
 from model.gpt import GPT, GPTConfig
 from model.quant import Int8Embedding, Int8Linear, QuantizeError, dequantize_rows, quantize_model, quantize_rows, weight_bytes
 from model.sampling import SamplingParams
@@ -135,15 +136,24 @@ def validation_loss(model, ids: torch.Tensor) -> float:
     return total / (n * T)
 
 
+def through(model, path: str):
+    """The model's int8 products on the torch reference, or every one on the CPU kernel."""
+    if path == "kernel":
+        cpukernels.use_int8_kernel(model, max_rows=cpukernels.EVERY_ROW)
+    return model
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["torch", "kernel"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_demo_validation_loss_within_one_percent(dtype):
+def test_demo_validation_loss_within_one_percent(dtype, path):
     ref = load_model_from_checkpoint(DEMO, device="cpu", dtype="float32")
     ids = demo_validation_ids(ref)
     assert len(ids) > 20_000
     want = validation_loss(ref, ids)
     assert 1.0 < want < 1.3  # the trained model (train_demo.py measured 1.15 on samples of it)
-    got = validation_loss(load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8"), ids)
+    model = through(load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8"), path)
+    got = validation_loss(model, ids)
     assert abs(got - want) / want < 0.01
 
 
@@ -166,3 +176,28 @@ def test_gpt2_shapes_greedy_int8_agrees_with_bf16_as_long_as_bf16_with_float32()
     n = 16
     ref, half, quant = (_greedy(m, prompt, n) for m in (fp32, bf16, int8))
     assert _agree(quant, half) >= _agree(half, ref), (_agree(quant, half), _agree(half, ref))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_kernels_greedy_text_is_the_torch_references_on_the_demo_model(dtype):
+    """The kernel sums each group of 64 products unscaled, then scales it; the torch reference rounds
+    the weights to dtype and lets F.linear sum. In float32 the trained demo model's logits are
+    decisive enough that both pick the same 100 tokens; in bfloat16, rounding moves its near-ties, so
+    the kernel's text must agree with the reference's at least as long as bfloat16's with float32's
+    (the issue's yardstick). On GPT-2 124M's random-init shapes near-ties make either path leave
+    bfloat16's text early on some prompts (docs/quantization.md)."""
+    def greedy(model, prompt):
+        params = SamplingParams(max_new_tokens=100, temperature=0).validate()
+        return list(generate_ids(model, prompt, params, 0, model.tokenizer.n_vocab))
+
+    torch_path = load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8")
+    kernel_path = through(load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8"), "kernel")
+    fp32, bf16 = (load_model_from_checkpoint(DEMO, device="cpu", dtype=d) for d in ("float32", "bfloat16"))
+    for text in ("The ", "In the beginning", "Python is"):
+        prompt = torch_path.tokenizer.encode(text)
+        want, got = greedy(torch_path, prompt), greedy(kernel_path, prompt)
+        if dtype == "float32":
+            assert got == want, text
+        else:
+            assert _agree(got, want) >= _agree(greedy(bf16, prompt), greedy(fp32, prompt)), text

@@ -178,3 +178,9 @@ def test_builders_are_pure(model_body) -> None:
     first = desired_deployment(m, OWNER)
     first["spec"]["template"]["spec"]["containers"][0]["env"].clear()
     assert env(desired_deployment(m, OWNER))  # no shared mutable state between calls
+
+
+def test_quantize_int8_sets_the_servers_setting_and_is_absent_by_default(model_body) -> None:
+    d = desired_deployment(parse_model(model_body(server={"quantize": "int8"})), OWNER)
+    assert env(d)["QUANTIZE"] == "int8"
+    assert "QUANTIZE" not in env(desired_deployment(parse_model(model_body()), OWNER))

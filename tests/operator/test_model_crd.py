@@ -123,6 +123,7 @@ def test_enums_match_spec() -> None:
     from nanogpt_operator.model import spec
     props = spec_props()
     assert tuple(props["server"]["properties"]["dtype"]["enum"]) == spec.DTYPES
+    assert tuple(props["server"]["properties"]["quantize"]["enum"]) == spec.QUANTIZATIONS
     assert tuple(props["service"]["properties"]["type"]["enum"]) == spec.SERVICE_TYPES
     assert tuple(props["imagePullPolicy"]["enum"]) == spec.PULL_POLICIES
 
@@ -142,6 +143,7 @@ def test_samples_are_valid_and_parse() -> None:
     ({"gpus": 17}, "gpus"),
     ({"checkpoint": {"claimName": "model-pvc", "path": ""}}, "path"),  # claimName without path: a CEL rule
     ({"server": {"dtype": "int8"}}, "dtype"),
+    ({"server": {"quantize": "int4"}}, "quantize"),
     ({"server": {"rateLimit": "lots"}}, "rateLimit"),
     ({"service": {"type": "ExternalName"}}, "type"),
     ({"rollout": {"maxSurge": "x"}}, "maxSurge"),

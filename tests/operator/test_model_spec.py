@@ -30,7 +30,7 @@ def test_every_field_is_read(model_body) -> None:
         imagePullSecrets=[{"name": "regcred"}], replicas=3, gpus=2,
         resources={"requests": {"cpu": "2", "memory": "8Gi"}},
         server={"maxLength": 500, "apiKeySecretRef": {"name": "keys", "key": "list"}, "rateLimit": "10/minute",
-                "redisUrl": "redis://redis:6379/0", "dtype": "float16", "drainSeconds": 10,
+                "redisUrl": "redis://redis:6379/0", "dtype": "float16", "quantize": "int8", "drainSeconds": 10,
                 "startupTimeoutSeconds": 60},
         service={"type": "LoadBalancer", "port": 8080, "annotations": {"a": "b"}},
         autoscaling={"minReplicas": 2, "maxReplicas": 8, "targetCPUUtilization": 70,
@@ -43,6 +43,7 @@ def test_every_field_is_read(model_body) -> None:
     assert m.tokenizer_path == "data/meta.pkl" and m.image_pull_secrets == ("regcred",)
     assert m.server.api_key_secret is not None and m.server.api_key_secret.key == "list"
     assert (m.server.rate_limit, m.server.redis_url, m.dtype) == ("10/minute", "redis://redis:6379/0", "float16")
+    assert m.server.quantize == "int8"
     assert m.autoscaling is not None and m.autoscaling.custom_metric is not None
     assert m.autoscaling.custom_metric.target_average_value == "4"
     assert (m.rollout.max_surge, m.rollout.max_unavailable, m.rollout.auto_rollback) == ("25%", 0, False)
@@ -76,6 +77,7 @@ def test_cpu_only_defaults_to_float32(model_body) -> None:
     ({"server": {"rateLimit": "ten per minute"}}, "spec.server.rateLimit"),
     ({"server": {"redisUrl": "http://redis"}}, "spec.server.redisUrl"),
     ({"server": {"dtype": "int8"}}, "spec.server.dtype"),
+    ({"server": {"quantize": "int4"}}, "spec.server.quantize"),
     ({"server": {"apiKeySecretRef": {}}}, "spec.server.apiKeySecretRef.name"),
     ({"service": {"type": "ExternalName"}}, "spec.service.type"),
     ({"service": {"port": 0}}, "spec.service.port"),

@@ -48,6 +48,18 @@ def test_prefill_budgets_reach_the_engine():
     assert engine.config.batch_invariant is True
 
 
+def test_quantize_int8_quantizes_the_checkpoint_at_load():
+    import torch
+    from server.app import load_engine
+    assert load_config([], {}).quantize is None and load_config([], {"QUANTIZE": "none"}).quantize is None
+    assert load_config(["--quantize", "int8"], {}).quantize == "int8"
+    with pytest.raises(ConfigError, match="QUANTIZE: must be one of int8, none, got 'int4'"):
+        load_config([], {"QUANTIZE": "int4"})
+    engine = load_engine(load_config([], {"QUANTIZE": "int8", "DEVICE": "cpu"}))
+    assert engine.model.quantization == "int8"
+    assert engine.model.transformer.h[0].mlp.c_fc.weight.dtype == torch.int8
+
+
 @pytest.mark.parametrize("env, problem", [
     ({"CPU_LINEAR": "out_in"}, "CPU_LINEAR=out_in contradicts it"),
     ({"CPU_ATTENTION": "torch"}, "CPU_ATTENTION=torch contradicts it"),
@@ -76,6 +88,7 @@ def test_rate_limit_spellings(raw, expected):
     ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"), ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT"),
     ({"CPU_LINEAR": "fast"}, "CPU_LINEAR"), ({"CPU_ATTENTION": "flash"}, "CPU_ATTENTION"),
     ({"PREFILL_CHUNK": "0"}, "PREFILL_CHUNK"), ({"IDLE_PREFILL_CHUNK": "-5"}, "IDLE_PREFILL_CHUNK"),
+    ({"QUANTIZE": "int4"}, "QUANTIZE"),
 ])
 def test_errors_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as e:

@@ -1,5 +1,6 @@
 // y = x W^T + b for the few rows of x of decoding on an x86-64 CPU with AVX2 (or AVX-512):
-// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows. model/kernels/cpu.py
+// matrix-vector products, and skinny matrix products in blocks of up to kBlockRows rows, over
+// float32/float16/bfloat16 weights (linear_rows) or int8 weights with group scales (linear_rows_int8). model/kernels/cpu.py
 // builds this file with torch's extension builder and routes small nn.Linear calls here.
 //
 // Why: at batch 1 a decode step is one pass over every weight, so its speed is memory
@@ -40,8 +41,14 @@ struct V {
   static Vec loadx(const float* p) { return _mm256_loadu_ps(p); }
   static Vec fma(Vec a, Vec b, Vec acc) { return _mm256_fmadd_ps(a, b, acc); }
   static float sum(Vec v) { return nanogpt_simd::hsum(v); }
+  static Vec loadq(const int8_t* p) {  // 8 int8 -> 8 float32
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
 };
 #include "matvec_rows.inc"
+#include "matvec_int8_rows.inc"
 }  // namespace avx2
 
 // The same kernel in 16-float vectors, for CPUs with AVX-512: twice the weights per
@@ -70,8 +77,14 @@ struct V {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return nanogpt_simd::hsum(_mm256_add_ps(lo, hi));
   }
+  static Vec loadq(const int8_t* p) {  // 16 int8 -> 16 float32
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec set1(float v) { return _mm512_set1_ps(v); }
 };
 #include "matvec_rows.inc"
+#include "matvec_int8_rows.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -109,6 +122,24 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
       const int64_t p1 = std::min(p0 + panel, n1);
       for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
         row_block(std::min(kBlockRows, M - m0), x + m0 * K, w, bias, y + m0 * N, p0, p1, N, K);
+      }
+    }
+  });
+}
+
+// dispatch_rows for int8 weights with their group scales (matvec_int8_rows.inc): the same split
+// of output rows, with panels sized for one byte a weight.
+template <typename T>
+void dispatch_int8_rows(int64_t M, const float* x, const int8_t* q, const float* scale, const T* bias, T* y,
+                        int64_t N, int64_t K, int64_t G) {
+  const auto row_block = use_avx512() ? avx512::int8_row_block<T> : avx2::int8_row_block<T>;
+  const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
+  const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / K) + 23) / 24 * 24;
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel) {
+      const int64_t p1 = std::min(p0 + panel, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+        row_block(std::min(kBlockRows, M - m0), x + m0 * K, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
       }
     }
   });
@@ -186,10 +217,57 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const Opti
   return y;
 }
 
+at::Tensor linear_rows_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const OptionalTensor& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && scale.device().is_cpu(),
+              "linear_rows_int8: CPU tensors only");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "linear_rows_int8: weight must be a contiguous int8 [out, in] matrix");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.is_contiguous() && scale.size(0) == N &&
+                  scale.size(1) >= 1 && K % scale.size(1) == 0,
+              "linear_rows_int8: scale must be a contiguous float32 [", N, ", groups] matrix, groups dividing ", K);
+  const int64_t G = K / scale.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_rows_int8: x's last dimension must be ", K);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M >= 1, "linear_rows_int8: x has no rows");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "linear_rows_int8: bias must be a contiguous vector of ", N, " ", x.scalar_type());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor xc = x.contiguous();
+  AlignedX aligned;
+  const int8_t* qp = weight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  switch (x.scalar_type()) {  // y and the bias in x's dtype, as Int8Linear's
+    case at::kFloat:
+      dispatch_int8_rows<float>(M, aligned_rows(xc.data_ptr<float>(), M * K, aligned), qp, sp,
+                                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, K, G);
+      break;
+    case at::kHalf:
+      dispatch_int8_rows<c10::Half>(M, aligned_rows(xc.data_ptr<c10::Half>(), M * K, aligned), qp, sp,
+                                    bias ? bias->data_ptr<c10::Half>() : nullptr, y.data_ptr<c10::Half>(), N, K, G);
+      break;
+    case at::kBFloat16:
+      dispatch_int8_rows<c10::BFloat16>(M, aligned_rows(xc.data_ptr<c10::BFloat16>(), M * K, aligned), qp, sp,
+                                        bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
+                                        y.data_ptr<c10::BFloat16>(), N, K, G);
+      break;
+    default:
+      TORCH_CHECK(false, "linear_rows_int8: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return y;
+}
+
 }  // namespace nanogpt
 
 TORCH_LIBRARY_FRAGMENT(nanogpt, m) {
   m.def("kernel_isa() -> str", TORCH_FN(kernel_isa));  // what linear_rows runs on here, now
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(nanogpt::linear_rows));
+  m.def("linear_rows_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.impl("linear_rows_int8", c10::DispatchKey::CPU, TORCH_FN(nanogpt::linear_rows_int8));
 }

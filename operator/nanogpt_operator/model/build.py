@@ -121,6 +121,7 @@ def _server_env(m: ModelSpec) -> list[dict[str, Any]]:
         "PORT": str(SERVER_PORT),
         "DEVICE": "cuda" if m.gpus > 0 else "cpu",
         "DTYPE": m.dtype,
+        "QUANTIZE": m.server.quantize,
         "MAX_LENGTH_LIMIT": str(m.server.max_length),
         "RATE_LIMIT": m.server.rate_limit,
         "REDIS_URL": m.server.redis_url,

@@ -27,6 +27,7 @@ REDIS_URL = re.compile(r"^(redis|rediss|unix)://.+$")
 # Environment variables the operator sets itself; letting a user override them would break rollbacks.
 RESERVED_ENV = frozenset({"MODEL_CHECKPOINT", "PORT", "HOST"})
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8",)  # the server's QUANTIZE (model/quant.py)
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
@@ -111,6 +112,7 @@ class ServerSpec:
     rate_limit: str | None = None
     redis_url: str | None = None
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    quantize: str | None = None  # QUANTIZE: "int8" weight-only int8; None: weights as stored
     drain_seconds: int = 30
     startup_timeout_seconds: int = 900
     # Seconds a terminating pod keeps serving before SIGTERM, while endpoints stop sending it traffic.
@@ -284,6 +286,7 @@ def _parse_server(f: Fields | None) -> ServerSpec:
         rate_limit=f.str("rateLimit", pattern=RATE_LIMIT),
         redis_url=f.str("redisUrl", pattern=REDIS_URL),
         dtype=f.str("dtype", choices=DTYPES),
+        quantize=f.str("quantize", choices=QUANTIZATIONS),
         drain_seconds=f.int("drainSeconds", 30, 0, 3600),
         startup_timeout_seconds=f.int("startupTimeoutSeconds", 900, 10, 86400),
         pre_stop_seconds=f.int("preStopSeconds", 5, 0, 300),
