@@ -80,9 +80,13 @@ class Int8Linear(nn.Module):
     def from_linear(cls, m: nn.Linear) -> "Int8Linear":
         return cls(*quantize_rows(m.weight), m.bias)
 
+    # Set by the engine's CUDA_KERNELS choice (model/engine/cuda_setup.py): the Triton kernel has run only
+    # under Triton's interpreter so far, so torch's operators are the default on CUDA too.
+    use_triton: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)  # a no-op in a model cast as a whole
-        if triton_int8.applies(x):  # CUDA, decode-sized: dequantized in registers, not as a whole matrix
+        if self.use_triton and triton_int8.applies(x):  # CUDA, decode-sized: dequantized in registers, not as a whole matrix
             return triton_int8.int8_linear(x, self.weight, self.weight_scale, bias)
         return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
 

@@ -7,7 +7,8 @@ import logging
 
 from model.engine.config import CUDA_KERNELS_CHOICES
 from model.gpt import GPT
-from model.kernels import triton_decode
+from model.kernels import triton_decode, triton_int8
+from model.quant import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,16 @@ def choose_cuda_kernels(model: GPT, choice: str = "auto") -> str:
     imported is an error; under "auto" it is logged and torch's operators stay."""
     if choice not in CUDA_KERNELS_CHOICES:
         raise ValueError(f"cuda_kernels must be one of {', '.join(CUDA_KERNELS_CHOICES)}, got {choice!r}")
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if int8:  # int8 layers: their own Triton product on torch's decode structure (the fused path reads floats)
+        why = None if choice == "torch" or triton_int8.available() else "triton is not importable"
+        if choice == "triton" and why:
+            raise ValueError(f"cuda_kernels 'triton': {why}")
+        for m in int8:
+            m.use_triton = choice != "torch" and not why
+        triton_decode.use_triton_decode(model, on=False)
+        log.info("CUDA decode: torch's operators, int8 products on %s", "Triton" if int8[0].use_triton else "torch")
+        return "torch"
     if choice != "torch":
         try:
             triton_decode.use_triton_decode(model)

@@ -174,6 +174,10 @@ def use_triton_decode(model: nn.Module, on: bool = True, devices: tuple[str, ...
         why = available()
         if why:
             raise TritonUnavailable(why)
+        # The fused products read float weights; int8 layers (model/quant.py) keep their own Triton
+        # matrix product on torch's path, so such a model is refused here rather than misread.
+        if any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.int8 for m in model.modules()):
+            raise TritonUnavailable("the fused decode kernels read float weights, not int8 (QUANTIZE=int8)")
     hook = DecodeAttention(devices) if on else None
     for block in model.transformer.h:
         block.attn.decode_attention = hook

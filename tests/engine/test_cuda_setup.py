@@ -53,10 +53,10 @@ def test_the_server_setting_reaches_the_engine_config():
         load_config([], {"CUDA_KERNELS": "flash"})
 
 
-def test_the_triton_path_samples_by_the_fused_kernel_unless_a_row_has_top_p(monkeypatch):
+def test_the_triton_path_samples_every_batch_by_the_fused_kernel(monkeypatch):
     """ModelRunner._sample on the Triton path (set by hand: the kernel runs on CPU tensors under
-    the interpreter): one launch for temperature/top-k batches, with today's tokens; a batch
-    with a top-p row goes to model/sampling.sample."""
+    the interpreter): one launch for temperature/top-k batches and for top-p ones, with today's
+    tokens (these seeded logits sit far from any top-p boundary)."""
     pytest.importorskip("triton")
     if not triton_decode.interpreting():
         pytest.skip("needs Triton's interpreter (tests/conftest.py sets it on hosts without CUDA)")
@@ -66,10 +66,29 @@ def test_the_triton_path_samples_by_the_fused_kernel_unless_a_row_has_top_p(monk
     runner.cuda_kernels = "triton"
     launches, launch = [], triton_decode._launch
     monkeypatch.setattr(triton_decode, "_launch", lambda kernel, *a, **kw: launches.append(kernel) or launch(kernel, *a, **kw))
+    torch.manual_seed(0)
     logits, step = torch.randn(2, 40) * 3, torch.tensor([3, 9])
-    for rows, fused in (([SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0.0)], True),
-                        ([SamplingParams(temperature=0.8, top_p=0.9), SamplingParams()], False)):
+    for rows in ([SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0.0)],
+                 [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams()]):
         launches.clear()
         bp = BatchParams.build(rows, [11, 12], torch.device("cpu"))
         assert torch.equal(runner._sample(logits, bp, step), sample(logits, bp, step, runner.n_vocab))
-        assert len(launches) == (1 if fused else 0)
+        assert len(launches) == 1
+
+
+def test_an_int8_model_keeps_torchs_decode_structure_and_its_int8_products_follow_the_choice():
+    # The fused kernels read float weights: an int8 model never gets them, and its Int8Linear layers use
+    # their own Triton product only when CUDA_KERNELS asks for Triton (torch, the default, keeps torch's).
+    pytest.importorskip("triton")
+    from model.quant import Int8Linear, quantize_model
+
+    model = tiny_model()
+    quantize_model(model)
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert int8
+    for choice, triton_products in (("auto", True), ("torch", False), ("triton", True)):
+        assert choose_cuda_kernels(model, choice) == "torch"
+        assert hooks(model) == (None, [None, None])
+        assert all(m.use_triton is triton_products for m in int8), choice
+    with pytest.raises(triton_decode.TritonUnavailable, match="int8"):
+        triton_decode.use_triton_decode(model)
