@@ -9,10 +9,13 @@ it is hashed (like a key) so that neither logs nor Redis keys carry what a clien
 from __future__ import annotations
 
 import hashlib
-from multidict import MultiMapping
+from typing import TYPE_CHECKING
 
 from .auth import key_bytes
 from .errors import BadRequest
+
+if TYPE_CHECKING:  # aiohttp's header type; multidict comes with aiohttp, the server extra names aiohttp
+    from multidict import MultiMapping
 
 
 def header_identity(value: str) -> str:

@@ -19,7 +19,7 @@ need an x86-64 CPU with AVX2. Where they cannot be built, `load()` says which of
 was missing and the engine keeps torch's kernels. Images build them once instead
 (`python -m model build-kernels DIR`, a stage with a compiler) and point
 NANOGPT_CPU_KERNELS_DIR at DIR: `load()` then loads that library and never compiles.
-This module imports only torch (and, inside use_decode_attention, model.gpt's classes).
+This module imports only torch (and, inside functions, model.gpt's and model.quant's classes).
 """
 
 from __future__ import annotations
