@@ -152,6 +152,16 @@ def uri_problem(uri: builtins.str, allow_http: builtins.bool) -> builtins.str | 
     return None
 
 
+# spec.checkpoint's fields that go with a fetched uri (not pvc://), in a NanoGPTModel and a NanoGPTRollout.
+REMOTE_FIELDS = ("sha256", "allowHttp", "endpoint", "secretRef", "cache", "fetchResources")
+
+
+def pvc_target(uri: builtins.str) -> tuple[builtins.str, builtins.str]:
+    """(claim, path) of a pvc://claim/path uri that uri_problem accepted."""
+    claim, path = uri[len("pvc://"):].split("/", 1)
+    return claim, path
+
+
 def display_source(text: builtins.str) -> builtins.str:
     """A checkpoint source as status and pod annotations show it: a URI's query (a pre-signed URL's
     signature, a credential) is cut to '?…'."""

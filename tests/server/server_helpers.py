@@ -27,6 +27,21 @@ async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: flo
         await asyncio.sleep(0.01)
 
 
+async def wait_ready(http, base: str, proc, timeout: float = 180) -> None:
+    """Wait for a server process's /readyz 200; fail at once, with its log, if the process exits."""
+    import aiohttp
+
+    async def ready() -> bool:
+        try:
+            async with http.get(base + "/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            assert proc.poll() is None, proc.log_path.read_text()
+            return False
+
+    await wait_for(ready, timeout=timeout, what="server ready")
+
+
 def wait_for_sync(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):

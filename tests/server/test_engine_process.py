@@ -16,7 +16,7 @@ import pytest
 
 from server import keys
 from server.app import load_engine
-from server_helpers import wait_for
+from server_helpers import wait_for, wait_ready
 
 pytestmark = pytest.mark.slow  # each test starts processes that import torch
 
@@ -54,15 +54,7 @@ def core_pids(pid: int) -> list[int]:
 async def test_server_exits_non_zero_when_the_core_dies(server_process):
     proc, base = server_process(ENGINE_PROCESS="true", CPU_ATTENTION="torch", CPU_LINEAR="out_in")
     async with aiohttp.ClientSession() as http:
-        async def ready():
-            try:
-                async with http.get(base + "/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientConnectionError:
-                assert proc.poll() is None, proc.log_path.read_text()
-                return False
-
-        await wait_for(ready, timeout=180, what="server ready")
+        await wait_ready(http, base, proc)
         async with http.post(base + "/generate", json={"prompt": "ab", "max_length": 5}) as r:
             assert r.status == 200 and (await r.json())["tokens_generated"] == 5
     children = core_pids(proc.pid)

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.engine import Engine
 from server import keys
-from server_helpers import wait_for
+from server_helpers import wait_for, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -216,15 +216,7 @@ async def test_sigterm_interrupts_a_slow_checkpoint_load(server_process, tmp_pat
 async def test_requests_cut_at_the_end_of_the_drain_get_an_answer(server_process):
     proc, base = server_process(DRAIN_SECONDS="0")
     async with aiohttp.ClientSession() as http:
-        async def ready():
-            try:
-                async with http.get(base + "/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientConnectionError:
-                assert proc.poll() is None, proc.log_path.read_text()
-                return False
-
-        await wait_for(ready, timeout=180, what="server ready")
+        await wait_ready(http, base, proc)
         long = {"prompt": "ROMEO:", "max_length": 1000}
         async with http.post(base + "/generate", json={**long, "stream": True}) as stream:
             first = await stream.content.readline()

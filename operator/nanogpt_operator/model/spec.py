@@ -15,8 +15,8 @@ from typing import Any
 
 from nanogpt_operator.config import OperatorConfig
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import (DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, SHA256, Fields, display_source, is_uri,
-                                     uri_problem)
+from nanogpt_operator.fields import (DNS_LABEL_1035, DNS_SUBDOMAIN, QUANTITY, REMOTE_FIELDS, SHA256, Fields,
+                                     display_source, is_uri, pvc_target, uri_problem)
 from nanogpt_operator.model.integrations_spec import (GatewaySpec, KedaSpec, MonitorSpec, check_min_replicas,
                                                       parse_gateway, parse_keda, parse_monitoring)
 from nanogpt_operator.model.serving_spec import ChatTemplateRef, parse_chat_template, parse_served_names
@@ -39,7 +39,6 @@ LOAD_MARGIN_S = 60
 GPU_RESOURCE = "nvidia.com/gpu"
 ENDPOINT = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 # Fields of spec.checkpoint that only a fetched (remote) uri uses.
-REMOTE_ONLY = ("sha256", "allowHttp", "endpoint", "secretRef", "cache", "fetchResources")
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,7 @@ def _parse_checkpoint(spec: Fields) -> CheckpointSpec:
         raise SpecError(f.at("uri"), "set either uri, or claimName and path, not both")
     if uri is not None and not uri.startswith("pvc://"):
         return _parse_remote(f, uri)
-    remote_only = [k for k in REMOTE_ONLY if k in f.data]
+    remote_only = [k for k in REMOTE_FIELDS if k in f.data]
     if remote_only:
         raise SpecError(f.at(remote_only[0]), "applies only to an https://, http://, s3:// or hf:// uri")
     create = f.child("create")
@@ -236,7 +235,7 @@ def _parse_checkpoint(spec: Fields) -> CheckpointSpec:
         problem = uri_problem(uri, False)
         if problem:
             raise SpecError(f.at("uri"), problem)
-        claim, path = uri[len("pvc://"):].split("/", 1)
+        claim, path = pvc_target(uri)
         return CheckpointSpec(claim_name=claim, path=path, create=None if create is None else _parse_create(create))
     return CheckpointSpec(
         claim_name=f.str("claimName", required=True, pattern=DNS_SUBDOMAIN),

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt_operator.errors import SpecError
-from nanogpt_operator.fields import DNS_SUBDOMAIN, SHA256, Fields, display_source, uri_problem
+from nanogpt_operator.fields import (DNS_SUBDOMAIN, REMOTE_FIELDS, SHA256, Fields, display_source, pvc_target,
+                                    uri_problem)
 from nanogpt_operator.rollout.waves import WaveSize, parse_waves
 
 DEFAULT_WAVES = ("1", "25%", "100%")
@@ -79,7 +80,7 @@ class RolloutSpec:
 
 
 # spec.checkpoint of a NanoGPTRollout that go with a fetched uri, as in a NanoGPTModel.
-URI_FIELDS = ("uri", "sha256", "allowHttp", "endpoint", "secretRef", "cache", "fetchResources")
+URI_FIELDS = ("uri", *REMOTE_FIELDS)
 
 
 def _parse_target(f: Fields) -> tuple[str, str | None, dict[str, Any] | None]:
@@ -96,7 +97,7 @@ def _parse_target(f: Fields) -> tuple[str, str | None, dict[str, Any] | None]:
     if problem:
         raise SpecError(f.at("uri"), problem)
     if uri.startswith("pvc://"):
-        claim, path = uri[len("pvc://"):].split("/", 1)
+        claim, path = pvc_target(uri)
         return path, claim, None
     f.str("sha256", pattern=SHA256)
     return display_source(uri), None, {k: f.data[k] for k in URI_FIELDS if k in f.data}
