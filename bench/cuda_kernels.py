@@ -1,5 +1,5 @@
-"""CUDA_KERNELS=triton against =torch on one CUDA card (issue 22): in-process decode tokens/s at
-1 and 32 clients, greedy and sampled (the seed API's default, temperature 0.8 and top_k 50),
+"""CUDA_KERNELS=triton against =torch on one CUDA card (issue 22), and triton with ASYNC_SCHEDULING:
+in-process decode tokens/s at 1 and 32 clients, greedy and sampled (the seed API's default, temperature 0.8 and top_k 50),
 with transformers' batch-1 greedy decode on the same card as the peer, and whether the two
 paths' greedy tokens agree. Random GPT-2 weights (bench/models.py); bench/gpu_check.sh runs it.
 
@@ -24,11 +24,14 @@ from model.kernels import triton_decode
 
 log = logging.getLogger(__name__)
 KERNELS = ("torch", "triton")
+ASYNC = "triton+async"  # CUDA_KERNELS=triton with ASYNC_SCHEDULING=true
 
 
-async def rows_for(model, kernels: str, prompts: list[list[int]], new: int, clients: list[int]) -> dict:
+async def rows_for(model, kernels: str, prompts: list[list[int]], new: int, clients: list[int],
+                   async_scheduling: bool = False) -> dict:
     """One engine with CUDA_KERNELS=kernels: tok/s per (clients, greedy|sampled), its greedy tokens."""
-    engine = Engine(model, EngineConfig(max_batch=max(clients), max_queue=1024, cuda_kernels=kernels))
+    engine = Engine(model, EngineConfig(max_batch=max(clients), max_queue=1024, cuda_kernels=kernels,
+                                        async_scheduling=async_scheduling))
     await engine.start()
     try:
         out = {"cuda_kernels": engine.runner.cuda_kernels, "tok_s": {},
@@ -60,6 +63,8 @@ async def run(args) -> dict:
     for kernels in KERNELS[:1] if missing else KERNELS:
         report[kernels] = await rows_for(model, kernels, prompts, args.new, clients)
     if not missing:
+        report[ASYNC] = await rows_for(model, "triton", prompts, args.new, clients, async_scheduling=True)
+        report["async_greedy_tokens_equal"] = report[ASYNC].pop("greedy_tokens") == report["triton"]["greedy_tokens"]
         a, b = (report[k].pop("greedy_tokens") for k in KERNELS)
         report["greedy_tokens_agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     return report
@@ -71,10 +76,12 @@ def table(r: dict) -> str:
     lines = [f"## CUDA_KERNELS on {r['device']}, {r['shape']} {r['dtype']}, {r['new_tokens']} new tokens",
              f"transformers batch-1 greedy: {r['transformers_batch1_greedy_tok_s']:.0f} tok/s",
              f"greedy tokens equal for the first {r['greedy_tokens_agree']} of {r['new_tokens']}",
-             "| row | torch tok/s | triton tok/s | triton / torch |", "|---|---|---|---|"]
+             f"async scheduling's greedy tokens equal triton's: {r['async_greedy_tokens_equal']}",
+             "| row | torch tok/s | triton tok/s | triton + async tok/s | triton / torch | async / triton |",
+             "|---|---|---|---|---|---|"]
     for row, t in r["torch"]["tok_s"].items():
-        x = r["triton"]["tok_s"][row]
-        lines.append(f"| {row} | {t:.0f} | {x:.0f} | {x / t:.2f} |")
+        x, y = r["triton"]["tok_s"][row], r[ASYNC]["tok_s"][row]
+        lines.append(f"| {row} | {t:.0f} | {x:.0f} | {y:.0f} | {x / t:.2f} | {y / x:.2f} |")
     return "\n".join(lines)
 
 

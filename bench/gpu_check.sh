@@ -39,9 +39,9 @@ timeout 240 "$PY" -m pytest tests/engine/test_engine_cuda.py tests/kernels/test_
     tests/kernels/test_triton_sampling.py tests/model/test_checkpoint.py \
     -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu-check-tests.log" || tests=$?
 if [ "$DEVICE" = cuda ]; then  # issue 22's targets: batch 1 >= 3000 tok/s (124M bf16), sampled within 10% of greedy
-    timeout 150 "$PY" -m bench.cuda_kernels --shape gpt2-124M --dtype bfloat16 --clients 1,32 \
+    timeout 200 "$PY" -m bench.cuda_kernels --shape gpt2-124M --dtype bfloat16 --clients 1,32 \
         --out "$OUTDIR/gpu-cuda-kernels.json" > "$OUTDIR/gpu-cuda-kernels.log" 2>&1 || echo "cuda_kernels bench FAILED"
-    grep -A 12 "^## CUDA_KERNELS" "$OUTDIR/gpu-cuda-kernels.log" || tail -n 20 "$OUTDIR/gpu-cuda-kernels.log"
+    grep -A 13 "^## CUDA_KERNELS" "$OUTDIR/gpu-cuda-kernels.log" || tail -n 20 "$OUTDIR/gpu-cuda-kernels.log"
 fi
 timeout 300 "$PY" -m bench.run "${BENCH[@]}" --out "$OUTDIR/gpu-check.json" 2>&1 | tee "$OUTDIR/gpu-check-bench.log" \
     | tail -n 40 || { bench=$?; echo "benchmark FAILED (exit $bench): see $OUTDIR/gpu-check-bench.log"; }

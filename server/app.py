@@ -183,7 +183,8 @@ def load_engine(config: ServerConfig):
     engine_config = EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
                                  prefill_chunk=config.prefill_chunk, idle_prefill_chunk=config.idle_prefill_chunk,
                                  cpu_linear=config.cpu_linear, cpu_attention=config.cpu_attention,
-                                 batch_invariant=config.batch_invariant, cuda_kernels=config.cuda_kernels)
+                                 batch_invariant=config.batch_invariant, cuda_kernels=config.cuda_kernels,
+                                 async_scheduling=config.async_scheduling)
     if config.engine_process:  # the core process loads the model; start() waits for it
         from model.engine.client import EngineClient
         from model.engine.protocol import CoreSpec

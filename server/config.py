@@ -77,6 +77,7 @@ class ServerConfig:
     cpu_attention: str = "auto"  # what runs one-token attention on CPU
     cuda_kernels: str = "torch"  # what runs the decode step on CUDA (model/engine/cuda_setup.py)
     batch_invariant: bool = False  # every product and attention on the CPU kernels (model/engine/config.py)
+    async_scheduling: bool = False  # launch each step before reading the last one's tokens (model/engine/core.py)
     engine_process: bool = False  # the engine core in a process of its own (docs/engine-process.md)
     log_prompts: bool = False
     log_level: str = "INFO"
@@ -312,6 +313,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cuda_kernels", "CUDA_KERNELS", _choice("auto", "triton", "torch"),
             "CUDA decode step: our Triton kernels (five launches a block, one graph per batch size), torch's "
             "operators (default: the Triton path has not yet run on a GPU), or auto (triton where it imports)"),
+    Setting("async_scheduling", "ASYNC_SCHEDULING", _bool,
+            "launch each decode step before the host reads the tokens of the one before, so the GPU does not "
+            "wait on the host; eos and stop strings take effect one step late, the extra token dropped "
+            "(default false until measured on a GPU)"),
     Setting("batch_invariant", "BATCH_INVARIANT", _bool,
             "CPU: every matrix product and attention (prefill too) on our kernels, so that a request's numbers do "
             "not depend on what is batched beside it (default false: prefill on torch's faster GEMMs)"),

@@ -41,6 +41,11 @@ class EngineConfig:
     # torch until bench/gpu_check.sh has run the Triton path on a GPU (its kernels are checked only under
     # Triton's interpreter so far); then auto (triton where it imports).
     cuda_kernels: str = "torch"
+    # Launch each step before reading the tokens of the one before (model/engine/core.py), so that
+    # the device does not wait on the host between steps; an eos or stop string then takes effect
+    # one step late (the extra token is dropped, never streamed). Off until bench/gpu_check.sh has
+    # measured it on a GPU; on a CPU the "device" is the same thread and nothing overlaps.
+    async_scheduling: bool = False
 
     def validate(self) -> "EngineConfig":
         for name in ("max_batch", "max_queue", "prefill_chunk", "idle_prefill_chunk"):

@@ -7,6 +7,10 @@ reads as vLLM's EngineCore.step:
     tokens = self.runner.execute(plan)      # the forward over the plan, sampled on the device
     self.scheduler.update(plan, tokens, out)  # push tokens to the streams, retire finished rows
 
+With async scheduling (EngineConfig.async_scheduling) the update of a step waits until the
+next one has been launched, so that the device never idles while the host reads tokens, pushes
+them to the streams and plans: the scheduler's docstring says what that changes.
+
 The asyncio side only queues requests (Scheduler.add, which also wakes the idle worker) and
 receives results through `loop.call_soon_threadsafe` (request.Outbox).
 """
@@ -23,7 +27,7 @@ import torch
 from model.engine.config import EngineConfig
 from model.engine.errors import EngineStopped, PromptTooLong
 from model.engine.request import EngineStats, Outbox, RequestHandle
-from model.engine.runner import ModelRunner
+from model.engine.runner import Launched, ModelRunner
 from model.engine.scheduler import Request, Scheduler, StepScores
 from model.generate import TextStream
 from model.gpt import GPT
@@ -61,6 +65,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, self._block_size, model.tokenizer.eot_id, bucket=self.runner.bucket)
         self._thread: threading.Thread | None = None
         self._ready = False
+        self._in_flight: Launched | None = None  # async scheduling: the step launched and not yet read
 
     # --- properties -------------------------------------------------------
     @property
@@ -169,17 +174,25 @@ class Engine:
                     self.step()
                 except Exception as exc:  # a failed step fails its requests, not the engine
                     log.exception("engine step failed")
+                    self._in_flight = None
                     self.scheduler.fail_running(f"{type(exc).__name__}: {exc}")
             self.scheduler.cancel_everything()
 
     def step(self) -> None:
-        """One iteration: the scheduler plans, the runner executes, the scheduler folds the
-        tokens back. Even when a phase fails, what was finished before it gets delivered."""
+        """One iteration: the scheduler plans, the runner launches, the scheduler folds the
+        tokens back; with async scheduling, those of the step before, read while this one runs
+        (a step that computes logprobs is folded back at once). Even when a phase fails, what
+        was finished before it gets delivered."""
         out = Outbox()
         try:
             plan = self.scheduler.schedule(out)
-            scores = StepScores()  # stays empty unless some request asked for logprobs
-            tokens = self.runner.execute(plan, scores)
-            self.scheduler.update(plan, tokens, out, scores)
+            launched = self.runner.launch(plan, StepScores())  # scores stay empty unless some request asked
+            previous, self._in_flight = self._in_flight, None
+            if previous is not None:
+                self.scheduler.update(previous.plan, self.runner.read(previous), out, previous.scores)
+            if self.config.async_scheduling and not plan.scored:
+                self._in_flight = launched
+            else:
+                self.scheduler.update(plan, self.runner.read(launched), out, launched.scores)
         finally:
             out.send()

@@ -40,7 +40,7 @@ class DecodeGraphs:
     (B, L) -> (graph, logits), and of a one-row prompt chunk per (chunk bucket, cache-length
     bucket). Every decode graph reads its inputs from one device buffer, filled from pinned
     memory by one asynchronous copy per step (`load`), so preparing a step never waits for
-    the device. Empty (falsy) on CPU or with graphs off: the engine runs eager."""
+    the device (nor, with async scheduling, for the step in flight). Empty (falsy) on CPU or with graphs off: the engine runs eager."""
 
     def __init__(self):
         self.graphs: dict[tuple[int, int], tuple] = {}
@@ -61,12 +61,20 @@ class DecodeGraphs:
             return n
         return min(b for b in self.batches if b >= n)
 
-    def load(self, idx: list[int], pos: list[int], steps: list[int]) -> torch.Tensor:
+    def load(self, idx: list[int], pos: list[int], steps: list[int], carried: list[int] | None = None,
+             last: torch.Tensor | None = None) -> torch.Tensor:
         """Stage one decode's inputs (B = a captured bucket): token and position of each row,
-        and each row's generation step, which is returned on the device for the sampler."""
+        and each row's generation step, which is returned on the device for the sampler. Rows
+        whose `carried` entry is 1 feed `last[row]` instead (their token of the step before, on
+        the device: async scheduling). Two staging buffers in turn: with a step in flight the
+        copy from the other one may not have run yet."""
         B = len(idx)
-        self._staging[:, :B] = torch.tensor([idx, pos, steps], dtype=torch.long)
-        self._inputs.copy_(self._staging, non_blocking=True)  # whole (contiguous): truly asynchronous
+        staging = self._staging[self._loads % 2]
+        self._loads += 1
+        staging[:, :B] = torch.tensor([idx, pos, steps, carried or [0] * B], dtype=torch.long)
+        self._inputs.copy_(staging, non_blocking=True)  # whole (contiguous): truly asynchronous
+        if carried and any(carried):
+            self._inputs[0, :B] = torch.where(self._inputs[3, :B].bool(), last[:B], self._inputs[0, :B])
         return self._inputs[2, :B]
 
     def replay(self, batch: int, kv_needed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,8 +134,9 @@ class DecodeGraphs:
         self.lengths = kv_buckets(self.block_size)
         self.decode_lengths = [self.block_size] if any_length else self.lengths
         self.chunks = chunk_buckets(prefill_chunk, self.block_size)
-        self._inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)
-        self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
+        self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=device)  # idx, pos, steps, carried
+        self._staging = [torch.zeros(4, max_batch, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._loads = 0
         self._prefill_inputs = torch.zeros(2 + self.chunks[-1], dtype=torch.long, device=device)
         self._pool = None
         self.sampling = sampler is not None

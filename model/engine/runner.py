@@ -2,9 +2,12 @@
 
 At start-up (`setup`, once) it picks the CPU paths (model/engine/cpu_setup.py), allocates
 the cache, captures CUDA graphs (model/engine/cuda_graphs.py) and warms up. Each step,
-`execute(plan)` runs the plan's prompt chunks and decode and samples on the device; the
-token ids it returns are the step's one host sync. It never decides what to run: the
-scheduler's plan (model/engine/scheduler.py) says so.
+`launch(plan)` queues the plan's prompt chunks and decode and the sampling on the device and
+starts one asynchronous copy of the tokens to the host; `read(launched)` waits for that copy,
+the step's one host sync (`execute` is the two at once). Between them the engine may plan and
+launch the next step (async scheduling): rows the plan marks `carried` feed the token they
+sampled in the step before, taken on the device from `_last`. It never decides what to run:
+the scheduler's plan (model/engine/scheduler.py) says so.
 """
 
 from __future__ import annotations
@@ -28,6 +31,18 @@ from model.sampling import BatchParams, SamplingParams, sample
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class Launched:
+    """A step queued on the device (ModelRunner.launch): its plan, the logprobs it computed, and
+    where its tokens arrive on the host (CUDA: a pinned buffer, ready when `ready` has passed)."""
+    plan: StepPlan
+    scores: StepScores | None = None
+    tokens: torch.Tensor | None = None  # (B,) on the host; None without a decode
+    ready: torch.cuda.Event | None = None
+    started: float = 0.0
+    sampled: list[int] | None = None  # the decoding rows' tokens, once read
+
+
 class ModelRunner:
     def __init__(self, model: GPT, config: EngineConfig):
         self.model, self.config = model, config
@@ -43,6 +58,10 @@ class ModelRunner:
         self._batch_key: tuple | None = None
         self._batch_params: BatchParams | None = None
         self._graph_params: BatchParams | None = None  # what the captured sampler's buffers hold
+        self._last: torch.Tensor | None = None  # (max_batch,) each row's last sampled token, on the device
+        self._host: list[torch.Tensor] = []  # CUDA: two pinned buffers the tokens are copied into, in turn
+        self._launches = 0
+        self._read_at = 0.0  # when the last step's tokens were read
         self.total_steps = 0  # steps that decoded
         self.last_batch = 0  # rows the last step decoded
         self.tokens_per_second = 0.0  # decode throughput, smoothed over recent steps
@@ -70,6 +89,9 @@ class ModelRunner:
         self.cache_dtype = kv_cache_dtype(self.model)
         with torch.inference_mode():
             self.cache = KVCache(self.model.config, self.config.max_batch, self.device, self.cache_dtype)
+            self._last = torch.zeros(self.config.max_batch, dtype=torch.long, device=self.device)
+            if self.device.type == "cuda":  # two: one step's copy lands while the host reads the other's
+                self._host = [torch.zeros(self.config.max_batch, dtype=torch.long).pin_memory() for _ in range(2)]
             log.info("KV cache: %d rows x %d positions, %s, %.1f MiB", self.config.max_batch,
                      self.model.config.block_size, str(self.cache_dtype).removeprefix("torch."),
                      self.cache.nbytes / 2**20)
@@ -94,12 +116,16 @@ class ModelRunner:
 
     # --- one step ---------------------------------------------------------------
     def execute(self, plan: StepPlan, scores: StepScores | None = None) -> list[int]:
-        """Run the plan: its prompt chunks, and one token for rows 0..B-1, then sampling on the
+        """launch(plan) and read it: the sampled token of each of plan.decode.rows."""
+        return self.read(self.launch(plan, scores))
+
+    def launch(self, plan: StepPlan, scores: StepScores | None = None) -> Launched:
+        """Queue the plan: its prompt chunks, and one token for rows 0..B-1, then sampling on the
         device. Eager, it is one pass over the weights for both; with CUDA graphs the chunks run
         first (a one-row chunk as a captured prefill where one fits it: eager, a chunk costs
-        many small launches) and the captured decode is replayed. Returns the sampled token of
-        each of plan.decode.rows (none without a decode). Logprobs the plan asks for (chunks
-        with targets, DecodeBatch.logprobs) go into `scores`."""
+        many small launches) and the captured decode is replayed. Logprobs the plan asks for
+        (chunks with targets, DecodeBatch.logprobs) go into `scores`; they need the tokens,
+        so such a step is read here already."""
         chunks = [c for c in plan.prefill if c.targets or not self._graph_prefill(c)]  # scoring runs eager
         eager = [self._step_part(c) for c in chunks]
         d = plan.decode
@@ -107,14 +133,13 @@ class ModelRunner:
             self._score_prompts(chunks, self.model.step_parts(eager, self.cache), scores)
             eager = []
         if d is None:
-            self.last_batch = 0
-            return []
+            return Launched(plan, scores)
         t0 = time.perf_counter()
         B = len(d.idx)
         bp = self._sampling_params(d)
         tokens = None
         if self.graphs:
-            step = self.graphs.load(d.idx, d.pos, d.steps)
+            step = self.graphs.load(d.idx, d.pos, d.steps, self._carried_mask(d), self._last)
             fused = self.graphs.sampling
             if fused and bp is not self._graph_params:  # new members: the captured sampler's buffers
                 self.graphs.set_sampling(bp.temperature, bp.top_k, bp.top_p, bp.seed)
@@ -122,17 +147,50 @@ class ModelRunner:
             logits, tokens = self.graphs.replay(B, max(d.pos) + 1)
             tokens = tokens if fused else None
         else:  # eager: the chunks, then the decode, in one pass over the weights
-            decode = StepPart(torch.tensor(d.idx, device=self.device).unsqueeze(1),
-                              torch.tensor(d.pos, device=self.device), kv_len=max(d.pos) + 1)
+            idx = torch.tensor(d.idx, device=self.device)
+            if d.carried:
+                idx = torch.where(torch.tensor(self._carried_mask(d), dtype=torch.bool, device=self.device),
+                                  self._last[:B], idx)
+            decode = StepPart(idx.unsqueeze(1), torch.tensor(d.pos, device=self.device), kv_len=max(d.pos) + 1)
             step = torch.tensor(d.steps, device=self.device)
             *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
             self._score_prompts(chunks if eager else [], hidden, scores)
-        tokens = (self._sample(logits[:, -1], bp, step) if tokens is None else tokens).tolist()
-        sampled = [tokens[r] for r in d.rows]
+        tokens = self._sample(logits[:, -1], bp, step) if tokens is None else tokens
+        self._last[:B].copy_(tokens)  # what carried rows of the next step feed
+        launched = Launched(plan, scores, tokens, started=t0)
+        if self._host:  # CUDA: copy to pinned memory without waiting, and mark when it has landed
+            launched.tokens = self._host[self._launches % 2][:B]
+            launched.tokens.copy_(tokens, non_blocking=True)
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        self._launches += 1
         if d.logprobs and scores is not None:
-            self._score_samples(logits, d, sampled, scores)
-        self._count(len(d.rows), time.perf_counter() - t0)
-        return sampled
+            self._score_samples(logits, d, self.read(launched), scores)
+        return launched
+
+    def read(self, launched: Launched) -> list[int]:
+        """The sampled token of each of the launched plan's decoding rows (waits for the copy)."""
+        d = launched.plan.decode
+        if d is None:
+            self.last_batch = 0
+            return []
+        if launched.sampled is None:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            tokens = launched.tokens.tolist()
+            launched.sampled = [tokens[r] for r in d.rows]
+            now = time.perf_counter()
+            self._count(len(d.rows), now - max(launched.started, self._read_at))
+            self._read_at = now
+        return launched.sampled
+
+    @staticmethod
+    def _carried_mask(d: DecodeBatch) -> list[int]:
+        """Per row 0..B-1: 1 where it feeds its token of the step before (DecodeBatch.carried)."""
+        mask = [0] * len(d.idx)
+        for r in d.carried:
+            mask[r] = 1
+        return mask
 
     def _sample(self, logits: torch.Tensor, bp: BatchParams, step: torch.Tensor) -> torch.Tensor:
         """The decode's tokens: by the one fused Triton kernel on the Triton CUDA path

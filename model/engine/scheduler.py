@@ -8,6 +8,14 @@ three calls, as in vLLM's EngineCore.step (model/engine/core.py):
     tokens = runner.execute(plan)        model/engine/runner.py: the forward and the sampling
     scheduler.update(plan, tokens, out)  push tokens to the streams, retire finished rows
 
+With async scheduling (EngineConfig.async_scheduling) the engine calls update() for a step
+after it has scheduled and launched the next one. A decoding row's bookkeeping therefore
+advances when it is planned (`in_flight` counts its tokens sampled on the device and not yet
+read), and a row whose token is in flight decodes again from that token on the device
+(DecodeBatch.carried) unless it must stop whatever the token is (max_new_tokens, a full
+context). An end that depends on the token (eos, a stop string) is seen one step late: the
+token the row drew meanwhile is dropped, as in vLLM's async scheduling.
+
 A plan (`StepPlan`) names everything the runner needs: which rows prefill which tokens at
 which positions, and which rows decode; the runner never reads the scheduler's state.
 
@@ -55,6 +63,7 @@ class Request:
     row: int = -1
     n_cached: int = 0  # positions 0..n_cached-1 of the row hold this context
     pending: list[int] = field(default_factory=list)  # to feed next; exactly one = ready to decode
+    in_flight: int = 0  # tokens sampled on the device and not read yet (async scheduling: 0 or 1)
     generated: list[int] = field(default_factory=list)
     admitted: float = 0.0
     first_token: float | None = None
@@ -64,6 +73,12 @@ class Request:
     @property
     def decodable(self) -> bool:
         return len(self.pending) == 1
+
+    def continues(self, block_size: int) -> bool:
+        """Whether the row may decode from its in-flight token before it is read: only if no
+        value of that token can end it (max_new_tokens) or make it slide (a full context)."""
+        return (not self.pending and self.in_flight == 1 and len(self.generated) + 1 < self.params.max_new_tokens
+                and self.n_cached < block_size)
 
     def scores_prompt(self, pos: int) -> bool:
         """Whether the chunk at `pos` holds prompt positions whose logprobs were asked for."""
@@ -93,13 +108,15 @@ class DecodeBatch:
     writes at position 0, a prefilling row at its next prefill position (past this step's
     chunk), where nothing lives. Each tuple but `rows` has one entry per row 0..B-1."""
     rows: tuple[int, ...]  # the rows that sample a token, ascending
-    idx: tuple[int, ...]  # the token each row feeds (0 where it rides along)
+    idx: tuple[int, ...]  # the token each row feeds (0 where it rides along or is carried)
     pos: tuple[int, ...]  # the position it is written at
     steps: tuple[int, ...]  # tokens generated so far: the sampler's noise counter
     members: tuple[int | None, ...]  # the decoding request's uid, else None (sampling tensors follow it)
     params: tuple[SamplingParams | None, ...]  # the decoding request's sampling, else None
     seeds: tuple[int, ...]  # ... and its seed, else 0
     logprobs: tuple[int | None, ...] = ()  # per decoding row, top alternatives wanted, or None; () for none
+    # Rows (ascending) that feed the token they sampled in the previous step, still on the device (async scheduling)
+    carried: tuple[int, ...] = ()
 
 
 @dataclass
@@ -115,6 +132,11 @@ class StepPlan:
     """One step: the prompt chunks (run first), then the decode (None: no row decodes)."""
     prefill: tuple[PrefillChunk, ...] = ()
     decode: DecodeBatch | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the step computes logprobs (the engine folds such a step back at once)."""
+        return any(c.targets for c in self.prefill) or bool(self.decode and self.decode.logprobs)
 
 
 # --- the state and the scheduler ---------------------------------------------------
@@ -268,20 +290,28 @@ class Scheduler:
         return min(top, self.config.prefill_chunk * max(1, prefilling // decoding))
 
     def _plan_decode(self) -> DecodeBatch | None:
-        """Every decodable row (after this step's chunks), as one batch over rows 0..B-1."""
-        rows = tuple(r for r, s in enumerate(self.state.rows) if s is not None and s.decodable)
+        """Every decodable row (after this step's chunks), and every row that continues from its
+        in-flight token, as one batch over rows 0..B-1. Their bookkeeping advances here."""
+        rows = tuple(r for r, s in enumerate(self.state.rows)
+                     if s is not None and (s.decodable or s.continues(self.block_size)))
         if not rows:
             return None
         B = self.bucket(rows[-1] + 1)
         seqs = self.state.rows[:B]
         seqs = seqs + [None] * (B - len(seqs))
-        live = [s if s is not None and s.decodable else None for s in seqs]
-        return DecodeBatch(
-            rows=rows, idx=tuple(s.pending[0] if s else 0 for s in live),
-            pos=tuple(s.n_cached if s is not None else 0 for s in seqs),
-            steps=tuple(len(s.generated) if s is not None else 0 for s in seqs),
+        chosen = set(rows)
+        live = [s if s is not None and s.row in chosen else None for s in seqs]
+        batch = DecodeBatch(
+            rows=rows, idx=tuple(s.pending[0] if s and s.pending else 0 for s in live),
+            pos=tuple(_write_position(s, self.block_size) for s in seqs),
+            steps=tuple(len(s.generated) + s.in_flight if s is not None else 0 for s in seqs),
             members=tuple(s.uid if s else None for s in live), params=tuple(s.params if s else None for s in live),
-            seeds=tuple(s.seed if s else 0 for s in live), logprobs=_sampled_scoring(self.state.rows, rows))
+            seeds=tuple(s.seed if s else 0 for s in live), logprobs=_sampled_scoring(self.state.rows, rows),
+            carried=tuple(s.row for s in live if s and not s.pending))
+        for s in live:
+            if s is not None:  # its token's keys/values go into the cache at n_cached now
+                s.n_cached, s.pending, s.in_flight = s.n_cached + 1, [], s.in_flight + 1
+        return batch
 
     # --- update: fold the sampled tokens back (worker thread) --------------------
     def update(self, plan: StepPlan, tokens: list[int], out: Outbox, scores: StepScores | None = None) -> None:
@@ -294,10 +324,12 @@ class Scheduler:
         if plan.decode is None:
             return
         now = time.perf_counter()
-        for r, token in zip(plan.decode.rows, tokens):
+        d = plan.decode
+        for r, token in zip(d.rows, tokens):
             seq = self.state.rows[r]
-            seq.n_cached += 1  # the pending token's keys/values are in the cache now
-            seq.pending = []
+            if seq is None or seq.uid != d.members[r]:
+                continue  # it ended (eos, stop, cancelled) while this token was in flight: dropped
+            seq.in_flight -= 1
             if seq.first_token is None:
                 seq.first_token = now
             if token == self.eot_id and seq.params.stop_at_eot:
@@ -313,6 +345,8 @@ class Scheduler:
                 self._finish(seq, "stop", out)
             elif len(seq.generated) >= seq.params.max_new_tokens:
                 self._finish(seq, "length", out)
+            elif seq.in_flight:
+                pass  # already decoding its next token from this one, on the device
             elif seq.n_cached == self.block_size:  # context full: slide (see context_window)
                 seq.pending, seq.n_cached = context_window(seq.tokens, self.block_size), 0
             else:
@@ -362,6 +396,14 @@ class Scheduler:
             self.state.rows[seq.row] = None
             heapq.heappush(self.state.free, seq.row)
             seq.row = -1
+
+
+def _write_position(seq: Request | None, block_size: int) -> int:
+    """Where a row of the decode batch writes: a decoding row at its next position; a row riding
+    along at its next prefill position (past this step's chunk), where nothing lives yet; a free
+    row, or one whose full context waits on its in-flight token to slide, at 0 (rewritten
+    before it is read)."""
+    return seq.n_cached if seq is not None and seq.n_cached < block_size else 0
 
 
 def _prompt_scoring(seqs: list[Request], n: int) -> dict:

@@ -57,9 +57,11 @@ def fields(r):
     return r.token_ids, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens
 
 
-async def test_same_results_as_in_process_greedy_seeded_unseeded_and_stop_strings(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_same_results_as_in_process_greedy_seeded_unseeded_and_stop_strings(checkpoint, async_scheduling):
     """Six concurrent requests over four rows (two queue): greedy, seeded, unseeded (the engine's
-    RNG gives seeds in order of arrival), and stop strings that cut the text mid-stream."""
+    RNG gives seeds in order of arrival), and stop strings that cut the text mid-stream; with
+    async scheduling too (the core sees a stop string the client found a step or more late)."""
     ids = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [3, 3, 3], [2, 9]]
     params = [SamplingParams(max_new_tokens=12, temperature=0.0),
               SamplingParams(max_new_tokens=15, temperature=1.0, top_k=20, seed=11),
@@ -75,7 +77,7 @@ async def test_same_results_as_in_process_greedy_seeded_unseeded_and_stop_string
         again = [(i, replace(p, stop=(stop, "never"))) for i, p in requests]
         return first + await run_all(engine, again)
 
-    local, remote = await in_process_and_remote(checkpoint, fn)
+    local, remote = await in_process_and_remote(checkpoint, fn, async_scheduling=async_scheduling)
     assert [fields(r) for r in remote] == [fields(r) for r in local]
     assert local[6].finish_reason == "stop"  # the stop case is exercised, not vacuous
     assert all(r.ttft_s is not None and r.total_s >= r.ttft_s for r in remote)

@@ -115,3 +115,16 @@ async def test_triton_batches_of_8_to_32_rows_past_128_positions_equal_torch(row
     torch_ops = await run_requests(gpu, requests, cuda_kernels="torch", max_batch=32)
     triton = await run_requests(gpu, requests, cuda_kernels="triton", max_batch=32)
     assert triton == torch_ops
+
+
+@pytest.mark.parametrize("cuda_kernels", ["torch", "triton"])
+async def test_async_scheduling_with_graphs_gives_the_synchronous_tokens(cuda_kernels):
+    """Async scheduling on CUDA graphs (pinned double buffers, carried tokens taken on the device):
+    the same tokens as without it, with an eos that ends a request one step late."""
+    cpu, gpu = gpu_model()
+    requests = requests_for(cpu.tokenizer)
+    first = await run_requests(gpu, requests, cuda_kernels=cuda_kernels)
+    gpu.tokenizer.eot_id = first[0][5]  # request 0 (and any other drawing it) now ends at eos
+    sync = await run_requests(gpu, requests, cuda_kernels=cuda_kernels)
+    assert sync[0] == first[0][:first[0].index(first[0][5])]
+    assert await run_requests(gpu, requests, cuda_kernels=cuda_kernels, async_scheduling=True) == sync

@@ -97,7 +97,7 @@ async def test_batch_invariant_engine_gives_each_step_the_same_logits_alone_batc
     def recording(logits, bp, step, n_vocab):
         if engines:  # not the first engine's warm-up (the second's finds the first's rows empty)
             rows = engines[-1].scheduler.state.rows[:logits.shape[0]]
-            seen[-1].update({tuple(s.tokens): logits[r].clone() for r, s in enumerate(rows) if s and s.decodable})
+            seen[-1].update({tuple(s.tokens): logits[r].clone() for r, s in enumerate(rows) if s and s.in_flight})
         return sample(logits, bp, step, n_vocab)
     monkeypatch.setattr(runner_module, "sample", recording)
 

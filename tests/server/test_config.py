@@ -45,7 +45,10 @@ def test_prefill_budgets_reach_the_engine():
     assert (engine.config.prefill_chunk, engine.config.idle_prefill_chunk) == (64, 256)
     assert engine.config.batch_invariant is False
     engine = load_engine(load_config(["--batch-invariant"], {"DEVICE": "cpu"}))
-    assert engine.config.batch_invariant is True
+    assert engine.config.batch_invariant is True and engine.config.async_scheduling is False
+    assert c.async_scheduling is EngineConfig.async_scheduling
+    engine = load_engine(load_config([], {"DEVICE": "cpu", "ASYNC_SCHEDULING": "true", "ENGINE_PROCESS": "true"}))
+    assert engine.spec.engine.async_scheduling is True  # the core process builds its engine from the spec
 
 
 def test_quantize_int8_quantizes_the_checkpoint_at_load():
