@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "q8_0")
 OURS_AT = {"f32": "float32", "f16": "float16"}  # our batch-1 row at the same precision
+# A build for the CPU it runs on (GGML_NATIVE, the default) enables ggml's AMX backend on Sapphire
+# Rapids and later Xeons; q8_0 is among the types it repacks, and segfaults in its matrix product
+# have been reported there that other machines do not show (ggml-org/llama.cpp issue 20824). The
+# earlier q8_0 crash was on such a Xeon; it has not been reproduced on one since (this bench's hosts
+# since had no AMX), so this is the likely cause and the way round, not a confirmed one.
+AMX_HINT = ("this CPU has AMX: rebuild without ggml's AMX backend, CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON "
+            "-DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' pip install "
+            "--force-reinstall --no-binary llama-cpp-python llama-cpp-python")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanogpt-bench"
 
 
@@ -138,7 +146,7 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
           tokenizer_dir: str | None, reference_tokens: list[int] | None, workdir: str | None = None) -> dict:
     """{"rows": {outtype: {...}}, "skipped": {outtype: why}} or {"skipped": why} for the whole peer."""
     try:
-        import llama_cpp  # noqa: F401  (here only to say early when it is missing; run_one uses it)
+        import llama_cpp
     except ImportError as err:
         return {"skipped": f"llama-cpp-python is not importable ({err}); pip install '.[bench-llama]'"}
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer_dir()
@@ -148,7 +156,9 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
         conv = find_converter(converter)
     except Exception as err:
         return {"skipped": f"no GGUF converter: {err}"}
-    result: dict = {"version": _version(), "converter": str(conv), "threads": threads, "rows": {}, "skipped": {}}
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    result: dict = {"version": _version(), "converter": str(conv), "threads": threads, "system_info": system_info,
+                    "rows": {}, "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="bench-gguf-", dir=workdir) as tmp:
         hf_dir = Path(tmp) / "hf"
         export_hf(hf, tok_dir, hf_dir)
@@ -165,7 +175,7 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
                 log.warning("llama.cpp %s skipped: %s", outtype, err)
                 continue
             # in a process of its own: a llama.cpp build that crashes on this CPU (seen: q8_0,
-            # SIGSEGV on an AVX-512/AMX Xeon) costs its row, not the whole benchmark
+            # SIGSEGV on an AVX-512/AMX Xeon; see AMX_HINT) costs its row, not the whole benchmark
             job = {"model_path": str(gguf), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats,
                    "threads": threads}
             done = subprocess.run([sys.executable, "-m", "bench.llama"], input=json.dumps(job), capture_output=True,
@@ -174,7 +184,8 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
             if done.returncode:
                 why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
                 tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-                result["skipped"][outtype] = f"llama.cpp crashed ({why}){': ' + tail if tail else ''}"
+                hint = f"; {AMX_HINT}" if "AMX_INT8 = 1" in system_info else ""
+                result["skipped"][outtype] = f"llama.cpp crashed ({why}){': ' + tail if tail else ''}{hint}"
                 log.warning("llama.cpp %s: %s", outtype, result["skipped"][outtype])
                 continue
             run = json.loads(done.stdout)
