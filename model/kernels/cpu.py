@@ -318,8 +318,9 @@ class DecodeStack:
 def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False) -> None:
     """Give (or take back from) the model's attention layers `decode_attention` for their
     one-token steps (GPT.step with T == 1), with chunks for prompt chunks as well, and a GPT a
-    DecodeStack (which applies where its linear layers run on the kernel, see use_kernel;
-    install it again after replacing a block's modules or Parameter objects).
+    DecodeStack (which applies where its linear layers run on the kernels, see use_kernel and
+    use_int8_kernel; install it again after replacing a block's modules, Parameter objects or
+    int8 buffers: a cast of the whole model replaces an int8 layer's scales).
     Raises KernelUnavailable, changing nothing, where the kernels cannot be loaded."""
     from model.gpt import GPT, Block
     if on:

@@ -432,6 +432,22 @@ def test_decode_blocks_refuses_bad_parameters_and_rows_with_the_reason():
         torch.ops.nanogpt.decode_blocks(x, [torch.ones(32)] * 24, cache, cache.clone(), 1, pos, False)
 
 
+def test_decode_blocks_int8_runs_a_layer_without_scales_on_the_float_kernel():
+    """None in scales is a float layer: with every one None, decode_blocks_int8 is decode_blocks."""
+    m = small_gpt()
+    cpukernels.use_kernel(m)
+    cpukernels.use_decode_attention(m)
+    x, pos = torch.randn(2, 1, 32), torch.tensor([3, 5])
+    outs = []
+    for int8_op in (False, True):
+        cache = KVCache(m.config, 3)
+        args = (cache.k, cache.v, 1, pos, False)
+        with torch.inference_mode():
+            outs.append((torch.ops.nanogpt.decode_blocks_int8(x, m.decode_stack.params, [None] * 8, *args) if int8_op
+                         else torch.ops.nanogpt.decode_blocks(x, m.decode_stack.params, *args), cache.k))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_decode_blocks_int8_refuses_scales_that_do_not_match_the_weights():
     x, cache, pos = torch.zeros(1, 1, 32), torch.zeros(2, 1, 4, 8, 8), torch.tensor([0])
     params = [torch.ones(32)] * 24
@@ -442,7 +458,8 @@ def test_decode_blocks_int8_refuses_scales_that_do_not_match_the_weights():
         op(x, params, scales[:7], cache, cache.clone(), 0, pos, False)
     with pytest.raises(RuntimeError, match="parameter 2 \\(a weight\\) is int8 but scales\\[0\\] is None"):
         op(x, params, [None] * 8, cache, cache.clone(), 0, pos, False)
-    with pytest.raises(RuntimeError, match="parameter 16 \\(a weight\\) is Float, not int8, but scales\\[5\\] is given"):
+    float_given = "parameter 16 \\(a weight\\) is Float, not int8, but scales\\[5\\] is given"  # block 1's c_proj
+    with pytest.raises(RuntimeError, match=float_given):
         op(x, params, scales[:5] + [torch.ones(32, 1)] + scales[6:], cache, cache.clone(), 0, pos, False)
     with pytest.raises(RuntimeError, match="decode_blocks_int8: parameter 14 \\(a weight\\) is None"):
         op(x, params[:14] + [None] + params[15:], scales, cache, cache.clone(), 0, pos, False)
