@@ -284,31 +284,43 @@ def decode_attention(q, k, v, k_cache, v_cache, rows, pos) -> torch.Tensor | Non
 class DecodeStack:
     """Every block's one-token step for rows row0..row0+B-1 of the caches (model/gpt.py's
     Block.step_parts, block after block: the same ops, the same numbers) as one op (block.cpp's
-    decode_blocks): x (B, 1, C) -> (B, 1, C), for a model whose every block's attention has
-    `decode_attention` (use_decode_attention installs it only then). It applies where every
-    linear layer sends B rows to the kernel. Holds the blocks' modules and Parameter objects,
-    gathered once rather than per step (see docs/engine.md); call load() first."""
+    decode_blocks, or decode_blocks_int8 for model/quant.py's int8 layers): x (B, 1, C) ->
+    (B, 1, C), for a model whose every block's attention has `decode_attention`
+    (use_decode_attention installs it only then). It applies where every linear layer sends B
+    rows to the kernel (KernelLinear, or KernelInt8Linear: use_kernel, use_int8_kernel, in
+    either order, since only the layers' classes change). Holds the blocks' modules, Parameter
+    objects and int8 scales, gathered once rather than per step (see docs/engine.md); call load()
+    first."""
 
     def __init__(self, model: nn.Module):
+        from model.quant import Int8Linear, KernelInt8Linear
         blocks = list(model.transformer.h)
         self.linears = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         self.params = [p for b in blocks for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)
                        for p in (m.weight, m.bias)]
+        self.scales = [m.weight_scale if isinstance(m, Int8Linear) else None for m in self.linears]
+        self.int8 = any(s is not None for s in self.scales)  # then decode_blocks_int8
+        self.kernel_classes = (KernelLinear, KernelInt8Linear)  # what sends products to our kernels
         self.gelu_tanh = blocks[0].mlp.gelu.approximate == "tanh"  # one config for every block
 
     def applies(self, B: int, k_cache: torch.Tensor) -> bool:
-        return (k_cache.is_cpu and all(type(m) is KernelLinear and B <= m.kernel_max_rows for m in self.linears)
-                and not (torch.is_grad_enabled() and self.params[2].requires_grad))
+        # params[0] (ln_1) and params[2] (c_attn): under autograd the op tracks nothing
+        return (k_cache.is_cpu and all(type(m) in self.kernel_classes and B <= m.kernel_max_rows for m in self.linears)
+                and not (torch.is_grad_enabled() and (self.params[0].requires_grad or self.params[2].requires_grad)))
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, cache, row0: int) -> torch.Tensor:
+        if self.int8:
+            return torch.ops.nanogpt.decode_blocks_int8(x, self.params, self.scales, cache.k, cache.v, row0, pos,
+                                                        self.gelu_tanh)
         return torch.ops.nanogpt.decode_blocks(x, self.params, cache.k, cache.v, row0, pos, self.gelu_tanh)
 
 
 def use_decode_attention(model: nn.Module, on: bool = True, chunks: bool = False) -> None:
     """Give (or take back from) the model's attention layers `decode_attention` for their
     one-token steps (GPT.step with T == 1), with chunks for prompt chunks as well, and a GPT a
-    DecodeStack (which applies where its linear layers run on the kernel, see use_kernel;
-    install it again after replacing a block's modules or Parameter objects).
+    DecodeStack (which applies where its linear layers run on the kernels, see use_kernel and
+    use_int8_kernel; install it again after replacing a block's modules, Parameter objects or
+    int8 buffers: a cast of the whole model replaces an int8 layer's scales).
     Raises KernelUnavailable, changing nothing, where the kernels cannot be loaded."""
     from model.gpt import GPT, Block
     if on:

@@ -61,6 +61,28 @@ async def test_the_int8_kernel_decodes_the_torch_references_greedy_text(dtype):
     assert kernel_tokens == torch_tokens == want
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+async def test_the_engine_runs_an_int8_models_blocks_as_one_op_with_the_modules_tokens(monkeypatch, dtype):
+    """After the engine's CPU set-up (the int8 kernel, then the fused attention and its stack),
+    every one-token step of an int8 model runs its blocks in decode_blocks_int8, and greedy text
+    is the block modules' own (the stack kept out)."""
+    model = int8_model(dtype=dtype)
+    prompt = model.tokenizer.encode("the quick brown fox")
+    calls, op = [], torch.ops.nanogpt.decode_blocks_int8
+    monkeypatch.setattr(torch.ops.nanogpt, "decode_blocks_int8", lambda *a: calls.append(a[0].shape[0]) or op(*a))
+    fused_tokens, engine = await _greedy(copy.deepcopy(model), "kernel", prompt, 24)
+    stack = engine.model.decode_stack
+    assert engine.cpu_attention == "kernel" and stack is not None and stack.int8
+    with torch.inference_mode():  # as the engine's steps run
+        assert stack.applies(1, engine.runner.cache.k)
+    assert len(calls) >= 23 and set(calls) == {1}  # the warm-up's step, then one a new token after the first
+    calls.clear()
+    monkeypatch.setattr(cpukernels.DecodeStack, "applies", lambda self, B, k_cache: False)
+    module_tokens, _ = await _greedy(copy.deepcopy(model), "kernel", prompt, 24)
+    assert calls == []
+    assert fused_tokens == module_tokens
+
+
 def test_batch_invariant_mode_sends_every_int8_product_to_the_kernel():
     model = int8_model()
     assert choose_cpu_linear(model, "auto", every_row=True) == "kernel"

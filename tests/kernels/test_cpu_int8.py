@@ -106,3 +106,19 @@ def test_kernel_layer_routes_small_calls_to_the_kernel_and_big_ones_to_the_refer
         small, big = layer(torch.randn(1, 4, 128)), layer(torch.randn(1, 5, 128))
     assert calls == [torch.Size([1, 4, 128])]
     assert small.shape == (1, 4, 64) and big.shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_row_that_is_not_finite_gives_nan_and_leaves_the_others_alone(isa, dtype):
+    """Half-precision x is rounded to int16 a row at a time (its scale from its largest |x|): a row
+    holding inf or NaN has no such scale, and gives NaN outputs, without touching the other rows."""
+    q, scale, b = quantized(96, 128)
+    x = torch.randn(3, 128).to(dtype)
+    alone = cpukernels.linear_rows_int8(x[2:], q, scale, b.to(dtype))
+    for bad in (float("inf"), float("nan")):
+        x[1, 5] = bad
+        got = cpukernels.linear_rows_int8(x, q, scale, b.to(dtype))
+        assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+        assert torch.equal(got[2:], alone)
+    zeros = cpukernels.linear_rows_int8(torch.zeros(1, 128, dtype=dtype), q, scale, b.to(dtype))
+    assert torch.equal(zeros[0], b.to(dtype))  # a row of zeros: the bias alone

@@ -332,6 +332,66 @@ def test_decode_blocks_gives_the_bits_of_the_blocks_own_modules(monkeypatch, dty
     assert runs[0] == 3 * 4  # batches x steps: the fused op did run
 
 
+def fused_and_module_steps(model, B, row0, rows=10, steps=4):
+    """Logits and caches of `steps` one-token steps of B sequences at cache rows row0.. after an
+    8-token prompt, (fused op, block modules): each from its own copy of the model."""
+    seq = torch.randint(0, model.config.vocab_size, (B, 8 + steps), generator=torch.Generator().manual_seed(B))
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        cpukernels.use_decode_attention(m)  # before the int8 kernel: the stack holds the modules, which keep
+        cpukernels.use_int8_kernel(m)       # their objects when the kernel changes their class
+        if not fused:
+            m.decode_stack = None
+        cache = KVCache(m.config, rows, dtype=m.transformer.wpe.weight.dtype)
+        with torch.inference_mode():
+            assert not fused or m.decode_stack.applies(B, cache.k)
+            m.step(seq[:, :8], torch.zeros(B, dtype=torch.long), cache, row0=row0)
+            logits = [m.step(seq[:, i:i + 1], torch.full((B,), i), cache, row0=row0) for i in range(8, 8 + steps)]
+        results.append((torch.cat(logits, 1), cache.k, cache.v))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "none")])
+def test_decode_blocks_with_int8_layers_gives_the_bits_of_the_blocks_own_modules(monkeypatch, dtype, bias, gelu):
+    """decode_blocks_int8 is KernelInt8Linear's products in Block.step_parts' order: equal to the
+    bit to the modules called one by one, in both activation dtypes, for batches of 1, 3 and 8
+    (one kernel block), at row 0 and beyond."""
+    from model.quant import quantize_model
+    runs = fused_steps_counted(monkeypatch)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=128, bias=bias, gelu_approximate=gelu)
+    model = quantize_model(GPT(config).eval(), dtype=dtype)  # n_embd 128: two groups of 64 a row
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.int8
+    for B, row0 in ((1, 0), (1, 5), (3, 2), (8, 0), (8, 2)):
+        fused, modules = fused_and_module_steps(model, B, row0)
+        assert all(torch.equal(a, b) for a, b in zip(fused, modules))
+        assert fused[1][:, row0:row0 + B].abs().sum() > 0 and fused[1][:, :row0].abs().sum() == 0  # its rows only
+    assert runs[0] == 5 * 4  # batches x steps: the int8 op did run
+
+
+def test_decode_stack_applies_to_int8_layers_only_on_the_kernel(monkeypatch):
+    """An int8 model's stack applies once every layer is KernelInt8Linear (installed before or
+    after the stack) and B is within their rows; the torch reference (Int8Linear) keeps the modules."""
+    from model.quant import quantize_model
+    runs = fused_steps_counted(monkeypatch)
+    m = quantize_model(small_gpt())
+    cpukernels.use_decode_attention(m)
+    cache = KVCache(m.config, 3)
+    with torch.inference_mode():
+        assert not m.decode_stack.applies(1, cache.k)  # Int8Linear: the torch reference
+        cpukernels.use_int8_kernel(m, max_rows=2)
+        assert m.decode_stack.applies(2, cache.k) and not m.decode_stack.applies(3, cache.k)
+        m.step(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache)  # 3 rows > max_rows
+        assert runs[0] == 0
+        m.step(torch.ones(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long), cache)
+        assert runs[0] == 1
+        cpukernels.use_int8_kernel(m, on=False)
+        m.step(torch.ones(2, 1, dtype=torch.long), torch.full((2,), 2), cache)
+    assert runs[0] == 1
+
+
 def test_decode_blocks_stays_out_where_it_does_not_apply(monkeypatch):
     """Prompt chunks, scattered rows, batches past the kernel's rows and torch's linear layers
     take the modules; the results are the same either way."""
@@ -370,5 +430,38 @@ def test_decode_blocks_refuses_bad_parameters_and_rows_with_the_reason():
                                         0, pos, False)
     with pytest.raises(RuntimeError, match="rows 1..1 are not all in a cache of 1 rows"):
         torch.ops.nanogpt.decode_blocks(x, [torch.ones(32)] * 24, cache, cache.clone(), 1, pos, False)
+
+
+def test_decode_blocks_int8_runs_a_layer_without_scales_on_the_float_kernel():
+    """None in scales is a float layer: with every one None, decode_blocks_int8 is decode_blocks."""
+    m = small_gpt()
+    cpukernels.use_kernel(m)
+    cpukernels.use_decode_attention(m)
+    x, pos = torch.randn(2, 1, 32), torch.tensor([3, 5])
+    outs = []
+    for int8_op in (False, True):
+        cache = KVCache(m.config, 3)
+        args = (cache.k, cache.v, 1, pos, False)
+        with torch.inference_mode():
+            outs.append((torch.ops.nanogpt.decode_blocks_int8(x, m.decode_stack.params, [None] * 8, *args) if int8_op
+                         else torch.ops.nanogpt.decode_blocks(x, m.decode_stack.params, *args), cache.k))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_decode_blocks_int8_refuses_scales_that_do_not_match_the_weights():
+    x, cache, pos = torch.zeros(1, 1, 32), torch.zeros(2, 1, 4, 8, 8), torch.tensor([0])
+    params = [torch.ones(32)] * 24
+    params[2] = torch.ones(96, 32, dtype=torch.int8)  # block 0's c_attn weight
+    scales = [torch.ones(96, 1)] + [None] * 7
+    op = torch.ops.nanogpt.decode_blocks_int8
+    with pytest.raises(RuntimeError, match="decode_blocks_int8: scales must hold 4 a block .* for 2 blocks, got 7"):
+        op(x, params, scales[:7], cache, cache.clone(), 0, pos, False)
+    with pytest.raises(RuntimeError, match="parameter 2 \\(a weight\\) is int8 but scales\\[0\\] is None"):
+        op(x, params, [None] * 8, cache, cache.clone(), 0, pos, False)
+    float_given = "parameter 16 \\(a weight\\) is Float, not int8, but scales\\[5\\] is given"  # block 1's c_proj
+    with pytest.raises(RuntimeError, match=float_given):
+        op(x, params, scales[:5] + [torch.ones(32, 1)] + scales[6:], cache, cache.clone(), 0, pos, False)
+    with pytest.raises(RuntimeError, match="decode_blocks_int8: parameter 14 \\(a weight\\) is None"):
+        op(x, params[:14] + [None] + params[15:], scales, cache, cache.clone(), 0, pos, False)
 
 

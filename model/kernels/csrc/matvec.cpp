@@ -15,9 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -46,6 +48,14 @@ struct V {
   }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec set1(float v) { return _mm256_set1_ps(v); }
+  using IVec = __m256i;  // 16 int16 or 8 int32
+  static IVec izero() { return _mm256_setzero_si256(); }
+  static IVec loadq16(const int8_t* p) {  // 16 int8 -> 16 int16
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static IVec loadx16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static IVec madd(IVec a, IVec b, IVec acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  static Vec cvt(IVec v) { return _mm256_cvtepi32_ps(v); }
 };
 #include "matvec_rows.inc"
 #include "matvec_int8_rows.inc"
@@ -82,6 +92,14 @@ struct V {
   }
   static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec set1(float v) { return _mm512_set1_ps(v); }
+  using IVec = __m512i;  // 32 int16 or 16 int32
+  static IVec izero() { return _mm512_setzero_si512(); }
+  static IVec loadq16(const int8_t* p) {  // 32 int8 -> 32 int16
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static IVec loadx16(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static IVec madd(IVec a, IVec b, IVec acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+  static Vec cvt(IVec v) { return _mm512_cvtepi32_ps(v); }
 };
 #include "matvec_rows.inc"
 #include "matvec_int8_rows.inc"
@@ -128,20 +146,57 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
 }
 
 // dispatch_rows for int8 weights with their group scales (matvec_int8_rows.inc): the same split
-// of output rows, with panels sized for one byte a weight.
-template <typename T>
-void dispatch_int8_rows(int64_t M, const float* x, const int8_t* q, const float* scale, const T* bias, T* y,
-                        int64_t N, int64_t K, int64_t G) {
-  const auto row_block = use_avx512() ? avx512::int8_row_block<T> : avx2::int8_row_block<T>;
+// of output rows, with panels sized for one byte a weight. block(m0, rows, p0, p1) runs rows
+// m0..m0+rows-1 of x over output rows [p0, p1).
+template <typename Block>
+void for_int8_panels(int64_t M, int64_t N, int64_t K, const Block& block) {
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
   const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / K) + 23) / 24 * 24;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel) {
       const int64_t p1 = std::min(p0 + panel, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-        row_block(std::min(kBlockRows, M - m0), x + m0 * K, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) block(m0, std::min(kBlockRows, M - m0), p0, p1);
     }
+  });
+}
+
+template <typename T>
+void dispatch_int8_rows(int64_t M, const float* x, const int8_t* q, const float* scale, const T* bias, T* y,
+                        int64_t N, int64_t K, int64_t G) {
+  const auto row_block = use_avx512() ? avx512::int8_row_block<T> : avx2::int8_row_block<T>;
+  for_int8_panels(M, N, K, [&](int64_t m0, int64_t rows, int64_t p0, int64_t p1) {
+    row_block(rows, x + m0 * K, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
+  });
+}
+
+// Half-precision x through the int16 products (matvec_int8_rows.inc's int8_i16_rows_of_w): each row
+// rounded to int16 with its own scale, largest |x| / 32767 (0 for a row of zeros; NaN for a row
+// that is not finite, whose outputs are then all NaN). Where G allows it: int16_groups_ok.
+constexpr int64_t kMaxI16Group = 2048;  // 2 G / 16 products of at most 127 * 32767 an int32 lane
+bool int16_groups_ok(int64_t G) { return G % 32 == 0 && G <= kMaxI16Group; }  // 32: AVX-512's step too
+
+template <typename T>
+void dispatch_int8_i16_rows(int64_t M, const T* x, const int8_t* q, const float* scale, const T* bias, T* y,
+                            int64_t N, int64_t K, int64_t G) {
+  const at::Tensor x16_t = at::empty({M * K}, at::kShort), sx_t = at::empty({M}, at::kFloat);  // 64-byte aligned
+  int16_t* x16 = x16_t.data_ptr<int16_t>();
+  float* sx = sx_t.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * K;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = static_cast<float>(row[k]);
+      finite = finite && std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    const float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+    sx[m] = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 32767.f;
+    for (int64_t k = 0; k < K; ++k) x16[m * K + k] = static_cast<int16_t>(std::lrint(static_cast<float>(row[k]) * inv));
+  }
+  const auto row_block = use_avx512() ? avx512::int8_i16_row_block<T> : avx2::int8_i16_row_block<T>;
+  for_int8_panels(M, N, K, [&](int64_t m0, int64_t rows, int64_t p0, int64_t p1) {
+    row_block(rows, x16 + m0 * K, sx + m0, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
   });
 }
 
@@ -247,14 +302,25 @@ at::Tensor linear_rows_int8(const at::Tensor& x, const at::Tensor& weight, const
       dispatch_int8_rows<float>(M, aligned_rows(xc.data_ptr<float>(), M * K, aligned), qp, sp,
                                 bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, K, G);
       break;
-    case at::kHalf:
-      dispatch_int8_rows<c10::Half>(M, aligned_rows(xc.data_ptr<c10::Half>(), M * K, aligned), qp, sp,
-                                    bias ? bias->data_ptr<c10::Half>() : nullptr, y.data_ptr<c10::Half>(), N, K, G);
+    case at::kHalf:  // half precision: x's int16 rounding is finer than its own
+      if (int16_groups_ok(G)) {
+        dispatch_int8_i16_rows<c10::Half>(M, xc.data_ptr<c10::Half>(), qp, sp, bias ? bias->data_ptr<c10::Half>() : nullptr,
+                                          y.data_ptr<c10::Half>(), N, K, G);
+      } else {
+        dispatch_int8_rows<c10::Half>(M, aligned_rows(xc.data_ptr<c10::Half>(), M * K, aligned), qp, sp,
+                                      bias ? bias->data_ptr<c10::Half>() : nullptr, y.data_ptr<c10::Half>(), N, K, G);
+      }
       break;
     case at::kBFloat16:
-      dispatch_int8_rows<c10::BFloat16>(M, aligned_rows(xc.data_ptr<c10::BFloat16>(), M * K, aligned), qp, sp,
-                                        bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
-                                        y.data_ptr<c10::BFloat16>(), N, K, G);
+      if (int16_groups_ok(G)) {
+        dispatch_int8_i16_rows<c10::BFloat16>(M, xc.data_ptr<c10::BFloat16>(), qp, sp,
+                                              bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
+                                              y.data_ptr<c10::BFloat16>(), N, K, G);
+      } else {
+        dispatch_int8_rows<c10::BFloat16>(M, aligned_rows(xc.data_ptr<c10::BFloat16>(), M * K, aligned), qp, sp,
+                                          bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
+                                          y.data_ptr<c10::BFloat16>(), N, K, G);
+      }
       break;
     default:
       TORCH_CHECK(false, "linear_rows_int8: x must be float32, float16 or bfloat16, got ", x.scalar_type());
