@@ -27,7 +27,8 @@ from model.gpt import GPT, GPTConfig
 from model.quant import quantize_model, weight_bytes
 
 log = logging.getLogger("bench.int8")
-TARGETS = {"int8_vs_bf16_b1": 1.6, "int8_vs_bf16_weight_bytes": 0.55, "int8_vs_bf16_clients": 1.0}  # issue #20
+TARGETS = {"int8_vs_bf16_b1": 1.6, "int8_vs_bf16_weight_bytes": 0.55, "int8_vs_bf16_clients": 1.0,
+           "int8_vs_llama_q8_0_b1": 1.0}  # issue #20
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -94,11 +95,28 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
             "targets": TARGETS, "new_tokens": new_tokens, "of": new_tokens}
 
 
+def add_llama_q8_0(report: dict, llama_cpp: dict) -> None:
+    """llama.cpp's q8_0 batch-1 row of the same run (bench/llama.py) beside the int8 rows, and
+    ours int8 against it; nothing where llama.cpp did not measure q8_0."""
+    q8 = llama_cpp.get("rows", {}).get("q8_0")
+    if q8 is None:
+        why = llama_cpp.get("skipped")
+        report["llama_q8_0"] = {"skipped": why.get("q8_0") if isinstance(why, dict) else why}
+        return
+    report["llama_q8_0"] = {"tok_s": q8["tok_s"], "gguf_bytes": q8["gguf_bytes"]}
+    report["ratios"]["int8_vs_llama_q8_0_b1"] = report["rows"]["ours int8 (bfloat16 activations)"]["tok_s"] / q8["tok_s"]
+
+
 def table(r: dict) -> str:
     lines = ["| row | batch-1 tok/s | CPU linear | greedy = float32 / bfloat16 (of %d) |" % r["of"], "|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name} | {row['tok_s']:.1f} | {row.get('cpu_linear', '-')} | "
                      f"{row.get('agree_float32', '-')} / {row.get('agree_bfloat16', '-')} |")
+    q8 = r.get("llama_q8_0", {})
+    if "tok_s" in q8:
+        lines.append(f"| llama.cpp q8_0 (same weights, same run) | {q8['tok_s']:.1f} | | |")
+    elif q8:
+        lines.append(f"| llama.cpp q8_0 | not measured: {q8['skipped']} | | |")
     for name, rate in r["clients_tok_s"].items():
         lines.append(f"| {name}, {r['clients']} clients | {rate:.1f} (all clients) | | |")
     for shape, s in r["weight_bytes"].items():

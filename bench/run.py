@@ -373,6 +373,8 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
         bench_llama_cpp(run, reference_tokens)
     if not args.no_int8 and run.device.type == "cpu":
         run.out["int8"] = await int8.bench_int8(run.ours, run.hf, run.prompts, run.new, run.rounds, max(run.clients))
+        if "llama_cpp" in run.out:
+            int8.add_llama_q8_0(run.out["int8"], run.out["llama_cpp"])
     # served throughput, in the serving dtype
     ours, serve_dtype = run.ours, DTYPES[run.serve_dtype]
     model = ours if serve_dtype == torch.float32 else in_dtype(ours, serve_dtype)
