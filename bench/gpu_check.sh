@@ -2,7 +2,8 @@
 # On a CUDA machine: the CUDA tests (the Triton decode kernels at GPT-2 124M shapes among them), the
 # Triton-vs-torch decode rows (bench/cuda_kernels.py: CUDA_KERNELS=triton and =torch, greedy and
 # sampled, 1 and 32 clients, transformers beside them), then the benchmark on GPT-2 124M and 355M
-# shapes and a profile of the decode step (about 6 minutes in all; each stage has its own limit).
+# shapes, the TensorRT check (bench/tensorrt_check.py, where a route is installed) and a profile of the
+# decode step (about 7 minutes in all; each stage has its own limit).
 # Run bench/gpu_prepare.sh here first, then (device tool):
 #   run(command="bash bench/gpu_check.sh", carry=[".gpu-carry"], timeout_s=600)
 # SHAPES=gpt2-124M narrows the benchmark. The JSON and the log land in $OUT when the tool sets it.
@@ -45,6 +46,11 @@ if [ "$DEVICE" = cuda ]; then  # issue 22's targets: batch 1 >= 3000 tok/s (124M
 fi
 timeout 300 "$PY" -m bench.run "${BENCH[@]}" --out "$OUTDIR/gpu-check.json" 2>&1 | tee "$OUTDIR/gpu-check-bench.log" \
     | tail -n 40 || { bench=$?; echo "benchmark FAILED (exit $bench): see $OUTDIR/gpu-check-bench.log"; }
+if [ "$DEVICE" = cuda ]; then  # issue 20's optional TensorRT path, where onnxruntime-gpu or torch_tensorrt is installed
+    timeout 120 "$PY" -m bench.tensorrt_check --shape gpt2-124M --out "$OUTDIR/gpu-tensorrt.json" \
+        > "$OUTDIR/gpu-tensorrt.log" 2>&1 || echo "tensorrt check FAILED"
+    grep -E '"(skipped|error|rel|ok)"' "$OUTDIR/gpu-tensorrt.json" | head -n 12 || tail -n 12 "$OUTDIR/gpu-tensorrt.log"
+fi
 if [ "$DEVICE" = cuda ]; then  # where a step's time goes: the graph alone vs the engine thread's Python
     timeout 90 "$PY" -m bench.profile --clients 1,32 > "$OUTDIR/gpu-profile.log" 2>&1 || echo "profile FAILED"
     grep -A 8 "^## batch" "$OUTDIR/gpu-profile.log" || true
