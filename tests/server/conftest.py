@@ -48,7 +48,8 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture
 def engine_mode(request) -> str:
     """"in_process" (Engine) unless a module parametrizes it (indirect) with "remote": the
-    engine core in a process of its own behind model/engine/client.EngineClient."""
+    engine core in a process of its own behind model/engine/client.EngineClient; or "async": the
+    in-process Engine with async scheduling (model/engine/core.py)."""
     return getattr(request, "param", "in_process")
 
 
@@ -63,6 +64,8 @@ def make_engine(tiny_model, tiny_checkpoint, engine_mode):
 
             return EngineClient(CoreSpec(checkpoint=str(tiny_checkpoint), device="cpu", dtype="float32",
                                          engine=replace(ENGINE_CONFIG, **changes)))
+        if engine_mode == "async":
+            changes = {"async_scheduling": True, **changes}
         return Engine(tiny_model, replace(ENGINE_CONFIG, **changes))
 
     return make

@@ -9,6 +9,9 @@ import openai
 import pytest
 import torch
 
+# Every test here runs against the in-process Engine, also with async scheduling.
+pytestmark = pytest.mark.parametrize("engine_mode", ["in_process", "async"], indirect=True)
+
 
 async def test_models_lists_the_served_model(oai):
     models = await oai.models.list()

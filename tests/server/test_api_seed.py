@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-# Every test here runs against the in-process Engine and the engine core in its own process.
+# Every test here runs against the in-process Engine, the engine core in its own process, and the
+# in-process Engine with async scheduling.
 pytestmark = pytest.mark.parametrize(
-    "engine_mode", ["in_process", pytest.param("remote", marks=pytest.mark.slow)], indirect=True)
+    "engine_mode", ["in_process", pytest.param("remote", marks=pytest.mark.slow), "async"], indirect=True)
 
 async def test_generate_returns_the_seeds_shape(client):
     resp = await client.post("/generate", json={"prompt": "ROMEO:", "max_length": 12, "temperature": 0.8, "top_k": 5})
