@@ -222,6 +222,23 @@ const float* aligned_rows(const T* src, int64_t n, AlignedX& buf) {
   return buf.data;
 }
 
+// linear_rows_int8's products for contiguous x of dtype T (y and the bias in T too): half-precision x
+// through the int16 products where its groups allow them (x's int16 rounding is finer than its own),
+// float32 x and other groups through the float32 widening.
+template <typename T>
+void int8_products(int64_t M, const at::Tensor& xc, const int8_t* q, const float* scale, const OptionalTensor& bias,
+                   at::Tensor& y, int64_t N, int64_t K, int64_t G) {
+  const T* b = bias ? bias->data_ptr<T>() : nullptr;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (int16_groups_ok(G)) {
+      dispatch_int8_i16_rows<T>(M, xc.data_ptr<T>(), q, scale, b, y.data_ptr<T>(), N, K, G);
+      return;
+    }
+  }
+  AlignedX aligned;
+  dispatch_int8_rows<T>(M, aligned_rows(xc.data_ptr<T>(), M * K, aligned), q, scale, b, y.data_ptr<T>(), N, K, G);
+}
+
 }  // namespace
 
 namespace nanogpt {
@@ -294,34 +311,12 @@ at::Tensor linear_rows_int8(const at::Tensor& x, const at::Tensor& weight, const
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options());
   const at::Tensor xc = x.contiguous();
-  AlignedX aligned;
   const int8_t* qp = weight.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   switch (x.scalar_type()) {  // y and the bias in x's dtype, as Int8Linear's
-    case at::kFloat:
-      dispatch_int8_rows<float>(M, aligned_rows(xc.data_ptr<float>(), M * K, aligned), qp, sp,
-                                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, K, G);
-      break;
-    case at::kHalf:  // half precision: x's int16 rounding is finer than its own
-      if (int16_groups_ok(G)) {
-        dispatch_int8_i16_rows<c10::Half>(M, xc.data_ptr<c10::Half>(), qp, sp, bias ? bias->data_ptr<c10::Half>() : nullptr,
-                                          y.data_ptr<c10::Half>(), N, K, G);
-      } else {
-        dispatch_int8_rows<c10::Half>(M, aligned_rows(xc.data_ptr<c10::Half>(), M * K, aligned), qp, sp,
-                                      bias ? bias->data_ptr<c10::Half>() : nullptr, y.data_ptr<c10::Half>(), N, K, G);
-      }
-      break;
-    case at::kBFloat16:
-      if (int16_groups_ok(G)) {
-        dispatch_int8_i16_rows<c10::BFloat16>(M, xc.data_ptr<c10::BFloat16>(), qp, sp,
-                                              bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
-                                              y.data_ptr<c10::BFloat16>(), N, K, G);
-      } else {
-        dispatch_int8_rows<c10::BFloat16>(M, aligned_rows(xc.data_ptr<c10::BFloat16>(), M * K, aligned), qp, sp,
-                                          bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
-                                          y.data_ptr<c10::BFloat16>(), N, K, G);
-      }
-      break;
+    case at::kFloat: int8_products<float>(M, xc, qp, sp, bias, y, N, K, G); break;
+    case at::kHalf: int8_products<c10::Half>(M, xc, qp, sp, bias, y, N, K, G); break;
+    case at::kBFloat16: int8_products<c10::BFloat16>(M, xc, qp, sp, bias, y, N, K, G); break;
     default:
       TORCH_CHECK(false, "linear_rows_int8: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   }
