@@ -77,21 +77,27 @@ log "checkpoint volume (scripts/upload-checkpoint.sh, the documented path for a 
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
 "$ROOT/scripts/upload-checkpoint.sh" "$DEMO_DIR" model-pvc -n "$NS" --path demo --size 1Gi
 
-log "model"
-kubectl -n "$NS" apply -f - <<YAML
+# A NanoGPTModel on the CPU server image: its name, its spec.checkpoint (flow YAML) and any further
+# spec lines (indented two spaces).
+apply_model() {
+  kubectl -n "$NS" apply -f - <<YAML
 apiVersion: nanogpt.dev/v1alpha1
 kind: NanoGPTModel
-metadata: {name: demo}
+metadata: {name: $1}
 spec:
-  checkpoint: {claimName: model-pvc, path: demo}
+  checkpoint: $2
   image: nanogpt-server:$TAG
   imagePullPolicy: Never
   replicas: 1
   gpus: 0
   resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
   server: {startupTimeoutSeconds: 120}
-  rollout: {progressDeadlineSeconds: 120}
+${3:-}
 YAML
+}
+
+log "model"
+apply_model demo "{claimName: model-pvc, path: demo}" "  rollout: {progressDeadlineSeconds: 120}"
 wait_phase demo Ready
 kubectl -n "$NS" get ngm demo -o wide
 
@@ -134,19 +140,7 @@ spec:
   volumes: [{name: srv, emptyDir: {}}]
 YAML
 kubectl -n "$NS" wait --for=condition=Ready pod/ckpt-http --timeout=300s
-kubectl -n "$NS" apply -f - <<YAML
-apiVersion: nanogpt.dev/v1alpha1
-kind: NanoGPTModel
-metadata: {name: demo-http}
-spec:
-  checkpoint: {uri: "http://ckpt-http.$NS.svc:8000/ckpt.pt", allowHttp: true}
-  image: nanogpt-server:$TAG
-  imagePullPolicy: Never
-  replicas: 1
-  gpus: 0
-  resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {memory: 2Gi}}
-  server: {startupTimeoutSeconds: 120}
-YAML
+apply_model demo-http "{uri: \"http://ckpt-http.$NS.svc:8000/ckpt.pt\", allowHttp: true}"
 wait_phase demo-http Ready
 kubectl -n "$NS" get ngm demo-http -o jsonpath='{.status.fetch}{"\n"}'
 [ "$(kubectl -n "$NS" get ngm demo-http -o jsonpath='{.status.fetch.phase}')" = Fetched ] || die "no Fetched status"
