@@ -139,7 +139,7 @@ class ModelRunner:
         bp = self._sampling_params(d)
         tokens = None
         if self.graphs:
-            step = self.graphs.load(d.idx, d.pos, d.steps, self._carried_mask(d), self._last)
+            step = self.graphs.load(d.idx, d.pos, d.steps, self._carried_mask(d) if d.carried else None, self._last)
             fused = self.graphs.sampling
             if fused and bp is not self._graph_params:  # new members: the captured sampler's buffers
                 self.graphs.set_sampling(bp.temperature, bp.top_k, bp.top_p, bp.seed)
@@ -156,7 +156,8 @@ class ModelRunner:
             *hidden, logits = self.model.step_parts(eager + [decode], self.cache)
             self._score_prompts(chunks if eager else [], hidden, scores)
         tokens = self._sample(logits[:, -1], bp, step) if tokens is None else tokens
-        self._last[:B].copy_(tokens)  # what carried rows of the next step feed
+        if self.config.async_scheduling:  # what carried rows of the next step feed (only that mode carries)
+            self._last[:B].copy_(tokens)
         launched = Launched(plan, scores, tokens, started=t0)
         if self._host:  # CUDA: copy to pinned memory without waiting, and mark when it has landed
             launched.tokens = self._host[self._launches % 2][:B]
