@@ -1,6 +1,6 @@
 """int8 weights on CPU, through the engine: ours int8 vs ours bfloat16 vs transformers float32, same weights.
 
-    python -m bench.int8 [--shape gpt2-124M] [--new-tokens 32] [--rounds 2] [--clients 32] [--json out.json]
+    python -m bench.int8 [--shape gpt2-124M] [--new-tokens 32] [--rounds 2] [--clients 32] [--llama-cpp] [--json out.json]
 
 One phase (`bench_int8`), also run by `python -m bench.run --int8`: batch-1 decode tokens/s of our
 engine with int8 weights (model/quant.py; the CPU kernel's linear_rows_int8) in bfloat16 and in
@@ -8,8 +8,9 @@ float32 activations, of our engine in bfloat16 (the kernel's bfloat16 rows), and
 generate in float32, in alternating rounds, each row keeping its best (the host is shared); then
 `--clients` concurrent greedy clients on int8 and on bfloat16; weight bytes of int8 and bfloat16
 for GPT-2 124M's and 355M's shapes (laid out on the meta device, nothing allocated); and how many
-greedy tokens int8 shares with bfloat16 and float32. llama.cpp's q8_0 runs in bench/run.py's
---llama-cpp phase where llama-cpp-python is installed.
+greedy tokens int8 shares with bfloat16 and float32. With --llama-cpp (here, or bench/run.py's,
+where llama-cpp-python is installed) llama.cpp's q8_0 on the same weights is loaded once and timed
+in every round beside ours.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -58,19 +60,29 @@ def models(fp32: GPT) -> dict[str, GPT]:
     return out
 
 
-async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, rounds: int, clients: int) -> dict:
-    """The phase: rows {name: {tok_s, cpu_linear, greedy agreement}}, clients, weight bytes, ratios."""
+async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, rounds: int, clients: int,
+                     q8_0: Callable[[], float] | None = None) -> dict:
+    """The phase: rows {name: {tok_s, cpu_linear, greedy agreement}}, clients, weight bytes, ratios.
+    q8_0: one batch-1 measurement of llama.cpp's q8_0 on the same weights (tok/s; bench/llama.py's
+    Worker, loaded once), taken in every round beside ours so that the host's drift falls on both."""
     ours = models(fp32)
     engines = {name: await measure.started_engine(m, max_batch=max(clients, 1)) for name, m in ours.items()}
     ref = await measure.engine_greedy(await measure.started_engine(fp32, max_batch=1), prompts[0], new_tokens)
     rows: dict[str, dict] = {name: {"tok_s": 0.0, "cpu_linear": e.cpu_linear} for name, e in engines.items()}
     rows["transformers float32"] = {"tok_s": 0.0}
+    q8_runs: list[float] = []
     for _ in range(rounds):  # alternating, each keeping its best: the host's slumps fall on all of them
         for name, engine in engines.items():
             rate = await measure.engine_decode_tok_s(engine, prompts[0], new_tokens, 1)
             rows[name]["tok_s"] = max(rows[name]["tok_s"], rate)
         rate = measure.hf_decode_tok_s(hf, prompts[0], new_tokens, 1)
         rows["transformers float32"]["tok_s"] = max(rows["transformers float32"]["tok_s"], rate)
+        if q8_0 is not None:
+            try:
+                q8_runs.append(q8_0())
+            except Exception as err:  # a crash costs the interleaved q8_0 row, not the phase
+                log.warning("llama.cpp q8_0 in the int8 rounds: %s", err)
+                q8_0 = None
         log.info("round: %s", {n: round(r["tok_s"], 1) for n, r in rows.items()})
     bf16_tokens = await measure.engine_greedy(engines["ours bfloat16"], prompts[0], new_tokens)
     for name, engine in engines.items():
@@ -91,17 +103,25 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
               "int8_vs_bf16_weight_bytes": max(s["ratio"] for s in sizes.values())}
     if served:
         ratios["int8_vs_bf16_clients"] = served["ours int8 (bfloat16 activations)"] / served["ours bfloat16"]
-    return {"rows": rows, "clients": clients, "clients_tok_s": served, "weight_bytes": sizes, "ratios": ratios,
-            "targets": TARGETS, "new_tokens": new_tokens, "of": new_tokens}
+    report = {"rows": rows, "clients": clients, "clients_tok_s": served, "weight_bytes": sizes, "ratios": ratios,
+              "targets": TARGETS, "new_tokens": new_tokens, "of": new_tokens}
+    if q8_runs:  # the same statistic as ours: the best round
+        report["llama_q8_0"] = {"tok_s": max(q8_runs), "tok_s_runs": q8_runs, "interleaved": True}
+        ratios["int8_vs_llama_q8_0_b1"] = int8 / max(q8_runs)
+    return report
 
 
 def add_llama_q8_0(report: dict, llama_cpp: dict) -> None:
     """llama.cpp's q8_0 batch-1 row of the same run (bench/llama.py) beside the int8 rows, and
-    ours int8 against it; nothing where llama.cpp did not measure q8_0."""
+    ours int8 against it; nothing where llama.cpp did not measure q8_0. Rounds interleaved with
+    ours (bench_int8's q8_0) stand; the llama.cpp phase's own figure is used only without them."""
     q8 = llama_cpp.get("rows", {}).get("q8_0")
     if q8 is None:
         why = llama_cpp.get("skipped")
         report["llama_q8_0"] = {"skipped": why.get("q8_0") if isinstance(why, dict) else why}
+        return
+    if report.get("llama_q8_0", {}).get("interleaved"):
+        report["llama_q8_0"].update(gguf_bytes=q8["gguf_bytes"], phase_tok_s=q8["tok_s"])
         return
     report["llama_q8_0"] = {"tok_s": q8["tok_s"], "gguf_bytes": q8["gguf_bytes"]}
     report["ratios"]["int8_vs_llama_q8_0_b1"] = report["rows"]["ours int8 (bfloat16 activations)"]["tok_s"] / q8["tok_s"]
@@ -114,7 +134,8 @@ def table(r: dict) -> str:
                      f"{row.get('agree_float32', '-')} / {row.get('agree_bfloat16', '-')} |")
     q8 = r.get("llama_q8_0", {})
     if "tok_s" in q8:
-        lines.append(f"| llama.cpp q8_0 (same weights, same run) | {q8['tok_s']:.1f} | | |")
+        how = "in the same rounds as ours" if q8.get("interleaved") else "its own phase of the run"
+        lines.append(f"| llama.cpp q8_0 (same weights, {how}) | {q8['tok_s']:.1f} | | |")
     elif q8:
         lines.append(f"| llama.cpp q8_0 | not measured: {q8['skipped']} | | |")
     for name, rate in r["clients_tok_s"].items():
@@ -133,6 +154,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="llama.cpp's q8_0 on the same weights in the same rounds (pip install '.[bench-llama]')")
     p.add_argument("--json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -141,7 +164,21 @@ def main(argv=None) -> None:
     tokenizer = gpt2_tokenizer(None)
     hf, fp32 = hf_and_ours(args.shape, tokenizer)
     prompts, _ = make_prompts(tokenizer, max(args.clients, 1), 64)  # bench/run.py's prompt length
-    report = asyncio.run(bench_int8(fp32, hf, prompts, args.new_tokens, args.rounds, args.clients))
+    worker, llama_cpp = None, None
+    if args.llama_cpp:
+        from bench import llama
+        keep = {"q8_0": None}
+        llama_cpp = llama.bench(hf, prompts[0], args.new_tokens, 1, threads=torch.get_num_threads(), converter=None,
+                                tokenizer_dir=None, reference_tokens=None, keep=keep, outtypes=("q8_0",))
+        worker = keep["q8_0"]
+    peer = None if worker is None else (lambda: worker.measure(prompts[0], args.new_tokens, 1)["tok_s"])
+    try:
+        report = asyncio.run(bench_int8(fp32, hf, prompts, args.new_tokens, args.rounds, args.clients, q8_0=peer))
+    finally:
+        if worker is not None:
+            worker.close()
+    if llama_cpp is not None:
+        add_llama_q8_0(report, llama_cpp)
     report["shape"] = args.shape
     print(table(report))
     if args.json:

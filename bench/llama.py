@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,8 +32,6 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,7 @@ def find_converter(path: str | None) -> Path:
 
 def export_hf(hf, tokenizer_dir: Path, out: Path) -> None:
     """`hf` (a GPT2LMHeadModel) as a Hugging Face GPT-2 directory, float32, on the CPU."""
+    import torch  # here, not at the top: the worker process (`python -m bench.llama`) needs no torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +143,11 @@ def decode_tok_s(llm, prompt: list[int], new_tokens: int, repeats: int) -> tuple
 
 
 def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int, converter: str | None,
-          tokenizer_dir: str | None, reference_tokens: list[int] | None, workdir: str | None = None) -> dict:
-    """{"rows": {outtype: {...}}, "skipped": {outtype: why}} or {"skipped": why} for the whole peer."""
+          tokenizer_dir: str | None, reference_tokens: list[int] | None, workdir: str | None = None,
+          keep: dict | None = None, outtypes: tuple[str, ...] = OUTTYPES) -> dict:
+    """{"rows": {outtype: {...}}, "skipped": {outtype: why}} or {"skipped": why} for the whole peer.
+    keep: {outtype: None} for files whose loaded Worker the caller wants back (to measure it again,
+    interleaved with other rows), filled in with the Worker; the caller closes it."""
     try:
         import llama_cpp
     except ImportError as err:
@@ -162,7 +165,7 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
     with tempfile.TemporaryDirectory(prefix="bench-gguf-", dir=workdir) as tmp:
         hf_dir = Path(tmp) / "hf"
         export_hf(hf, tok_dir, hf_dir)
-        for outtype in OUTTYPES:
+        for outtype in outtypes:
             gguf = Path(tmp) / f"gpt2-{outtype}.gguf"
             try:
                 t0 = time.perf_counter()
@@ -176,19 +179,24 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
                 continue
             # in a process of its own: a llama.cpp build that crashes on this CPU (seen: q8_0,
             # SIGSEGV on an AVX-512/AMX Xeon; see AMX_HINT) costs its row, not the whole benchmark
-            job = {"model_path": str(gguf), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats,
-                   "threads": threads}
-            done = subprocess.run([sys.executable, "-m", "bench.llama"], input=json.dumps(job), capture_output=True,
-                                  text=True, cwd=Path(__file__).resolve().parents[1])
-            gguf.unlink()
-            if done.returncode:
-                why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-                tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+            worker = None
+            try:
+                worker = Worker(gguf, threads, n_ctx=max(256, len(prompt) + new_tokens + 8),
+                                n_batch=max(64, len(prompt)))
+                run = worker.measure(prompt, new_tokens, repeats)
+            except Crashed as err:
+                if worker is not None:
+                    worker.close()
+                gguf.unlink()
                 hint = f"; {AMX_HINT}" if "AMX_INT8 = 1" in system_info else ""
-                result["skipped"][outtype] = f"llama.cpp crashed ({why}){': ' + tail if tail else ''}{hint}"
+                result["skipped"][outtype] = f"{err}{hint}"
                 log.warning("llama.cpp %s: %s", outtype, result["skipped"][outtype])
                 continue
-            run = json.loads(done.stdout)
+            if keep is not None and outtype in keep:
+                keep[outtype] = worker  # the caller measures it again and closes it
+            else:
+                worker.close()
+            gguf.unlink()  # a kept worker has it mapped already
             rate, tokens = run["tok_s"], run["tokens"]
             n = min(32, len(tokens))
             ref = None if reference_tokens is None else reference_tokens[:n]
@@ -200,17 +208,80 @@ def bench(hf, prompt: list[int], new_tokens: int, repeats: int, *, threads: int,
     return result
 
 
-def run_one(job: dict) -> dict:
-    """One GGUF file's batch-1 decode (the subprocess's side of bench())."""
+class Crashed(RuntimeError):
+    """The worker process died (or answered nothing): its exit status and the last lines it wrote."""
+
+
+def last_words(stderr: str) -> str:
+    """What a dead worker said: the first Python exception line (`ValueError: ...`; a later one is
+    often an `Exception ignored in __del__` of the half-built object), else its last two lines."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b[^ ]*: ", line)]
+    return errors[0] if errors else " | ".join(lines[-2:])
+
+
+class Worker:
+    """One GGUF file loaded by llama.cpp in a process of its own (`python -m bench.llama`), measured
+    on request: Worker.measure sends one job a line and reads one result a line, so the file is loaded
+    once and can be timed in rounds alternating with other rows. The file may be deleted once the
+    worker has loaded it (llama.cpp maps it; the mapping outlives the name)."""
+
+    def __init__(self, model_path: Path, threads: int, n_ctx: int, n_batch: int):
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nothing blocks on it
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.llama"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+        self._send({"model_path": str(model_path), "threads": threads, "n_ctx": n_ctx, "n_batch": n_batch})
+        try:
+            self._read()  # {"loaded": true}, or Crashed
+        except Crashed:
+            self.stderr.close()
+            raise
+
+    def measure(self, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+        """{"tok_s", "tokens"}: decode_tok_s in the worker."""
+        self._send({"prompt": prompt, "new_tokens": new_tokens, "repeats": repeats})
+        return self._read()
+
+    def _send(self, job: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: _read says how
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if line:
+            return json.loads(line)
+        code = self.proc.wait()
+        why = f"signal {-code}" if code < 0 else f"exit {code}"
+        self.stderr.seek(0)
+        tail = last_words(self.stderr.read())
+        raise Crashed(f"llama.cpp crashed ({why}){': ' + tail if tail else ''}")
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # end of jobs: the worker exits
+        self.proc.wait()
+        self.stderr.close()
+
+
+def serve_jobs(lines, out) -> None:
+    """The worker's side: the first line loads the model, each later one is a measure job."""
     import llama_cpp
 
-    prompt, new_tokens = job["prompt"], job["new_tokens"]
-    llm = llama_cpp.Llama(model_path=job["model_path"], n_ctx=max(256, len(prompt) + new_tokens + 8),
-                          n_batch=max(64, len(prompt)), n_threads=job["threads"], n_threads_batch=job["threads"],
-                          verbose=False)
-    rate, tokens = decode_tok_s(llm, prompt, new_tokens, job["repeats"])
-    return {"tok_s": rate, "tokens": tokens}
+    load = json.loads(next(lines))
+    llm = llama_cpp.Llama(model_path=load["model_path"], n_ctx=load["n_ctx"], n_batch=load["n_batch"],
+                          n_threads=load["threads"], n_threads_batch=load["threads"], verbose=False)
+    out.write(json.dumps({"loaded": True}) + "\n")
+    out.flush()
+    for line in lines:
+        job = json.loads(line)
+        rate, tokens = decode_tok_s(llm, job["prompt"], job["new_tokens"], job["repeats"])
+        out.write(json.dumps({"tok_s": rate, "tokens": tokens}) + "\n")
+        out.flush()
 
 
 if __name__ == "__main__":
-    json.dump(run_one(json.load(sys.stdin)), sys.stdout)
+    serve_jobs(iter(sys.stdin), sys.stdout)

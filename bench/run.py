@@ -263,19 +263,22 @@ def batch1_row(run: ShapeRun, model, b1: Batch1Rounds, name: str, cpu_linear, ag
             "greedy_agrees_with_fp32_for": agree}
 
 
-def bench_llama_cpp(run: ShapeRun, reference_tokens: list[int] | None) -> None:
-    """The CPU peer, on the same weights, batch 1."""
+def bench_llama_cpp(run: ShapeRun, reference_tokens: list[int] | None) -> "llama.Worker | None":
+    """The CPU peer, on the same weights, batch 1. Returns q8_0's worker, still loaded, for the
+    int8 phase's rounds (the caller closes it), or None."""
     gc.collect()
     args = run.args
+    keep = {"q8_0": None} if not args.no_int8 and run.device.type == "cpu" else None
     run.out["llama_cpp"] = llama.bench(run.hf, run.prompts[0], run.new, run.repeats, threads=torch.get_num_threads(),
                                        converter=args.llama_convert, tokenizer_dir=args.hf_tokenizer_dir,
-                                       reference_tokens=reference_tokens)
+                                       reference_tokens=reference_tokens, keep=keep)
     hf_rate = run.out["batch1"]["transformers"]["tok_s"]
     for kind, row in run.out["llama_cpp"].get("rows", {}).items():
         row["vs_transformers"] = row["tok_s"] / hf_rate
         mine = run.out["batch1"].get(llama.OURS_AT.get(kind, ""), {}).get("tok_s")
         if mine:
             row["ours_vs_llama"] = mine / row["tok_s"]
+    return (keep or {}).get("q8_0")
 
 
 async def serve(run: ShapeRun, model, c: int, via: str, arrivals: list[float] | None = None) -> tuple[dict, int]:
@@ -369,10 +372,15 @@ def bench_transformers_static(run: ShapeRun) -> None:
 async def bench_shape(shape: str, args, tokenizer) -> dict:
     run = setup_shape(shape, args, tokenizer)
     reference_tokens = await bench_batch1(run)
-    if args.llama_cpp:
-        bench_llama_cpp(run, reference_tokens)
+    q8_0 = bench_llama_cpp(run, reference_tokens) if args.llama_cpp else None
     if not args.no_int8 and run.device.type == "cpu":
-        run.out["int8"] = await int8.bench_int8(run.ours, run.hf, run.prompts, run.new, run.rounds, max(run.clients))
+        peer = None if q8_0 is None else (lambda: q8_0.measure(run.prompts[0], run.new, 1)["tok_s"])  # as ours in that phase
+        try:
+            run.out["int8"] = await int8.bench_int8(run.ours, run.hf, run.prompts, run.new, run.rounds,
+                                                    max(run.clients), q8_0=peer)
+        finally:
+            if q8_0 is not None:
+                q8_0.close()
         if "llama_cpp" in run.out:
             int8.add_llama_q8_0(run.out["int8"], run.out["llama_cpp"])
     # served throughput, in the serving dtype
