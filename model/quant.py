@@ -83,11 +83,20 @@ class Int8Linear(nn.Module):
     # Set by the engine's CUDA_KERNELS choice (model/engine/cuda_setup.py): the Triton kernel has run only
     # under Triton's interpreter so far, so torch's operators are the default on CUDA too.
     use_triton: bool = False
+    # Set by the engine's CPU set-up (model/engine/cpu_setup.py, timed at start): the dtype CPU
+    # products are computed in when it is not x's, the result rounded back to x's. The matrix is
+    # widened on every call anyway, and on a CPU without native bfloat16 dot products torch's
+    # float32 GEMM runs a 1024-row prefill several times faster than its bfloat16 one. None: x's dtype.
+    compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)  # a no-op in a model cast as a whole
         if self.use_triton and triton_int8.applies(x):  # CUDA, decode-sized: dequantized in registers, not as a whole matrix
             return triton_int8.int8_linear(x, self.weight, self.weight_scale, bias)
+        dtype = self.compute_dtype if self.compute_dtype is not None and x.is_cpu else x.dtype
+        if dtype != x.dtype:
+            b = None if bias is None else bias.to(dtype)
+            return F.linear(x.to(dtype), dequantize_rows(self.weight, self.weight_scale, dtype), b).to(x.dtype)
         return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
 
 

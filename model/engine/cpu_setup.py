@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from model.engine.config import CPU_ATTENTION_CHOICES, CPU_LINEAR_CHOICES
 from model.gpt import GPT
 from model.kernels import cpu as cpukernels
-from model.quant import Int8Linear
+from model.quant import Int8Linear, dequantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def _choose_int8_linear(model: GPT, choice: str, every_row: bool) -> str:
     if choice == "in_out":
         raise ValueError(f"cpu_linear 'in_out' needs float weights; this model's are {model.quantization} "
                          "(use auto, kernel or out_in)")
+    _set_int8_compute_dtype(model, _int8_compute_dtype(model))  # first: the row limit below times the reference
     if choice in ("auto", "kernel"):
         try:
             cpukernels.use_int8_kernel(model, max_rows=cpukernels.BLOCK_ROWS)
@@ -92,6 +93,38 @@ def _choose_int8_linear(model: GPT, choice: str, every_row: bool) -> str:
     cpukernels.use_int8_kernel(model, on=False)
     log.info("CPU linear layers: %s weights through model/quant.py's torch modules", model.quantization)
     return "out_in"
+
+
+INT8_PREFILL_ROWS = 256  # the rows _int8_compute_dtype times: a prefill chunk's, not a decode step's
+
+
+def _int8_compute_dtype(model: GPT) -> torch.dtype | None:
+    """float32 where the torch reference's products (prefills, and every product under
+    CPU_LINEAR=out_in) run faster in float32 than in the model's half precision, timed on the
+    first block's c_fc at INT8_PREFILL_ROWS rows; None (the model's own dtype) otherwise. AVX2
+    CPUs have no bfloat16 dot products, and there torch's float32 GEMM wins by several times;
+    with AVX512_BF16 or AMX the half-precision one may win. Either way the int8 matrix is widened
+    on every call, so float32 costs no memory that stays."""
+    dtype = model.transformer.wpe.weight.dtype
+    if dtype == torch.float32:
+        return None
+    layer = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(INT8_PREFILL_ROWS, layer.in_features, dtype=dtype)
+    w, s = layer.weight, layer.weight_scale
+    own, wide = _interleaved_best_seconds(lambda: F.linear(x, dequantize_rows(w, s, dtype)),
+                                          lambda: F.linear(x.float(), dequantize_rows(w, s, torch.float32)).to(dtype),
+                                          rounds=2)
+    chosen = torch.float32 if wide < own else None
+    log.info("CPU int8 products beyond the kernel: %s (%d rows: %s %.1f ms, float32 %.1f ms)",
+             "float32" if chosen else str(dtype).removeprefix("torch."), INT8_PREFILL_ROWS,
+             str(dtype).removeprefix("torch."), own * 1e3, wide * 1e3)
+    return chosen
+
+
+def _set_int8_compute_dtype(model: GPT, dtype: torch.dtype | None) -> None:
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.compute_dtype = dtype
 
 
 def _int8_kernel_max_rows(model: GPT, limit: int = 512) -> int:

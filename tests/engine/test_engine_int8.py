@@ -92,3 +92,24 @@ def test_batch_invariant_mode_sends_every_int8_product_to_the_kernel():
 def test_the_float_only_layout_is_refused_for_int8_weights():
     with pytest.raises(ValueError, match="cpu_linear 'in_out' needs float weights"):
         choose_cpu_linear(quantize_model(tiny_model()), "in_out")
+
+
+@pytest.mark.parametrize("wide_wins", [True, False])
+def test_the_reference_computes_half_precision_in_float32_where_that_is_faster(monkeypatch, wide_wins):
+    """The CPU set-up times the torch reference's product at a prefill's rows in the model's dtype
+    and in float32 (timings faked here: (own, float32) seconds) and sets every Int8Linear's
+    compute_dtype to the faster; a float32 model has nothing to choose and times nothing."""
+    from model.engine import cpu_setup
+    timed = []
+    monkeypatch.setattr(cpu_setup, "_interleaved_best_seconds",
+                        lambda a, b, rounds=3: timed.append(rounds) or ((2.0, 1.0) if wide_wins else (1.0, 2.0)))
+    model = int8_model(dtype=torch.bfloat16)
+    assert cpu_setup._int8_compute_dtype(model) == (torch.float32 if wide_wins else None) and timed
+    monkeypatch.setattr(cpu_setup, "_int8_compute_dtype", lambda m: torch.float32 if wide_wins else None)
+    choose_cpu_linear(model, "out_in")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 9 and all(m.compute_dtype == (torch.float32 if wide_wins else None) for m in layers)
+    timed.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_setup, "_interleaved_best_seconds", lambda *a, **k: timed.append(1) or (1.0, 1.0))
+    assert cpu_setup._int8_compute_dtype(int8_model(dtype=torch.float32)) is None and not timed

@@ -56,6 +56,24 @@ def test_int8_linear_is_the_dequantized_matrix():
     assert q8(x.bfloat16()).dtype == torch.bfloat16  # activations stay in the serving dtype
 
 
+def test_int8_linear_computes_in_its_compute_dtype_and_returns_x_dtype():
+    """compute_dtype (the engine's CPU set-up sets it): half-precision x multiplied in float32, the
+    result rounded back to x's dtype; None keeps x's own dtype."""
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(128, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 128, generator=g))
+    q8 = Int8Linear.from_linear(lin)
+    x = torch.randn(7, 128, generator=g).bfloat16()
+    own = F.linear(x, dequantize_rows(q8.weight, q8.weight_scale, torch.bfloat16), q8.bias.bfloat16())
+    wide = F.linear(x.float(), dequantize_rows(q8.weight, q8.weight_scale), q8.bias.bfloat16().float()).bfloat16()
+    assert not torch.equal(own, wide)  # the two differ, so the checks below tell them apart
+    assert torch.equal(q8(x), own)
+    q8.compute_dtype = torch.float32
+    got = q8(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, wide)
+
+
 def test_quantize_model_swaps_every_matrix_and_keeps_the_embedding_tied():
     model = load_model_from_checkpoint(DEMO, device="cpu", dtype="bfloat16")
     before = weight_bytes(model)
