@@ -37,7 +37,7 @@ fi
 # Each stage has its own time limit, so that one that hangs still leaves the other's output.
 tests=0 bench=0
 timeout 240 "$PY" -m pytest tests/engine/test_engine_cuda.py tests/kernels/test_triton_decode.py \
-    tests/kernels/test_triton_sampling.py tests/model/test_checkpoint.py \
+    tests/kernels/test_triton_sampling.py tests/kernels/test_triton_int8.py tests/model/test_checkpoint.py \
     -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu-check-tests.log" || tests=$?
 if [ "$DEVICE" = cuda ]; then  # issue 22's targets: batch 1 >= 3000 tok/s (124M bf16), sampled within 10% of greedy
     timeout 200 "$PY" -m bench.cuda_kernels --shape gpt2-124M --dtype bfloat16 --clients 1,32 \

@@ -57,3 +57,22 @@ def test_a_layout_it_does_not_take_is_refused_by_name():
         triton_int8.int8_linear(torch.randn(1, 96), q, torch.ones(8, 3))
     with pytest.raises(ValueError, match="do not match"):
         triton_int8.int8_linear(torch.randn(1, 95), q, torch.ones(8, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
+@pytest.mark.parametrize("shape", [(2304, 768), (768, 3072), (50304, 768)], ids=str)
+def test_gpt2_shapes_on_cuda_through_the_layer(rows, shape):
+    """bench/gpu_check.sh: Int8Linear with use_triton at GPT-2 124M's shapes and a decode step's rows,
+    in bfloat16 on the GPU, against the dequantized float32 reference."""
+    from model.quant import Int8Linear
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(*shape, generator=g) * 0.02)
+    layer = Int8Linear(q, scale, torch.randn(shape[0], generator=g).bfloat16()).cuda()  # scales stay float32
+    layer.use_triton = True
+    x = torch.randn(rows, shape[1], generator=g).bfloat16().cuda()
+    assert triton_int8.applies(x)
+    got = layer(x)
+    want = F.linear(x.float(), dequantize_rows(layer.weight, layer.weight_scale), layer.bias.float())
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() / want.abs().max() < TOL[torch.bfloat16]
