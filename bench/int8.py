@@ -67,7 +67,9 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
     Worker, loaded once), taken in every round beside ours so that the host's drift falls on both."""
     ours = models(fp32)
     engines = {name: await measure.started_engine(m, max_batch=max(clients, 1)) for name, m in ours.items()}
-    ref = await measure.engine_greedy(await measure.started_engine(fp32, max_batch=1), prompts[0], new_tokens)
+    ref_engine = await measure.started_engine(fp32, max_batch=1)
+    ref = await measure.engine_greedy(ref_engine, prompts[0], new_tokens)
+    await ref_engine.stop(drain=False)
     rows: dict[str, dict] = {name: {"tok_s": 0.0, "cpu_linear": e.cpu_linear} for name, e in engines.items()}
     rows["transformers float32"] = {"tok_s": 0.0}
     q8_runs: list[float] = []
