@@ -19,11 +19,10 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 
 import torch
 
-from bench import measure
+from bench import llama, measure
 from bench.models import SHAPES, gpt2_tokenizer, hf_and_ours, in_dtype
 from model.gpt import GPT, GPTConfig
 from model.quant import quantize_model, weight_bytes
@@ -61,10 +60,10 @@ def models(fp32: GPT) -> dict[str, GPT]:
 
 
 async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, rounds: int, clients: int,
-                     q8_0: Callable[[], float] | None = None) -> dict:
+                     q8_0: llama.Worker | None = None) -> dict:
     """The phase: rows {name: {tok_s, cpu_linear, greedy agreement}}, clients, weight bytes, ratios.
-    q8_0: one batch-1 measurement of llama.cpp's q8_0 on the same weights (tok/s; bench/llama.py's
-    Worker, loaded once), taken in every round beside ours so that the host's drift falls on both."""
+    q8_0: llama.cpp's q8_0 on the same weights, loaded (bench/llama.py's Worker; the caller closes
+    it), timed in every round beside ours as ours are, so that the host's drift falls on both."""
     ours = models(fp32)
     engines = {name: await measure.started_engine(m, max_batch=max(clients, 1)) for name, m in ours.items()}
     ref_engine = await measure.started_engine(fp32, max_batch=1)
@@ -81,7 +80,7 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
         rows["transformers float32"]["tok_s"] = max(rows["transformers float32"]["tok_s"], rate)
         if q8_0 is not None:
             try:
-                q8_runs.append(q8_0())
+                q8_runs.append(q8_0.measure(prompts[0], new_tokens, 1)["tok_s"])
             except Exception as err:  # a crash costs the interleaved q8_0 row, not the phase
                 log.warning("llama.cpp q8_0 in the int8 rounds: %s", err)
                 q8_0 = None
@@ -168,14 +167,12 @@ def main(argv=None) -> None:
     prompts, _ = make_prompts(tokenizer, max(args.clients, 1), 64)  # bench/run.py's prompt length
     worker, llama_cpp = None, None
     if args.llama_cpp:
-        from bench import llama
         keep = {"q8_0": None}
         llama_cpp = llama.bench(hf, prompts[0], args.new_tokens, 1, threads=torch.get_num_threads(), converter=None,
                                 tokenizer_dir=None, reference_tokens=None, keep=keep, outtypes=("q8_0",))
         worker = keep["q8_0"]
-    peer = None if worker is None else (lambda: worker.measure(prompts[0], args.new_tokens, 1)["tok_s"])
     try:
-        report = asyncio.run(bench_int8(fp32, hf, prompts, args.new_tokens, args.rounds, args.clients, q8_0=peer))
+        report = asyncio.run(bench_int8(fp32, hf, prompts, args.new_tokens, args.rounds, args.clients, q8_0=worker))
     finally:
         if worker is not None:
             worker.close()

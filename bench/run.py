@@ -374,10 +374,9 @@ async def bench_shape(shape: str, args, tokenizer) -> dict:
     reference_tokens = await bench_batch1(run)
     q8_0 = bench_llama_cpp(run, reference_tokens) if args.llama_cpp else None
     if not args.no_int8 and run.device.type == "cpu":
-        peer = None if q8_0 is None else (lambda: q8_0.measure(run.prompts[0], run.new, 1)["tok_s"])  # as ours in that phase
         try:
             run.out["int8"] = await int8.bench_int8(run.ours, run.hf, run.prompts, run.new, run.rounds,
-                                                    max(run.clients), q8_0=peer)
+                                                    max(run.clients), q8_0=q8_0)
         finally:
             if q8_0 is not None:
                 q8_0.close()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from model.engine.config import CPU_ATTENTION_CHOICES, CPU_LINEAR_CHOICES
 from model.gpt import GPT
 from model.kernels import cpu as cpukernels
-from model.quant import Int8Linear, dequantize_rows
+from model.quant import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,14 @@ def _int8_compute_dtype(model: GPT) -> torch.dtype | None:
         return None
     layer = model.transformer.h[0].mlp.c_fc
     x = torch.randn(INT8_PREFILL_ROWS, layer.in_features, dtype=dtype)
-    w, s = layer.weight, layer.weight_scale
-    own, wide = _interleaved_best_seconds(lambda: F.linear(x, dequantize_rows(w, s, dtype)),
-                                          lambda: F.linear(x.float(), dequantize_rows(w, s, torch.float32)).to(dtype),
-                                          rounds=2)
+
+    def product(compute_dtype: torch.dtype | None):  # the reference's own forward, in that dtype
+        def run():
+            layer.compute_dtype = compute_dtype
+            Int8Linear.forward(layer, x)
+        return run
+
+    own, wide = _interleaved_best_seconds(product(None), product(torch.float32), rounds=2)
     chosen = torch.float32 if wide < own else None
     log.info("CPU int8 products beyond the kernel: %s (%d rows: %s %.1f ms, float32 %.1f ms)",
              "float32" if chosen else str(dtype).removeprefix("torch."), INT8_PREFILL_ROWS,
