@@ -4,6 +4,7 @@ embedded demo model and on GPT-2 shapes."""
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -201,21 +202,28 @@ def test_gpt2_shapes_greedy_int8_agrees_with_bf16_as_long_as_bf16_with_float32()
 def test_the_kernels_greedy_text_is_the_torch_references_on_the_demo_model(dtype):
     """The kernel sums each group of 64 products unscaled, then scales it; the torch reference rounds
     the weights to dtype and lets F.linear sum. In float32 the trained demo model's logits are
-    decisive enough that both pick the same 100 tokens; in bfloat16, rounding moves its near-ties, so
-    the kernel's text must agree with the reference's at least as long as bfloat16's with float32's
-    (the issue's yardstick). On GPT-2 124M's random-init shapes near-ties make either path leave
-    bfloat16's text early on some prompts (docs/quantization.md)."""
+    decisive enough that both pick the same 100 tokens. In bfloat16 rounding moves near-ties, and
+    where depends on the CPU's GEMM as well (on an AVX-512 Xeon the reference's own text changed at
+    token 48 of one prompt between bfloat16 and float32 compute, where the AMD host's did not), so
+    where the two texts part the reference's logits of the two tokens must be a near-tie: within
+    four bfloat16 steps of each other (the divergences seen were 0 and 1 step apart; a wrong product
+    parts the texts on a clear winner). On GPT-2 124M's random-init shapes near-ties make either path
+    leave bfloat16's text early on some prompts (docs/quantization.md)."""
     def greedy(model, prompt):
         params = SamplingParams(max_new_tokens=100, temperature=0).validate()
         return list(generate_ids(model, prompt, params, 0, model.tokenizer.n_vocab))
 
     torch_path = load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8")
     kernel_path = through(load_model_from_checkpoint(DEMO, device="cpu", dtype=dtype, quantize="int8"), "kernel")
-    fp32, bf16 = (load_model_from_checkpoint(DEMO, device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     for text in ("The ", "In the beginning", "Python is"):
         prompt = torch_path.tokenizer.encode(text)
         want, got = greedy(torch_path, prompt), greedy(kernel_path, prompt)
         if dtype == "float32":
             assert got == want, text
-        else:
-            assert _agree(got, want) >= _agree(greedy(bf16, prompt), greedy(fp32, prompt)), text
+        elif got != want:
+            i = _agree(got, want)
+            with torch.no_grad():
+                logits = torch_path(torch.tensor([prompt + want[:i]]))[0][0, -1].float()
+            a, b = logits[want[i]].item(), logits[got[i]].item()
+            step = 2.0 ** (math.floor(math.log2(max(abs(a), abs(b)))) - 7)  # bfloat16's spacing there
+            assert abs(a - b) <= 4 * step, (text, i, a, b)
