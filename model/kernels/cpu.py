@@ -43,10 +43,13 @@ import torch.nn.functional as F
 BLOCK_ROWS = 8  # csrc/matvec.cpp's kBlockRows: rows of x served by one pass over the weights
 EVERY_ROW = sys.maxsize  # a KernelLinear row limit that sends every product to the kernel
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("matvec.cpp", "attention.cpp", "block.cpp",
-                                                               "sampling.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "matvec_rows.inc",
-                                                                 "matvec_int8_rows.inc")]
+                                                               "sampling.cpp", "pool.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "kernels.h", "pool.h",
+                                                                 "matvec_rows.inc", "matvec_int8_rows.inc")]
 
+# Read by csrc/pool.cpp when the library loads (docs/engine.md): how long its idle workers spin
+# (microseconds, at most 1 s), and 0 to send every call to torch's pool instead.
+POOL_ENV = {"NANOGPT_CPU_SPIN_US": range(0, 1_000_001), "NANOGPT_CPU_POOL": range(0, 2)}
 LIBRARY = "nanogpt_cpu.so"  # what cpp_extension.load names the built library
 PREBUILT_ENV = "NANOGPT_CPU_KERNELS_DIR"  # a directory `build` wrote: load it, never compile
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ def load() -> None:
     with _lock:
         if _loaded:
             return
+        check_pool_env()
         prebuilt = os.environ.get(PREBUILT_ENV)  # read like TORCH_EXTENSIONS_DIR, by the loader
         if _error is None and prebuilt:
             _error = _load_prebuilt(Path(prebuilt))
@@ -103,6 +107,15 @@ def load() -> None:
                 gist = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
                 _error = f"building model/kernels/csrc failed: {type(err).__name__}: {gist.strip()}"
         raise KernelUnavailable(f"CPU kernels unavailable: {_error}")
+
+
+def check_pool_env() -> None:
+    """Raises ValueError naming the variable and its range where a POOL_ENV value is not an
+    integer in it (the library itself would read a bad one as 0)."""
+    for name, allowed in POOL_ENV.items():
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) in allowed):
+            raise ValueError(f"{name} must be an integer from {allowed.start} to {allowed.stop - 1}, got {value!r}")
 
 
 def _compile(build_directory: Path | None = None) -> None:

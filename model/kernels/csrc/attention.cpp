@@ -14,7 +14,6 @@
 // actually holds: no mask, and no reading of other rows' padding in a batch of
 // sequences of different lengths. Each row's arithmetic is the same whatever batch it
 // is in. Scores and sums are float32 whatever the cache's dtype.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace {
@@ -196,7 +196,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // of its queries reads them.
   auto run = [&](auto* kc, auto* vc, auto io) {
     using T_ = decltype(io);
-    at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
+    nanogpt::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(S), buf(2 * hs);  // q and y of one head, in float32
       float *qf = buf.data(), *yf = qf + hs;
       for (int64_t i = i0; i < i1; ++i) {

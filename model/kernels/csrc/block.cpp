@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "pool.h"
 
 namespace {
 
@@ -90,6 +91,7 @@ int64_t check_blocks(const char* op, const at::Tensor& x, const c10::List<Option
 at::Tensor run_blocks(int64_t L, const at::Tensor& x, const c10::List<OptionalTensor>& w, Scales scales,
                       at::Tensor& k_cache, at::Tensor& v_cache, int64_t row0, const at::Tensor& pos, bool gelu_tanh) {
   const int64_t B = x.size(0);
+  const nanogpt::SerialATen serial;  // layer norms, GELU and adds of a few rows: no OpenMP regions
   at::Tensor h = x;
   for (int64_t i = 0; i < L; ++i) {
     at::Tensor k = k_cache.select(0, i).narrow(0, row0, B), v = v_cache.select(0, i).narrow(0, row0, B);

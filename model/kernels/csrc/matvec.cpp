@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace {
@@ -135,7 +136,7 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
   // thread's whole range as one panel, since the kernel's prefetch of the next rows stops at
   // a panel's end (at batch 1, 1-4% faster over GPT-2 124M, most in half precision).
   const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / (K * int64_t{sizeof(T)})) + 11) / 12 * 12;
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  nanogpt::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel) {
       const int64_t p1 = std::min(p0 + panel, n1);
       for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
@@ -152,7 +153,7 @@ template <typename Block>
 void for_int8_panels(int64_t M, int64_t N, int64_t K, const Block& block) {
   const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
   const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / K) + 23) / 24 * 24;
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  nanogpt::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel) {
       const int64_t p1 = std::min(p0 + panel, n1);
       for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) block(m0, std::min(kBlockRows, M - m0), p0, p1);

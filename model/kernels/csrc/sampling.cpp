@@ -10,7 +10,6 @@
 // And argmax over each row of logits, as torch.argmax gives it (the first largest; the first
 // NaN where there is one) but 8 values at a time: torch's CPU argmax keeps an index beside
 // every value it compares, slow over GPT-2's 50257 logits; two vector passes are not.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -21,6 +20,8 @@
 #include <limits>
 
 #include <immintrin.h>
+
+#include "pool.h"
 
 namespace {
 
@@ -92,7 +93,7 @@ at::Tensor noise_uniform(const at::Tensor& row_key, const at::Tensor& token_ids)
   const int64_t* id = ids.data_ptr<int64_t>();
   at::Tensor out = at::empty({B, K}, row_key.options().dtype(at::kFloat));
   float* u = out.data_ptr<float>();
-  at::parallel_for(0, B * K, 16384, [&](int64_t i0, int64_t i1) {
+  nanogpt::parallel_for(0, B * K, 16384, [&](int64_t i0, int64_t i1) {
     while (i0 < i1) {  // row by row: no division per element, and a loop the compiler vectorizes
       const int64_t b = i0 / K, k0 = i0 % K, k1 = std::min(K, k0 + (i1 - i0));
       const uint32_t row = static_cast<uint32_t>(key[b]);
@@ -118,7 +119,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   at::Tensor out = at::empty({B}, xc.options().dtype(at::kLong));
   const float* xp = xc.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / V), [&](int64_t b0, int64_t b1) {
+  nanogpt::parallel_for(0, B, std::max<int64_t>(1, 65536 / V), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) o[b] = argmax_row(xp + b * V, V);
   });
   return out;
