@@ -24,13 +24,14 @@ def kernel():
     cpukernels.load()
 
 
-@pytest.fixture(params=["native", "avx2"])
+@pytest.fixture(params=["native", "avx512", "avx2"])
 def isa(request, monkeypatch):
-    """The CPU's own vector instructions (AVX-512 where it has them) and AVX2."""
-    if request.param == "avx2":
-        monkeypatch.setenv("NANOGPT_CPU_ISA", "avx2")
-    else:
+    """The CPU's own vector instructions (AVX-512, with VNNI where it has them), AVX-512 without
+    VNNI (the same as native on a CPU without it) and AVX2."""
+    if request.param == "native":
         monkeypatch.delenv("NANOGPT_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("NANOGPT_CPU_ISA", request.param)
     return request.param
 
 
@@ -106,6 +107,19 @@ def test_kernel_layer_routes_small_calls_to_the_kernel_and_big_ones_to_the_refer
         small, big = layer(torch.randn(1, 4, 128)), layer(torch.randn(1, 5, 128))
     assert calls == [torch.Size([1, 4, 128])]
     assert small.shape == (1, 4, 64) and big.shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+def test_vnni_gives_the_bits_of_avx512_without_it(monkeypatch, dtype, rows):
+    """The int16 products' VNNI multiply-add (vpdpwssd) sums what vpmaddwd + vpaddd sum: the same
+    outputs, so a model's numbers do not depend on which of the two CPUs serves it."""
+    q, scale, bias = quantized(1031, 768)
+    x = torch.randn(rows, 768).to(dtype)
+    monkeypatch.delenv("NANOGPT_CPU_ISA", raising=False)
+    native = torch.ops.nanogpt.linear_rows_int8(x, q, scale, bias.to(dtype))
+    monkeypatch.setenv("NANOGPT_CPU_ISA", "avx512")
+    assert torch.equal(native, torch.ops.nanogpt.linear_rows_int8(x, q, scale, bias.to(dtype)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
