@@ -1,17 +1,21 @@
 """The CPU kernels' own worker threads (model/kernels/csrc/pool.cpp): every index once, at::parallel_for's
 split, several calling threads at once, and a failing chunk that raises without wedging the pool."""
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.kernels import cpu
 
-pytestmark = pytest.mark.usefixtures("kernels")
+REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def kernels():
     try:
         cpu.load()
@@ -80,3 +84,30 @@ def test_pool_settings_in_range_pass(monkeypatch):
     monkeypatch.setenv("NANOGPT_CPU_SPIN_US", "0")
     monkeypatch.setenv("NANOGPT_CPU_POOL", "1")
     cpu.check_pool_env()
+
+
+SPY = """
+import os, sys
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print(os.environ.get("GOMP_SPINCOUNT"))
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Spy())
+import {module}
+"""
+
+
+@pytest.mark.parametrize("module", ["model", "server.app", "model.engine.core_process", "bench.run"])
+@pytest.mark.parametrize("preset", [None, "5"])
+def test_torch_loads_with_the_openmp_spin_set_unless_the_user_set_one(module, preset):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: each entry point's first import of
+    torch must come after model/__init__.py has set it; a value of the user's stands."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    out = subprocess.run([sys.executable, "-c", SPY.format(module=module)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:1] == [preset or "10000"]
