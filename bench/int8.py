@@ -6,11 +6,11 @@ One phase (`bench_int8`), also run by `python -m bench.run --int8`: batch-1 deco
 engine with int8 weights (model/quant.py; the CPU kernel's linear_rows_int8) in bfloat16 and in
 float32 activations, of our engine in bfloat16 (the kernel's bfloat16 rows), and of transformers'
 generate in float32, in alternating rounds, each row keeping its best (the host is shared); then
-`--clients` concurrent greedy clients on int8 and on bfloat16 (two alternating rounds, each its best); weight bytes of int8 and bfloat16
-for GPT-2 124M's and 355M's shapes (laid out on the meta device, nothing allocated); and how many
-greedy tokens int8 shares with bfloat16 and float32. With --llama-cpp (here, or bench/run.py's,
-where llama-cpp-python is installed) llama.cpp's q8_0 on the same weights is loaded once and timed
-in every round beside ours.
+`--clients` concurrent greedy clients on int8 and on bfloat16 (two alternating rounds, each its
+best); weight bytes of int8 and bfloat16 for GPT-2 124M's and 355M's shapes (laid out on the meta
+device, nothing allocated); and how many greedy tokens int8 shares with bfloat16 and float32. With
+--llama-cpp (here, or bench/run.py's, where llama-cpp-python is installed) llama.cpp's q8_0 on the
+same weights is loaded once and timed in every round beside ours.
 """
 
 from __future__ import annotations

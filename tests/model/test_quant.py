@@ -4,8 +4,8 @@ embedded demo model and on GPT-2 shapes."""
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 from pathlib import Path
 
 import pytest

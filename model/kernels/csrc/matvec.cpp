@@ -124,17 +124,20 @@ struct V : avx512::V {
 // AVX-512 where the CPU has it, unless NANOGPT_CPU_ISA=avx2 (read per call, so that tests can
 // run both). Every row of one call goes through the same kind, which keeps a row's numbers
 // independent of its batch; the two kinds sum in different orders.
+bool isa_env_is(const char* name) {
+  const char* isa = std::getenv("NANOGPT_CPU_ISA");
+  return isa != nullptr && std::strcmp(isa, name) == 0;
+}
+
 bool use_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  const char* isa = std::getenv("NANOGPT_CPU_ISA");
-  return has && !(isa != nullptr && std::strcmp(isa, "avx2") == 0);
+  return has && !isa_env_is("avx2");
 }
 
 // ... and its VNNI instructions for the int16 products, unless NANOGPT_CPU_ISA=avx512 (or avx2).
 bool use_avx512_vnni() {
   static const bool has = __builtin_cpu_supports("avx512vnni");
-  const char* isa = std::getenv("NANOGPT_CPU_ISA");
-  return has && use_avx512() && !(isa != nullptr && std::strcmp(isa, "avx512") == 0);
+  return has && use_avx512() && !isa_env_is("avx512");
 }
 
 std::string kernel_isa() { return use_avx512() ? "avx512" : "avx2"; }

@@ -2,7 +2,7 @@
 //
 // One caller at a time holds the pool: it publishes a job (the function, the range, the chunk
 // size), bumps `generation`, runs chunk 0 itself and spins until every worker has counted
-// itself done. An idle worker spins on `generation` for kSpinBudget (the next call of a
+// itself done. An idle worker spins on `generation` for `budget_` (the next call of a
 // decode step comes within microseconds; the next step within a millisecond or so), yielding
 // its CPU now and then, then sleeps on a condition variable until the next job.
 #include "pool.h"
@@ -45,8 +45,8 @@ const bool pool_on = [] {
   return env == nullptr || std::string(env) != "0";
 }();
 
-thread_local bool in_chunk = false;
-thread_local int64_t serial_aten_threads = 0;  // inside a SerialATen: the thread count there was; else 0  // set on workers, and on a caller while it runs its chunk
+thread_local bool in_chunk = false;  // set on workers, and on a caller while it runs its chunk
+thread_local int64_t serial_aten_threads = 0;  // inside a SerialATen: the thread count there was; else 0
 
 class Pool {
  public:

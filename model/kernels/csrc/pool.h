@@ -13,7 +13,6 @@
 #pragma once
 
 #include <cstdint>
-#include <utility>
 
 namespace nanogpt {
 
