@@ -131,9 +131,11 @@ def _set_int8_compute_dtype(model: GPT, dtype: torch.dtype | None) -> None:
             m.compute_dtype = dtype
 
 
-def _int8_kernel_max_rows(model: GPT, limit: int = 512) -> int:
+def _int8_kernel_max_rows(model: GPT, limit: int = 2048) -> int:
     """_kernel_max_rows for int8 layers: rows double from one kernel block while linear_rows_int8
-    beats the torch reference (which widens the whole matrix per call) on the first block's four."""
+    beats the torch reference (which widens the whole matrix per call) on the first block's four.
+    Up to 2048 rows (EngineConfig's idle_prefill_chunk): with half-precision x the kernel's tiles of
+    rows beat the reference at a whole prefill's rows too (docs/quantization.md)."""
     block = model.transformer.h[0]
     layers = [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
     dtype = model.transformer.wpe.weight.dtype

@@ -67,9 +67,9 @@ def test_int8_products_match_the_dequantized_reference(isa, dtype, rows, shape, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_row_gets_the_same_bits_alone_and_in_any_batch(isa, dtype):
     q, scale, b = quantized(200, 256)
-    x = torch.randn(13, 256).to(dtype)
+    x = torch.randn(40, 256).to(dtype)  # half precision: tiles of 16 (or 8) rows, and 8 rows left over
     together = cpukernels.linear_rows_int8(x, q, scale, b.to(dtype))
-    for i in (0, 7, 12):
+    for i in (0, 7, 12, 20, 39):
         alone = cpukernels.linear_rows_int8(x[i:i + 1], q, scale, b.to(dtype))
         assert torch.equal(alone[0], together[i])
 
@@ -110,16 +110,24 @@ def test_kernel_layer_routes_small_calls_to_the_kernel_and_big_ones_to_the_refer
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 8, 32])
-def test_vnni_gives_the_bits_of_avx512_without_it(monkeypatch, dtype, rows):
-    """The int16 products' VNNI multiply-add (vpdpwssd) sums what vpmaddwd + vpaddd sum: the same
-    outputs, so a model's numbers do not depend on which of the two CPUs serves it."""
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 13, 17, 24, 32, 40])
+def test_every_isa_gives_the_same_bits_for_half_precision_x(monkeypatch, dtype, rows):
+    """Half-precision x takes the int16 products, whose group sums are exact integers: AVX-512 with
+    VNNI (vpdpwssd), without it (vpmaddwd + vpaddd) and AVX2, and both of the kernel's layouts (a
+    few rows along the inputs, rows 16 or 8 at a time across x), give the same outputs. So a
+    model's numbers depend neither on the CPU that serves it nor on the batch: 9-40 rows take
+    tiles of rows on AVX-512 and AVX2, with the rows left over along the inputs."""
     q, scale, bias = quantized(1031, 768)
     x = torch.randn(rows, 768).to(dtype)
-    monkeypatch.delenv("NANOGPT_CPU_ISA", raising=False)
-    native = torch.ops.nanogpt.linear_rows_int8(x, q, scale, bias.to(dtype))
-    monkeypatch.setenv("NANOGPT_CPU_ISA", "avx512")
-    assert torch.equal(native, torch.ops.nanogpt.linear_rows_int8(x, q, scale, bias.to(dtype)))
+    outputs = {}
+    for isa in ("native", "avx512", "avx2"):
+        if isa == "native":
+            monkeypatch.delenv("NANOGPT_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("NANOGPT_CPU_ISA", isa)
+        outputs[isa] = torch.ops.nanogpt.linear_rows_int8(x, q, scale, bias.to(dtype))
+    assert torch.equal(outputs["native"], outputs["avx512"])
+    assert torch.equal(outputs["native"], outputs["avx2"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -34,6 +34,19 @@ using nanogpt_simd::OptionalTensor;
 
 constexpr int64_t kBlockRows = 8;  // accumulators in registers: one per row
 
+// The int8 kernels' split of output rows among threads (as dispatch_rows below, with panels sized
+// for one byte a weight): fn(p0, p1) runs over output rows [p0, p1). With `many` rows of x, a
+// thread takes its outputs a panel of 64-150 KiB of weights at a time and runs every row of x
+// over the panel before moving on; otherwise its whole range is one panel.
+template <typename Fn>
+void for_panels(bool many, int64_t N, int64_t K, const Fn& fn) {
+  const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
+  const int64_t panel = many ? (std::max<int64_t>(4, 65536 / K) + 23) / 24 * 24 : N;
+  nanogpt::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel) fn(p0, std::min(p0 + panel, n1));
+  });
+}
+
 namespace avx2 {
 struct V {
   using Vec = __m256;
@@ -55,8 +68,27 @@ struct V {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static IVec loadx16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void storex16(int16_t* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static IVec pair(const int16_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+  }
   static IVec madd(IVec a, IVec b, IVec acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
   static Vec cvt(IVec v) { return _mm256_cvtepi32_ps(v); }
+  static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  // lane i: the sum of v[i]'s 8 int32 lanes. Pairs of vectors interleaved and added within each
+  // 128-bit half, twice, then the two halves added.
+  static __m256i reduce8(const IVec* v) {
+    __m256i u[2];
+    for (int h = 0; h < 2; ++h) {
+      const IVec* w = v + 4 * h;
+      const __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi32(w[0], w[1]), _mm256_unpackhi_epi32(w[0], w[1]));
+      const __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi32(w[2], w[3]), _mm256_unpackhi_epi32(w[2], w[3]));
+      u[h] = _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+    }
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
+  }
 };
 #include "matvec_rows.inc"
 #include "matvec_int8_rows.inc"
@@ -99,8 +131,31 @@ struct V {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static IVec loadx16(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static void storex16(int16_t* p, IVec v) { _mm512_storeu_si512(p, v); }
+  static IVec pair(const int16_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+  }
   static IVec madd(IVec a, IVec b, IVec acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
   static Vec cvt(IVec v) { return _mm512_cvtepi32_ps(v); }
+  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  // lane i: the sum of v[i]'s 16 int32 lanes. As AVX2's within each 128-bit quarter, then the
+  // quarters added: 3 operations a vector.
+  static __m256i reduce8(const IVec* v) {
+    __m512i u[2];
+    for (int h = 0; h < 2; ++h) {
+      const IVec* w = v + 4 * h;
+      const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(w[0], w[1]), _mm512_unpackhi_epi32(w[0], w[1]));
+      const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(w[2], w[3]), _mm512_unpackhi_epi32(w[2], w[3]));
+      u[h] = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    }
+    // quarters [u0.0 + u0.2, u0.1 + u0.3, u1.0 + u1.2, u1.1 + u1.3], then in the order 0 2 1 3
+    const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512i e = _mm512_shuffle_i32x4(w, w, _MM_SHUFFLE(3, 1, 2, 0));
+    return _mm256_add_epi32(_mm512_castsi512_si256(e), _mm512_extracti64x4_epi64(e, 1));
+  }
 };
 #include "matvec_rows.inc"
 #include "matvec_int8_rows.inc"
@@ -170,35 +225,26 @@ void dispatch_rows(int64_t M, const float* x, const T* w, const T* bias, T* y, i
   });
 }
 
-// dispatch_rows for int8 weights with their group scales (matvec_int8_rows.inc): the same split
-// of output rows, with panels sized for one byte a weight. block(m0, rows, p0, p1) runs rows
-// m0..m0+rows-1 of x over output rows [p0, p1).
-template <typename Block>
-void for_int8_panels(int64_t M, int64_t N, int64_t K, const Block& block) {
-  const int64_t grain = std::max({int64_t{16}, 65536 / K, N / (4 * at::get_num_threads())});
-  const int64_t panel = M <= kBlockRows ? N : (std::max<int64_t>(4, 65536 / K) + 23) / 24 * 24;
-  nanogpt::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t p0 = n0; p0 < n1; p0 += panel) {
-      const int64_t p1 = std::min(p0 + panel, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) block(m0, std::min(kBlockRows, M - m0), p0, p1);
-    }
-  });
-}
-
 template <typename T>
 void dispatch_int8_rows(int64_t M, const float* x, const int8_t* q, const float* scale, const T* bias, T* y,
                         int64_t N, int64_t K, int64_t G) {
   const auto row_block = use_avx512() ? avx512::int8_row_block<T> : avx2::int8_row_block<T>;
-  for_int8_panels(M, N, K, [&](int64_t m0, int64_t rows, int64_t p0, int64_t p1) {
-    row_block(rows, x + m0 * K, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
+  for_panels(M > kBlockRows, N, K, [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      row_block(std::min(kBlockRows, M - m0), x + m0 * K, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
+    }
   });
 }
 
-// Half-precision x through the int16 products (matvec_int8_rows.inc's int8_i16_rows_of_w): each row
+// Half-precision x through the int16 products (matvec_int8_rows.inc's int8_i16_products): each row
 // rounded to int16 with its own scale, largest |x| / 32767 (0 for a row of zeros; NaN for a row
 // that is not finite, whose outputs are then all NaN). Where G allows it: int16_groups_ok.
-constexpr int64_t kMaxI16Group = 2048;  // 2 G / 16 products of at most 127 * 32767 an int32 lane
-bool int16_groups_ok(int64_t G) { return G % 32 == 0 && G <= kMaxI16Group; }  // 32: AVX-512's step too
+constexpr int64_t kI16PassRows = 64;  // rows of x a pass (dispatch_int8_i16_rows)
+constexpr int64_t kMaxI16Group = 512;  // a group's sum: G products of at most 127 * 32767 in an int32
+// 32: AVX-512's step too; the scales' offsets in int32 (int8_i16_rows_of_w's gather)
+bool int16_groups_ok(int64_t N, int64_t K, int64_t G) {
+  return G % 32 == 0 && G <= kMaxI16Group && N * (K / G) <= std::numeric_limits<int32_t>::max();
+}
 
 // One row of x (K a multiple of 8) rounded to int16 as described above, 8 values a step: the same
 // float32 product and round-to-nearest-even (cvtps under the default MXCSR, as std::lrint) as one
@@ -235,12 +281,13 @@ void dispatch_int8_i16_rows(int64_t M, const T* x, const int8_t* q, const float*
   int16_t* x16 = x16_t.data_ptr<int16_t>();
   float* sx = sx_t.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) round_row_int16(x + m * K, K, x16 + m * K, sx + m);  // K: a multiple of 32
-  const auto row_block = use_avx512_vnni() ? avx512_vnni::int8_i16_row_block<T>
-                         : use_avx512()    ? avx512::int8_i16_row_block<T>
-                                           : avx2::int8_i16_row_block<T>;
-  for_int8_panels(M, N, K, [&](int64_t m0, int64_t rows, int64_t p0, int64_t p1) {
-    row_block(rows, x16 + m0 * K, sx + m0, q, scale, bias, y + m0 * N, p0, p1, N, K, G);
-  });
+  const auto products = use_avx512_vnni() ? avx512_vnni::int8_i16_products<T>
+                        : use_avx512()    ? avx512::int8_i16_products<T>
+                                          : avx2::int8_i16_products<T>;
+  // a pass's int16 x (64 rows: 384 KiB at K = 3072) stays in L2 beside a panel of weights
+  for (int64_t m0 = 0; m0 < M; m0 += kI16PassRows) {
+    products(std::min(kI16PassRows, M - m0), x16 + m0 * K, sx + m0, q, scale, bias, y + m0 * N, N, K, G);
+  }
 }
 
 // x's rows as float32 on a 64-byte boundary. Every step of the kernel loads a vector from each
@@ -273,7 +320,7 @@ void int8_products(int64_t M, const at::Tensor& xc, const int8_t* q, const float
                    at::Tensor& y, int64_t N, int64_t K, int64_t G) {
   const T* b = bias ? bias->data_ptr<T>() : nullptr;
   if constexpr (!std::is_same_v<T, float>) {
-    if (int16_groups_ok(G)) {
+    if (int16_groups_ok(N, K, G)) {
       dispatch_int8_i16_rows<T>(M, xc.data_ptr<T>(), q, scale, b, y.data_ptr<T>(), N, K, G);
       return;
     }
