@@ -52,6 +52,15 @@ async def events(api: Api) -> list[dict[str, Any]]:
     return data.get("items") or []
 
 
+async def event_with(api: Api, reason: str) -> dict[str, Any]:
+    """The first Event with `reason`, waited for: kopf.event() queues it for a background poster, so it
+    may reach the API server after the status patch of the same reconcile."""
+    async def posted() -> dict[str, Any] | None:
+        return next((e for e in await events(api) if e.get("reason") == reason), None)
+
+    return await eventually(posted, what=f"a {reason} event")
+
+
 async def edit_spec(api: Api, spec: dict[str, Any]) -> None:
     """`kubectl apply` of a changed spec (the emulator bumps metadata.generation, as the API server does)."""
     await api.must("PATCH", model_path(name="llm"), {"spec": spec})
@@ -173,8 +182,7 @@ async def test_invalid_spec_fails_and_leaves_children_untouched(emulator, model_
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
         assert ready["reason"] == "InvalidSpec"
         assert ready["message"].startswith("spec.gpus:")
-        warnings = [e for e in await events(api) if e.get("reason") == "InvalidSpec"]
-        assert warnings and "spec.gpus" in warnings[0]["message"]
+        assert "spec.gpus" in (await event_with(api, "InvalidSpec"))["message"]
         after = await api.get(DEPLOY)
         assert after["spec"] == before["spec"]
 
@@ -264,7 +272,7 @@ async def test_failed_rollout_rolls_back_to_last_good_checkpoint(emulator, model
         assert status["rollback"]["reason"] == "CrashLoopBackOff"
         degraded_condition = next(c for c in status["conditions"] if c["type"] == "Degraded")
         assert degraded_condition["reason"] == "RolledBack"
-        assert any(e.get("reason") == "RolledBack" for e in await events(api))
+        assert "log/broken.pt" in (await event_with(api, "RolledBack"))["message"]
 
 
 # ------------------------------------------------------------------ issue 17: what a real cluster does
