@@ -8,9 +8,10 @@ float32 activations, of our engine in bfloat16 (the kernel's bfloat16 rows), and
 generate in float32, in alternating rounds, each row keeping its best (the host is shared); then
 `--clients` concurrent greedy clients on int8 and on bfloat16 (two alternating rounds, each its
 best); weight bytes of int8 and bfloat16 for GPT-2 124M's and 355M's shapes (laid out on the meta
-device, nothing allocated); and how many greedy tokens int8 shares with bfloat16 and float32. With
---llama-cpp (here, or bench/run.py's, where llama-cpp-python is installed) llama.cpp's q8_0 on the
-same weights is loaded once and timed in every round beside ours.
+device, nothing allocated) and the peak RSS of a fresh process serving each from its export; and
+how many greedy tokens int8 shares with bfloat16 and float32. With --llama-cpp (here, or
+bench/run.py's, where llama-cpp-python is installed) llama.cpp's q8_0 on the same weights is loaded
+once and timed in every round beside ours.
 """
 
 from __future__ import annotations
@@ -45,6 +46,51 @@ def shape_weight_bytes(shape: str) -> dict:
         int8 = quantize_model(GPT(cfg), dtype=torch.bfloat16)
     out = {"bfloat16": weight_bytes(bf16), "int8": weight_bytes(int8)}
     out["ratio"] = out["int8"] / out["bfloat16"]
+    return out
+
+
+# A fresh process's peak RSS: torch alone, or loading an export and generating 8 greedy tokens.
+# VmHWM, not getrusage's ru_maxrss: Linux carries the forking parent's peak into the child's.
+RSS_PROBE = """\
+import sys
+import model
+if len(sys.argv) > 1:
+    m = model.load_model_from_checkpoint(sys.argv[1], device="cpu", dtype="bfloat16")
+    model.generate_text(m, "The", max_length=8, temperature=0)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
+"""
+
+
+def shape_peak_rss(shape: str) -> dict:
+    """Peak RSS (bytes) of a process that loads a GPT-2 shape's bfloat16 export, of one that loads
+    its int8 export (random weights, written to a temporary directory, read back as a server
+    would), and of one that only imports torch: the runtime's share, which both carry."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from model.export import save_export
+
+    n_layer, n_head, n_embd = SHAPES[shape]
+    cfg = GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+    def probe(*args: str) -> int:
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    out = {"torch": probe()}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = GPT(cfg).eval()
+        fp32.tokenizer = None  # in_dtype copies it; the export stores GPT-2's spec instead
+        for kind, m in (("bfloat16", in_dtype(fp32, torch.bfloat16)),
+                        ("int8", quantize_model(in_dtype(fp32, torch.float32), dtype=torch.bfloat16))):
+            save_export(m, f"{tmp}/{kind}", {"kind": "gpt2"})
+            del m
+            out[kind] = probe(f"{tmp}/{kind}")
+        del fp32
+    out["ratio"] = out["int8"] / out["bfloat16"]
+    out["ratio_above_torch"] = (out["int8"] - out["torch"]) / (out["bfloat16"] - out["torch"])
     return out
 
 
@@ -97,6 +143,11 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
     for engine in engines.values():
         await engine.stop(drain=False)
     sizes = {shape: shape_weight_bytes(shape) for shape in SHAPES}
+    try:
+        rss = {shape: shape_peak_rss(shape) for shape in SHAPES}
+    except Exception as err:  # e.g. no GPT-2 tokenizer offline: the figures are lost, not the phase
+        log.warning("peak RSS not measured: %s", err)
+        rss = {}
     int8 = rows["ours int8 (bfloat16 activations)"]["tok_s"]
     ratios = {"int8_vs_bf16_b1": int8 / rows["ours bfloat16"]["tok_s"],
               "int8_f32_vs_bf16_b1": rows["ours int8 (float32 activations)"]["tok_s"] / rows["ours bfloat16"]["tok_s"],
@@ -104,7 +155,8 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
               "int8_vs_bf16_weight_bytes": max(s["ratio"] for s in sizes.values())}
     if served:
         ratios["int8_vs_bf16_clients"] = served["ours int8 (bfloat16 activations)"] / served["ours bfloat16"]
-    report = {"rows": rows, "clients": clients, "clients_tok_s": served, "weight_bytes": sizes, "ratios": ratios,
+    report = {"rows": rows, "clients": clients, "clients_tok_s": served, "weight_bytes": sizes, "peak_rss": rss,
+              "ratios": ratios,
               "targets": TARGETS, "new_tokens": new_tokens, "of": new_tokens}
     if q8_runs:  # the same statistic as ours: the best round
         report["llama_q8_0"] = {"tok_s": max(q8_runs), "tok_s_runs": q8_runs, "interleaved": True}
@@ -144,6 +196,10 @@ def table(r: dict) -> str:
     for shape, s in r["weight_bytes"].items():
         lines.append(f"| weight bytes {shape} | int8 {s['int8'] / 2**20:.1f} MiB, bfloat16 {s['bfloat16'] / 2**20:.1f} MiB"
                      f" ({s['ratio']:.3f}x) | | |")
+    for shape, s in r.get("peak_rss", {}).items():
+        lines.append(f"| peak RSS {shape} (load the export, 8 greedy tokens) | int8 {s['int8'] / 2**20:.0f} MiB, "
+                     f"bfloat16 {s['bfloat16'] / 2**20:.0f} MiB ({s['ratio']:.3f}x; above torch's own "
+                     f"{s['torch'] / 2**20:.0f} MiB: {s['ratio_above_torch']:.3f}x) | | |")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f} (target {r['targets'][k]})" if k in r["targets"]
                                         else f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     return "\n".join(lines)

@@ -35,6 +35,7 @@ QUANTIZATIONS = ("int8",)
 SCALE_SUFFIX = ".weight_scale"
 QMAX = 127  # symmetric: -127..127, so that -q is always representable
 GROUP = 64
+DEQUANT_CHUNK_BYTES = 4 << 20  # the torch reference widens at most this much of a matrix at once
 
 
 class QuantizeError(ValueError):
@@ -49,6 +50,9 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> q (out, in) int8, scale (out, in / group) float32, w ~= dequantize_rows(q, scale)."""
     out, n_in = w.shape
     g = group_size(n_in)
+    if w.is_meta:  # a layout only: meta ops would import torch's Python decompositions (~150 MB of RSS)
+        return (torch.empty(out, n_in, dtype=torch.int8, device="meta"),
+                torch.empty(out, n_in // g, dtype=torch.float32, device="meta"))
     w = w.detach().float().reshape(out, n_in // g, g)
     scale = w.abs().amax(dim=2).clamp(min=1e-12) / QMAX  # an all-zero group keeps a tiny, harmless scale
     q = torch.round(w / scale.unsqueeze(2)).clamp(-QMAX, QMAX).to(torch.int8)
@@ -66,8 +70,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 weight and float32 group scales (buffers: state_dict keys
     `weight`, `weight_scale`, and `bias` when there is one). On CPU a torch reference that widens
-    the whole matrix on every call (the engine installs KernelInt8Linear there); on CUDA, calls of
-    up to triton_int8.MAX_ROWS rows run model/kernels/triton_int8.py's kernel where triton imports."""
+    the matrix, a slice of output rows at a time, on every call (the engine installs KernelInt8Linear
+    there); on CUDA, calls of up to triton_int8.MAX_ROWS rows run model/kernels/triton_int8.py's
+    kernel where triton imports."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -96,8 +101,18 @@ class Int8Linear(nn.Module):
         dtype = self.compute_dtype if self.compute_dtype is not None and x.is_cpu else x.dtype
         if dtype != x.dtype:
             b = None if bias is None else bias.to(dtype)
-            return F.linear(x.to(dtype), dequantize_rows(self.weight, self.weight_scale, dtype), b).to(x.dtype)
-        return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
+            return self._widened_linear(x.to(dtype), b, dtype).to(x.dtype)
+        return self._widened_linear(x, bias, x.dtype)
+
+    def _widened_linear(self, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """x @ (q * s)^T + b, the matrix widened DEQUANT_CHUNK_BYTES of float32 at a time: widened
+        whole, GPT-2's output layer alone would take 154 MB (124M) to 206 MB (355M) on every call."""
+        rows = max(1, DEQUANT_CHUNK_BYTES // (4 * self.in_features))
+        if self.out_features <= rows:
+            return F.linear(x, dequantize_rows(self.weight, self.weight_scale, dtype), bias)
+        return torch.cat([F.linear(x, dequantize_rows(self.weight[i:i + rows], self.weight_scale[i:i + rows], dtype),
+                                   None if bias is None else bias[i:i + rows])
+                          for i in range(0, self.out_features, rows)], dim=-1)
 
 
 class KernelInt8Linear(Int8Linear):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from model import generate_text, load_model_from_checkpoint
 from model.__main__ import main as cli
 from model.checkpoint import CheckpointError
 from model.generate import generate_ids
+from model import quant
 from model.kernels import cpu as cpukernels
 from model.gpt import GPT, GPTConfig
 from model.quant import Int8Embedding, Int8Linear, QuantizeError, dequantize_rows, quantize_model, quantize_rows, weight_bytes
@@ -42,11 +45,17 @@ def test_quantize_rows_is_symmetric_per_output_channel_in_groups_of_64():
     assert scale.shape == (3, 1)
 
 
-def test_int8_linear_is_the_dequantized_matrix():
-    g = torch.Generator().manual_seed(1)
-    lin = torch.nn.Linear(64, 48)
+def random_linear(n_in: int, n_out: int, seed: int) -> tuple[torch.nn.Linear, torch.Generator]:
+    """A float layer with unit-normal weights, and the generator to draw its inputs from."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(n_in, n_out)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(48, 64, generator=g))
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=g))
+    return lin, g
+
+
+def test_int8_linear_is_the_dequantized_matrix():
+    lin, g = random_linear(64, 48, seed=1)
     q8 = Int8Linear.from_linear(lin)
     x = torch.randn(3, 5, 64, generator=g)
     want = F.linear(x, dequantize_rows(q8.weight, q8.weight_scale), lin.bias)
@@ -57,13 +66,38 @@ def test_int8_linear_is_the_dequantized_matrix():
     assert q8(x.bfloat16()).dtype == torch.bfloat16  # activations stay in the serving dtype
 
 
+def test_int8_linear_widens_a_large_matrix_a_slice_of_rows_at_a_time(monkeypatch):
+    """Beyond DEQUANT_CHUNK_BYTES the reference widens slices of output rows (GPT-2's output layer
+    widened whole is 154 MB a call); the product is the whole matrix's, bias slices included."""
+    lin, g = random_linear(64, 100, seed=3)
+    q8 = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 7, 64, generator=g)
+    whole = q8(x)
+    widened = []
+    monkeypatch.setattr(quant, "dequantize_rows", lambda q, s, dtype=torch.float32: widened.append(q.shape[0])
+                        or dequantize_rows(q, s, dtype))
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK_BYTES", 4 * 64 * 32)  # 32 rows of 64 float32 inputs
+    sliced = q8(x)
+    assert widened == [32, 32, 32, 4]
+    assert sliced.shape == whole.shape == (2, 7, 100)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_loading_an_int8_export_lays_it_out_without_torchs_python_decompositions(tmp_path):
+    """On the meta device quantize_model only lays out empty int8 modules: a meta op there would
+    import sympy and torch's decompositions, ~150 MB of resident memory in every server."""
+    dst = tmp_path / "demo-int8"
+    assert cli(["-q", "convert", str(DEMO), str(dst), "--quantize", "int8"]) == 0
+    probe = ("import sys, model; m = model.load_model_from_checkpoint(sys.argv[1], device='cpu'); "
+             "print(m.quantization, 'sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(dst)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["int8", "False"]
+
+
 def test_int8_linear_computes_in_its_compute_dtype_and_returns_x_dtype():
     """compute_dtype (the engine's CPU set-up sets it): half-precision x multiplied in float32, the
     result rounded back to x's dtype; None keeps x's own dtype."""
-    g = torch.Generator().manual_seed(2)
-    lin = torch.nn.Linear(128, 40)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(40, 128, generator=g))
+    lin, g = random_linear(128, 40, seed=2)
     q8 = Int8Linear.from_linear(lin)
     x = torch.randn(7, 128, generator=g).bfloat16()
     own = F.linear(x, dequantize_rows(q8.weight, q8.weight_scale, torch.bfloat16), q8.bias.bfloat16())
