@@ -37,10 +37,14 @@ def agree(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def shape_config(shape: str) -> GPTConfig:
+    n_layer, n_head, n_embd = SHAPES[shape]
+    return GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
 def shape_weight_bytes(shape: str) -> dict:
     """int8 and bfloat16 weight bytes of a GPT-2 shape, counted on the meta device."""
-    n_layer, n_head, n_embd = SHAPES[shape]
-    cfg = GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    cfg = shape_config(shape)
     with torch.device("meta"):
         bf16 = GPT(cfg).to(torch.bfloat16)
         int8 = quantize_model(GPT(cfg), dtype=torch.bfloat16)
@@ -62,32 +66,32 @@ print(int(hwm.split()[1]) * 1024)
 """
 
 
-def shape_peak_rss(shape: str) -> dict:
-    """Peak RSS (bytes) of a process that loads a GPT-2 shape's bfloat16 export, of one that loads
-    its int8 export (random weights, written to a temporary directory, read back as a server
-    would), and of one that only imports torch: the runtime's share, which both carry."""
+def probe_peak_rss(*export: str) -> int:
+    """RSS_PROBE's figure in bytes, for an export directory or (none given) torch alone."""
     import subprocess
     import sys
+
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, *export], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def shape_peak_rss(shape: str, torch_alone: int) -> dict:
+    """Peak RSS (bytes) of a process that loads a GPT-2 shape's bfloat16 export and of one that
+    loads its int8 export (random weights, written to a temporary directory, read back as a server
+    would), beside `torch_alone` (probe_peak_rss()): the runtime's share, which both carry."""
     import tempfile
 
     from model.export import save_export
 
-    n_layer, n_head, n_embd = SHAPES[shape]
-    cfg = GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-
-    def probe(*args: str) -> int:
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    out = {"torch": probe()}
+    out = {"torch": torch_alone}
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = GPT(cfg).eval()
+        fp32 = GPT(shape_config(shape)).eval()
         fp32.tokenizer = None  # in_dtype copies it; the export stores GPT-2's spec instead
         for kind, m in (("bfloat16", in_dtype(fp32, torch.bfloat16)),
                         ("int8", quantize_model(in_dtype(fp32, torch.float32), dtype=torch.bfloat16))):
             save_export(m, f"{tmp}/{kind}", {"kind": "gpt2"})
             del m
-            out[kind] = probe(f"{tmp}/{kind}")
+            out[kind] = probe_peak_rss(f"{tmp}/{kind}")
         del fp32
     out["ratio"] = out["int8"] / out["bfloat16"]
     out["ratio_above_torch"] = (out["int8"] - out["torch"]) / (out["bfloat16"] - out["torch"])
@@ -144,7 +148,8 @@ async def bench_int8(fp32: GPT, hf, prompts: list[list[int]], new_tokens: int, r
         await engine.stop(drain=False)
     sizes = {shape: shape_weight_bytes(shape) for shape in SHAPES}
     try:
-        rss = {shape: shape_peak_rss(shape) for shape in SHAPES}
+        torch_alone = probe_peak_rss()
+        rss = {shape: shape_peak_rss(shape, torch_alone) for shape in SHAPES}
     except Exception as err:  # e.g. no GPT-2 tokenizer offline: the figures are lost, not the phase
         log.warning("peak RSS not measured: %s", err)
         rss = {}
